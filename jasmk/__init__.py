@@ -1,0 +1,25 @@
+"""jasmk: ASMK (Aggregated Selective Match Kernels) image retrieval in JAX.
+
+Main entry points::
+
+    cb = jasmk.train_codebook(train_feats, size="64k")
+    index = jasmk.build_index(feats, ids, codebook=cb)
+    result = jasmk.query(index, qfeats, qids)          # ids, ranks, scores
+    S = jasmk.score_matrix(index, feats, ids)           # [n_query, n_db] dense scores
+"""
+
+import logging
+
+from .aggregate import Aggregated
+from .api import QueryResult, add_images, aggregate_images, build_index, query, score_matrix
+from .codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
+from .ivf import Index
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregated", "Codebook", "Index", "QueryResult", "add_images", "aggregate_images", "build_index",
+    "parse_size", "quantize", "quantize_jax", "query", "score_matrix", "train_codebook",
+]

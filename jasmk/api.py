@@ -1,0 +1,193 @@
+"""The user-facing functions: build an index from local descriptors, query it, get a dense score matrix.
+
+Defaults follow HOW/MASt3R's asmk parameters: ASMK* (binary), no idf, one assignment when
+indexing, five when querying, ``alpha = 3``, ``similarity_threshold = 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import aggregate as agg_mod
+from . import ivf as ivf_mod
+from . import score as score_mod
+from . import validate
+from .codebook import Codebook, quantize, train_codebook  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+# Pairs x vector-width elements gathered per jitted batch (bounds memory: 2**24 * 4 B = 64 MiB).
+_BATCH_ELEMENTS = 1 << 24
+
+
+class QueryResult(typing.NamedTuple):
+    """Result of :func:`query`.
+
+    Attributes:
+        ids: ``[n_query] int64`` query image ids, ascending.
+        ranks: ``[n_query, k] int64`` database image ids, best first.
+        scores: ``[n_query, k] float32`` their scores.
+    """
+
+    ids: np.ndarray
+    ranks: np.ndarray
+    scores: np.ndarray
+
+
+def _as_codebook(codebook) -> Codebook:
+    if isinstance(codebook, Codebook):
+        return codebook
+    if codebook is None:
+        raise ValueError("a codebook is required: pass codebook=jasmk.train_codebook(...) or a [K, D] array")
+    return Codebook.from_centroids(codebook)
+
+
+def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss"):
+    """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
+
+    Returns:
+        :class:`~jasmk.aggregate.Aggregated` rows sorted by (image, word).
+    """
+    cb = _as_codebook(centroids)
+    x = validate.descriptors(feats, dim=cb.dim)
+    imids = validate.image_ids(ids, x.shape[0])
+    words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
+    return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary)
+
+
+def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = False,
+                multiple_assignment: int = 1, quantizer: str = "faiss", distractors: ivf_mod.Index | None = None
+                ) -> ivf_mod.Index:
+    """Build an inverted file from local descriptors.
+
+    Args:
+        feats: ``[N, D] float32`` descriptors of all database images.
+        ids: ``[N] int`` image id of each descriptor, grouped in ascending order (``0..n-1`` typically).
+        codebook: a :class:`~jasmk.codebook.Codebook` or ``[K, D]`` centroids.
+        binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
+        use_idf: weight words by ``log(n_images / count)**2``.
+        multiple_assignment: words per descriptor when indexing.
+        quantizer: ``"faiss"`` or ``"jax"``.
+        distractors: an index whose images stay in the new index before the new ones (asmk's
+            distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
+
+    Returns:
+        The :class:`~jasmk.ivf.Index`.
+    """
+    cb = _as_codebook(codebook)
+    if distractors is not None:
+        if distractors.dim != cb.dim or distractors.n_words != cb.size:
+            raise ValueError("the distractor index was built with a different codebook")
+        if distractors.binary != bool(binary) or distractors.use_idf != bool(use_idf):
+            raise ValueError("the distractor index has different binary/use_idf settings")
+        index = ivf_mod.with_distractors(distractors)
+    else:
+        index = ivf_mod.empty(cb.centroids, binary=binary, use_idf=use_idf, codebook_size_param=cb.size_param)
+    return add_images(index, feats, ids, multiple_assignment=multiple_assignment, quantizer=quantizer)
+
+
+def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "faiss"
+               ) -> ivf_mod.Index:
+    """Return ``index`` with more images added (their ids must be larger than those already there)."""
+    agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), feats, ids,
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+    return ivf_mod.add(index, agg)
+
+
+def _bucket(n: int, minimum: int = 64) -> int:
+    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _query_batches(index: ivf_mod.Index, agg: agg_mod.Aggregated):
+    """Yield padded batches ``(image ids, vecs [B, Q, W], words [B, Q], valid [B, Q], pair_cap)``."""
+    counts = np.asarray(index.counts)
+    bounds = np.flatnonzero(np.diff(agg.images)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [agg.images.shape[0]]])
+    pairs = np.add.reduceat(counts[agg.words], starts) if starts.size else np.zeros(0, np.int64)
+    width = agg.vecs.shape[1]
+    i = 0
+    while i < starts.size:
+        # grow the batch while the padded pair gather stays within the element budget
+        j = i + 1
+        while j < starts.size and j - i < 256:
+            cap = _bucket(int(pairs[i:j + 1].max()))
+            if (j + 1 - i) * cap * width > _BATCH_ELEMENTS:
+                break
+            j += 1
+        rows = stops[i:j] - starts[i:j]
+        qcap = _bucket(int(rows.max()))
+        pair_cap = _bucket(int(pairs[i:j].max()))
+        b = j - i
+        vecs = np.zeros((b, qcap, width), agg.vecs.dtype)
+        words = np.zeros((b, qcap), np.int32)
+        valid = np.zeros((b, qcap), bool)
+        for t, (s, e) in enumerate(zip(starts[i:j], stops[i:j])):
+            vecs[t, : e - s] = agg.vecs[s:e]
+            words[t, : e - s] = agg.words[s:e]
+            valid[t, : e - s] = True
+        yield agg.images[starts[i:j]], vecs, words, valid, pair_cap
+        i = j
+
+
+def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk):
+    if index.n_entries == 0:
+        raise ValueError("the index is empty: build it with images first")
+    alpha = validate.finite_number(alpha, "alpha")
+    thr = validate.finite_number(similarity_threshold, "similarity_threshold")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
+        raise ValueError(f"topk must be a positive int or None, got {topk!r}")
+    return alpha, thr
+
+
+def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
+          similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss") -> QueryResult:
+    """Rank the database images for each query image.
+
+    Args:
+        index: the :class:`~jasmk.ivf.Index`.
+        qfeats: ``[N, D] float32`` query descriptors.
+        qids: ``[N] int`` query image id of each descriptor, grouped ascending.
+        multiple_assignment: words per query descriptor.
+        alpha, similarity_threshold: selective kernel ``u**alpha`` for ``u >= threshold``.
+        topk: number of results per query (None: all database image slots).
+
+    Returns:
+        :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
+    """
+    alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk)
+    agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+    ids, ranks, scores = [], [], []
+    n_done, n_total = 0, int(np.unique(agg.images).size)
+    for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
+        r, s = score_mod.score_batch(index, vecs, words, valid, jnp.float32(alpha), jnp.float32(thr),
+                                     pair_cap=pair_cap, topk=topk)
+        ids.append(imgs)
+        ranks.append(np.asarray(r, np.int64))
+        scores.append(np.asarray(s))
+        n_done += len(imgs)
+        log.debug("queried %d/%d images", n_done, n_total)
+    return QueryResult(np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores))
+
+
+def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
+                 similarity_threshold: float = 0.0, quantizer: str = "faiss") -> np.ndarray:
+    """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
+
+    Row ``i`` is the ``i``-th distinct query id (ascending); column ``j`` is the database image with
+    internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
+    Retriever builds from asmk's ranks and scores.
+    """
+    alpha, thr = _check_query_params(index, alpha, similarity_threshold, None)
+    agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+    rows = []
+    for _, vecs, words, valid, pair_cap in _query_batches(index, agg):
+        rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),
+                                                     jnp.float32(thr), pair_cap=pair_cap)))
+    return np.concatenate(rows)

@@ -1,0 +1,105 @@
+"""ASMK scoring of query images against an :class:`~jasmk.ivf.Index`.
+
+For a query image with aggregated rows ``(q_w, v_w)``, the score of database image ``j`` is
+
+    sum_w  idf[w] * sigma(sim(v_w, x_{j,w})) / sqrt(norm[j])   /   sqrt(sum_w idf[w])
+
+with ``sim = 1 - 2 * hamming / bits`` (binary, ``bits = 32 * W``) or a dot product (real), and the selective
+kernel ``sigma(u) = u**alpha`` for ``u >= threshold`` else 0. The query normalization sums idf over all
+query rows, also those whose word has no postings (as asmk does).
+
+Every (query row, posting) pair is enumerated into a flat array of static length ``pair_cap`` (no
+per-word padding is wasted on short posting lists); the pairs are then reduced into the image scores
+with one scatter-add.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .ivf import Index
+
+
+def similarity(q, db, *, binary: bool):
+    """Per-row similarity of ``q`` and ``db`` (both ``[P, W]``): ``[P] float32``."""
+    if binary:
+        diff = jax.lax.population_count(jnp.bitwise_xor(q, db)).astype(jnp.int32).sum(-1)
+        return 1.0 - 2.0 * diff.astype(jnp.float32) / float(32 * q.shape[-1])
+    return jnp.sum(q * db, axis=-1)
+
+
+def selective_kernel(sim, *, alpha, threshold):
+    """``sim**alpha`` where ``sim >= threshold``, else 0: ``[P] float32``."""
+    keep = sim >= threshold
+    return jnp.where(keep, jnp.power(jnp.where(keep, sim, 1.0), alpha), 0.0)
+
+
+def default_pair_cap(index: Index, n_rows: int) -> int:
+    """An upper bound on the (query row, posting) pairs of a query with ``n_rows`` rows."""
+    return max(1, int(n_rows) * max(int(index.max_count), 1))
+
+
+@functools.partial(jax.jit, static_argnames=("pair_cap",))
+def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
+    """Scores of one query image against every image slot of the index.
+
+    Args:
+        index: the inverted file.
+        q_vecs: ``[Q, W]`` aggregated query rows (same kind as ``index.entry_vecs``).
+        q_words: ``[Q] int32`` word of each query row.
+        q_valid: ``[Q] bool`` real rows (False for padding).
+        alpha, threshold: selective-kernel exponent and threshold (traced scalars).
+        pair_cap: static number of (query row, posting) pairs enumerated; pairs beyond it are dropped,
+            so it must be at least ``sum(index.counts[q_words[q_valid]])`` (see :func:`default_pair_cap`).
+
+    Returns:
+        ``[n_images] float32`` scores (internal image order).
+    """
+    q_words = jnp.where(q_valid, q_words, 0).astype(jnp.int32)
+    idf_q = jnp.where(q_valid, index.idf[q_words], 0.0)
+    cnt = jnp.where(q_valid, index.counts[q_words], 0)
+    start = jnp.cumsum(cnt) - cnt
+    total = jnp.sum(cnt)
+    marks = jnp.zeros((pair_cap,), jnp.int32).at[start].add(1, mode="drop")
+    p = jnp.arange(pair_cap, dtype=jnp.int32)
+    qi = jnp.clip(jnp.cumsum(marks) - 1, 0, q_words.shape[0] - 1)
+    valid = p < total
+    entry = jnp.where(valid, index.word_offsets[q_words[qi]] + p - start[qi], 0)
+    sim = similarity(q_vecs[qi], index.entry_vecs[entry], binary=index.binary)
+    contrib = selective_kernel(sim, alpha=alpha, threshold=threshold)
+    images = index.entry_images[entry]
+    weight = idf_q[qi] * jax.lax.rsqrt(jnp.maximum(index.norm_factor[images], 1e-30))
+    contrib = jnp.where(valid, contrib * weight, 0.0)
+    scores = jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib)
+    return scores / jnp.sqrt(jnp.sum(idf_q))
+
+
+@functools.partial(jax.jit, static_argnames=("pair_cap", "topk"))
+def score_batch(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int, topk: int | None):
+    """A batch of queries (vmapped :func:`score_image`), with ranking.
+
+    Args:
+        q_vecs: ``[B, Q, W]``; q_words: ``[B, Q] int32``; q_valid: ``[B, Q] bool``.
+        topk: keep the best ``topk`` images per query (None: rank all ``n_images``).
+
+    Returns:
+        ``(ranks [B, k] int32, scores [B, k] float32)`` best first, ranks in internal ids minus
+        ``index.imid_offset``; equal scores keep ascending id order.
+    """
+    scores = jax.vmap(
+        lambda v, w, m: score_image(index, v, w, m, alpha, threshold, pair_cap=pair_cap)
+    )(q_vecs, q_words, q_valid)
+    k = index.n_images if topk is None else min(int(topk), index.n_images)
+    top_scores, ranks = jax.lax.top_k(scores, k)
+    return ranks.astype(jnp.int32) - index.imid_offset, top_scores
+
+
+@functools.partial(jax.jit, static_argnames=("pair_cap",))
+def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
+    """Dense scores of a batch of queries: ``[B, n_images] float32`` (vmapped :func:`score_image`)."""
+    return jax.vmap(
+        lambda v, w, m: score_image(index, v, w, m, alpha, threshold, pair_cap=pair_cap)
+    )(q_vecs, q_words, q_valid)
