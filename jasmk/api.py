@@ -46,8 +46,13 @@ def _as_codebook(codebook) -> Codebook:
     return Codebook.from_centroids(codebook)
 
 
-def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss"):
+def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss",
+                     word_ids=None):
     """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
+
+    Args:
+        word_ids: optional precomputed ``[N, MA] int`` assignments (e.g. from :func:`jasmk.quantize`); when
+            given, quantization is skipped and ``multiple_assignment`` must equal ``MA``.
 
     Returns:
         :class:`~jasmk.aggregate.Aggregated` rows sorted by (image, word).
@@ -55,13 +60,16 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
     cb = _as_codebook(centroids)
     x = validate.descriptors(feats, dim=cb.dim)
     imids = validate.image_ids(ids, x.shape[0])
-    words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
+    if word_ids is None:
+        words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
+    else:
+        words = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
     return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary)
 
 
 def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = False,
-                multiple_assignment: int = 1, quantizer: str = "faiss", distractors: ivf_mod.Index | None = None
-                ) -> ivf_mod.Index:
+                multiple_assignment: int = 1, quantizer: str = "faiss", distractors: ivf_mod.Index | None = None,
+                word_ids=None) -> ivf_mod.Index:
     """Build an inverted file from local descriptors.
 
     Args:
@@ -74,6 +82,7 @@ def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = Fa
         quantizer: ``"faiss"`` or ``"jax"``.
         distractors: an index whose images stay in the new index before the new ones (asmk's
             distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
+        word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
 
     Returns:
         The :class:`~jasmk.ivf.Index`.
@@ -87,14 +96,16 @@ def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = Fa
         index = ivf_mod.with_distractors(distractors)
     else:
         index = ivf_mod.empty(cb.centroids, binary=binary, use_idf=use_idf, codebook_size_param=cb.size_param)
-    return add_images(index, feats, ids, multiple_assignment=multiple_assignment, quantizer=quantizer)
+    return add_images(index, feats, ids, multiple_assignment=multiple_assignment, quantizer=quantizer,
+                      word_ids=word_ids)
 
 
-def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "faiss"
-               ) -> ivf_mod.Index:
+def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "faiss",
+               word_ids=None) -> ivf_mod.Index:
     """Return ``index`` with more images added (their ids must be larger than those already there)."""
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), feats, ids,
-                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
+                           word_ids=word_ids)
     return ivf_mod.add(index, agg)
 
 
@@ -145,7 +156,8 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk)
 
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
-          similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss") -> QueryResult:
+          similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss",
+          word_ids=None) -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -155,13 +167,15 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
         multiple_assignment: words per query descriptor.
         alpha, similarity_threshold: selective kernel ``u**alpha`` for ``u >= threshold``.
         topk: number of results per query (None: all database image slots).
+        word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
 
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
     """
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
-                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
+                           word_ids=word_ids)
     ids, ranks, scores = [], [], []
     n_done, n_total = 0, int(np.unique(agg.images).size)
     for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
@@ -176,7 +190,7 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
 
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
-                 similarity_threshold: float = 0.0, quantizer: str = "faiss") -> np.ndarray:
+                 similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending); column ``j`` is the database image with
@@ -185,7 +199,8 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
     """
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, None)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
-                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer)
+                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
+                           word_ids=word_ids)
     rows = []
     for _, vecs, words, valid, pair_cap in _query_batches(index, agg):
         rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),

@@ -70,6 +70,22 @@ def multiple_assignment(ma, n_words: int) -> int:
     return int(ma)
 
 
+def word_ids(ids, n: int, n_words: int, ma: int) -> np.ndarray:
+    """Return precomputed word assignments as ``[N, MA] int32`` after checking shape and range."""
+    a = np.asarray(ids)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] != n:
+        raise ValueError(f"word_ids must be [{n}, MA], got shape {np.shape(ids)}")
+    if a.shape[1] != ma:
+        raise ValueError(f"word_ids hold {a.shape[1]} assignments per descriptor but multiple_assignment is {ma}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"word_ids must be integers, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= n_words):
+        raise ValueError(f"word_ids must lie in [0, {n_words}), got range [{a.min()}, {a.max()}]")
+    return a.astype(np.int32)
+
+
 def finite_number(value, name: str) -> float:
     try:
         v = float(value)

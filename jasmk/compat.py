@@ -1,0 +1,242 @@
+"""Drop-in replacement for asmk 0.1.1's ``asmk_method`` module, backed by jasmk.
+
+Same params dict (``index`` / ``train_codebook`` / ``build_ivf`` / ``query_ivf``), same call sequence and return
+values, same codebook and IVF pickle formats, so MASt3R's ``Retriever`` works after changing one import::
+
+    from jasmk.compat import asmk_method      # instead of: from asmk import asmk_method
+
+    asmk = asmk_method.ASMKMethod.initialize_untrained(params)
+    asmk = asmk.train_codebook(None, cache_path="codebook.pkl")
+    dataset = asmk.build_ivf(feats, ids)
+    metadata, images, ranks, scores = dataset.query_ivf(feats, ids)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import api
+from . import ivf as ivf_mod
+from .codebook import Codebook, train_codebook
+
+log = logging.getLogger(__name__)
+
+asmk_method = sys.modules[__name__]  # ``from jasmk.compat import asmk_method`` mirrors ``from asmk import asmk_method``
+
+_BINARY_SHORTCUTS = {"bin": True, "nobin": False, True: True, False: False}
+
+
+def _load_pickle(path):
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+def _save_pickle(path, data):
+    """Pickle ``data`` to ``path`` atomically (a temp file in the same folder, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pickle.dump(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _section(params, key, name):
+    if not isinstance(params, dict) or key not in params or not isinstance(params[key], dict):
+        raise ValueError(f"{name} params need a '{key}' dict, got {params!r}")
+    return params[key]
+
+
+def _only_keys(d, allowed, name):
+    extra = set(d) - set(allowed)
+    if extra:
+        raise ValueError(f"unknown {name} parameter(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+
+
+def codebook_state(codebook: Codebook) -> dict:
+    """asmk's codebook pickle content for ``codebook``."""
+    return {"type": "Codebook", "params": {"size": codebook.size_param},
+            "state": {"centroids": np.asarray(codebook.centroids, np.float32)}}
+
+
+def codebook_from_state(state) -> Codebook:
+    """A :class:`Codebook` from asmk's codebook pickle content."""
+    if not isinstance(state, dict) or state.get("type") != "Codebook" or "state" not in state:
+        raise ValueError("not an asmk codebook state dict (expected type 'Codebook')")
+    centroids = state["state"].get("centroids")
+    if centroids is None:
+        raise ValueError("the asmk codebook state holds no centroids (it was never trained)")
+    return Codebook.from_centroids(centroids, size_param=state.get("params", {}).get("size"))
+
+
+class ASMKMethod:
+    """asmk's ``ASMKMethod`` on jasmk: each step returns a new object, ``self`` is never changed.
+
+    Args:
+        params: dict with keys ``index``, ``train_codebook``, ``build_ivf``, ``query_ivf``.
+        metadata: timing and statistics of the steps done so far.
+    """
+
+    def __init__(self, params, metadata, *, codebook=None, kernel=None, inverted_file=None):
+        self.params = params
+        self.metadata = metadata
+        self.codebook = codebook
+        self.kernel = kernel  # {"binary": bool} once the ivf exists
+        self.inverted_file = inverted_file
+
+    @classmethod
+    def initialize_untrained(cls, params):
+        """Start from params only (see the class doc)."""
+        if not isinstance(params, dict):
+            raise ValueError(f"params must be a dict, got {type(params).__name__}")
+        return cls(params, {})
+
+    def train_codebook(self, *columns, cache_path=None, step_params=None):
+        """Train the codebook on ``vecs`` (``[N, D]``), or load it from ``cache_path`` if that file exists."""
+        if self.codebook is not None:
+            raise ValueError("the codebook is already trained")
+        step_params = step_params or self.params.get("train_codebook")
+        cb_params = _section(step_params, "codebook", "train_codebook")
+        _only_keys(cb_params, {"size"}, "codebook")
+        time0 = time.time()
+        if cache_path and os.path.exists(cache_path):
+            codebook = codebook_from_state(_load_pickle(cache_path))
+            if codebook.size_param != cb_params["size"]:
+                raise ValueError(f"cached codebook {cache_path} has size {codebook.size_param!r}, "
+                                 f"params ask for {cb_params['size']!r}")
+            metadata = {"load_time": time.time() - time0}
+        else:
+            if not columns or columns[0] is None:
+                raise ValueError("no training descriptors given and no cached codebook at "
+                                 f"{cache_path!r}")
+            codebook = train_codebook(columns[0], size=cb_params["size"])
+            metadata = {"train_time": time.time() - time0}
+            if cache_path:
+                _save_pickle(cache_path, codebook_state(codebook))
+        metadata["index_class"] = "jasmk"
+        return self.__class__({**self.params, "train_codebook": step_params},
+                              {**self.metadata, "train_codebook": metadata}, codebook=codebook)
+
+    def build_ivf(self, *columns, distractors_path=None, cache_path=None, step_params=None):
+        """Index ``vecs`` (``[N, D]``) of images ``imids`` (``[N]``); or load the ivf from ``cache_path``."""
+        builder = self.create_ivf_builder(cache_path=cache_path, step_params=step_params)
+        if not builder.loaded_from_cache:
+            if distractors_path:
+                builder.initialize_with_distractors(distractors_path)
+            builder.add(*columns)
+        return self.add_ivf_builder(builder)
+
+    def create_ivf_builder(self, *, cache_path=None, step_params=None):
+        """An :class:`IvfBuilder` for adding images step by step."""
+        if self.codebook is None:
+            raise ValueError("train or load the codebook before building the ivf")
+        if self.inverted_file is not None:
+            raise ValueError("the inverted file is already built")
+        step_params = step_params or self.params.get("build_ivf")
+        return IvfBuilder(step_params, self.codebook, cache_path=cache_path)
+
+    def add_ivf_builder(self, ivf_builder):
+        """Finish building with ``ivf_builder`` (saving it to its cache path, if any)."""
+        metadata = ivf_builder.save()
+        return self.__class__({**self.params, "build_ivf": ivf_builder.step_params},
+                              {**self.metadata, "build_ivf": metadata}, codebook=self.codebook,
+                              kernel={"binary": ivf_builder.ivf.binary}, inverted_file=ivf_builder.ivf)
+
+    def query_ivf(self, *columns, step_params=None, progress=None):
+        """Query with ``qvecs`` (``[N, D]``) of images ``qimids`` (``[N]``).
+
+        Returns:
+            ``(metadata, images [n_query], ranks [n_query, k] int64, scores [n_query, k] float64)``.
+        """
+        if self.inverted_file is None:
+            raise ValueError("build the ivf before querying it")
+        if len(columns) < 2:
+            raise ValueError("query_ivf needs qvecs and qimids")
+        step_params = step_params or self.params.get("query_ivf")
+        q = _section(step_params, "quantize", "query_ivf")
+        sim = _section(step_params, "similarity", "query_ivf")
+        search = step_params.get("search", {}) or {}
+        _only_keys(q, {"multiple_assignment"}, "quantize")
+        _only_keys(sim, {"alpha", "similarity_threshold"}, "similarity")
+        _only_keys(search, {"topk"}, "search")
+        _only_keys(step_params.get("aggregate", {}) or {}, set(), "aggregate")
+        time0 = time.time()
+        result = api.query(self.inverted_file, columns[0], columns[1],
+                           multiple_assignment=q.get("multiple_assignment", 1), alpha=sim["alpha"],
+                           similarity_threshold=sim["similarity_threshold"], topk=search.get("topk"))
+        metadata = {"query_avg_time": (time.time() - time0) / max(len(result.ids), 1)}
+        return metadata, result.ids, result.ranks.astype(np.int64), result.scores.astype(np.float64)
+
+
+class IvfBuilder:
+    """Adds images to a jasmk inverted file with asmk's ``build_ivf`` params."""
+
+    def __init__(self, step_params, codebook: Codebook, *, cache_path=None):
+        kernel = _section(step_params, "kernel", "build_ivf")
+        ivf_params = _section(step_params, "ivf", "build_ivf")
+        q = _section(step_params, "quantize", "build_ivf")
+        _only_keys(kernel, {"binary"}, "kernel")
+        _only_keys(ivf_params, {"use_idf"}, "ivf")
+        _only_keys(q, {"multiple_assignment"}, "quantize")
+        _only_keys(step_params.get("aggregate", {}) or {}, set(), "aggregate")
+        if kernel.get("binary") not in _BINARY_SHORTCUTS:
+            raise ValueError(f"kernel binary must be True/False/'bin'/'nobin', got {kernel.get('binary')!r}")
+        self.step_params = step_params
+        self.codebook = codebook
+        self.binary = _BINARY_SHORTCUTS[kernel["binary"]]
+        self.multiple_assignment = q.get("multiple_assignment", 1)
+        time0 = time.time()
+        if cache_path and os.path.exists(cache_path):
+            from . import checkpoint
+
+            self.ivf = checkpoint.load_asmk_ivf(_load_pickle(cache_path), codebook)
+            self.metadata = {"load_time": time.time() - time0}
+            self.cache_path = None
+        else:
+            self.ivf = ivf_mod.empty(codebook.centroids, binary=self.binary, use_idf=bool(ivf_params["use_idf"]),
+                                     codebook_size_param=codebook.size_param)
+            self.metadata = {"index_time": 0.0}
+            self.cache_path = cache_path
+
+    @property
+    def loaded_from_cache(self) -> bool:
+        return "load_time" in self.metadata
+
+    def initialize_with_distractors(self, path):
+        """Start from the distractor ivf pickled at ``path``; added images are numbered after it."""
+        from . import checkpoint
+
+        self.ivf = ivf_mod.with_distractors(checkpoint.load_asmk_ivf(_load_pickle(path), self.codebook))
+
+    def add(self, *columns, progress=None):
+        """Add descriptors ``vecs`` (``[N, D]``) of images ``imids`` (``[N]``)."""
+        if len(columns) < 2:
+            raise ValueError("add needs vecs and imids")
+        time0 = time.time()
+        self.ivf = api.add_images(self.ivf, columns[0], columns[1], multiple_assignment=self.multiple_assignment)
+        self.metadata["index_time"] += time.time() - time0
+
+    def save(self):
+        """Pickle the ivf in asmk's format to the cache path (if any); return metadata with ivf stats."""
+        if self.cache_path:
+            from . import checkpoint
+
+            _save_pickle(self.cache_path, checkpoint.export_asmk_ivf(self.ivf))
+        return {**self.metadata, "ivf_stats": self.ivf.stats()}
+
+
+__all__ = ["ASMKMethod", "IvfBuilder", "asmk_method", "codebook_from_state", "codebook_state"]

@@ -1,0 +1,200 @@
+"""Unit checks of the core pieces against numpy re-derivations, and the input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jasmk
+from jasmk import aggregate as agg_mod
+from jasmk import score as score_mod
+from conftest import asmk_params, asmk_with_centroids
+
+
+def numpy_pack(x):
+    """Reference packing: bits x > 0, MSB first, 32 per uint32, zero-padded."""
+    bits = (x > 0).astype(np.uint8)
+    d = bits.shape[1]
+    w = -(-d // 32)
+    bits = np.pad(bits, ((0, 0), (0, 32 * w - d)))
+    by = np.packbits(bits, axis=1).reshape(len(x), w, 4).astype(np.uint64)
+    return ((by[..., 0] << 24) | (by[..., 1] << 16) | (by[..., 2] << 8) | by[..., 3]).astype(np.uint32)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 31, 32, 33, 64, 100, 128])
+def test_binarize_and_pack_matches_numpy(dim):
+    x = np.random.default_rng(dim).standard_normal((7, dim)).astype(np.float32)
+    x[0, 0] = 0.0  # zero is not > 0
+    np.testing.assert_array_equal(np.asarray(agg_mod.binarize_and_pack(jnp.asarray(x))), numpy_pack(x))
+
+
+def test_aggregate_matches_numpy(small_data):
+    feats, ids, centroids = small_data
+    words = jasmk.quantize(jasmk.Codebook.from_centroids(centroids), feats, multiple_assignment=3)
+    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False, chunk_descriptors=100)
+    rows = []
+    for img in np.unique(ids):
+        m = ids == img
+        for w in np.unique(words[m]):
+            sel = (words[m] == w).any(axis=1)
+            r = (feats[m][sel] - centroids[w]).sum(0)
+            rows.append((img, w, r / (np.linalg.norm(r) + 1e-6)))
+    np.testing.assert_array_equal(agg.images, [r[0] for r in rows])
+    np.testing.assert_array_equal(agg.words, [r[1] for r in rows])
+    np.testing.assert_allclose(agg.vecs, np.stack([r[2] for r in rows]), atol=2e-6)
+    bagg = agg_mod.aggregate(centroids, feats, words, ids, binary=True)
+    np.testing.assert_array_equal(bagg.vecs, numpy_pack(np.stack([r[2] for r in rows])))
+
+
+def test_jax_quantizer_matches_faiss(small_data):
+    feats, _, centroids = small_data
+    cb = jasmk.Codebook.from_centroids(centroids)
+    for ma in (1, 5):
+        a = jasmk.quantize(cb, feats, multiple_assignment=ma, method="faiss")
+        b = jasmk.quantize(cb, feats, multiple_assignment=ma, method="jax", chunk_size=256)
+        # numpy oracle on the exact squared distances
+        d = ((feats[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+        oracle = np.argsort(d, axis=1, kind="stable")[:, :ma]
+        assert (a == oracle).mean() > 0.999 and (b == oracle).mean() > 0.999
+        np.testing.assert_array_equal(a[:, 0], b[:, 0])
+
+
+def test_index_built_with_jax_quantizer_gives_same_scores(small_data):
+    feats, ids, centroids = small_data
+    i1 = jasmk.build_index(feats, ids, codebook=centroids, quantizer="faiss")
+    i2 = jasmk.build_index(feats, ids, codebook=centroids, quantizer="jax")
+    r1 = jasmk.query(i1, feats, ids, quantizer="faiss")
+    r2 = jasmk.query(i2, feats, ids, quantizer="jax")
+    np.testing.assert_allclose(r1.scores, r2.scores, atol=1e-5)
+
+
+def test_train_codebook_matches_asmk(small_data):
+    from asmk import asmk_method
+
+    feats = small_data[0]
+    ref = asmk_method.ASMKMethod.initialize_untrained(asmk_params(size=32)).train_codebook(feats)
+    cb = jasmk.train_codebook(feats, size=32)
+    np.testing.assert_array_equal(np.asarray(cb.centroids), ref.codebook.centroids)
+    assert cb.size == 32 and cb.size_param == 32
+
+
+def test_parse_size():
+    assert jasmk.parse_size("64k") == 65536
+    assert jasmk.parse_size("1M") == 1024**2
+    assert jasmk.parse_size(1000) == 1000
+    for bad in ("lots", 0, -3, "k", 1.5, True):
+        with pytest.raises(ValueError):
+            jasmk.parse_size(bad)
+
+
+def test_jitted_vmapped_scoring_equals_per_query(small_data):
+    """score_batch (vmap inside jit) equals score_image per query, and the index is a PyTree usable under jit."""
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    leaves, treedef = jax.tree_util.tree_flatten(index)
+    assert jax.tree_util.tree_unflatten(treedef, leaves).n_images == index.n_images
+    agg = jasmk.aggregate_images(centroids, feats, ids, binary=True, multiple_assignment=5)
+    q = 64
+    vecs = np.zeros((3, q, agg.vecs.shape[1]), np.uint32)
+    words = np.zeros((3, q), np.int32)
+    valid = np.zeros((3, q), bool)
+    for t, img in enumerate([0, 5, 9]):
+        m = agg.images == img
+        k = min(int(m.sum()), q)
+        vecs[t, :k], words[t, :k], valid[t, :k] = agg.vecs[m][:k], agg.words[m][:k], True
+    cap = score_mod.default_pair_cap(index, q)
+    batch = score_mod.score_dense(index, vecs, words, valid, 3.0, 0.0, pair_cap=cap)
+    for t in range(3):
+        one = score_mod.score_image(index, vecs[t], words[t], valid[t], 3.0, 0.0, pair_cap=cap)
+        np.testing.assert_allclose(batch[t], one, atol=1e-6)
+    # numpy oracle for one query: explicit loop over query rows and postings
+    counts, offs = np.asarray(index.counts), np.asarray(index.word_offsets)
+    ev, ei = np.asarray(index.entry_vecs), np.asarray(index.entry_images)
+    idf, norm = np.asarray(index.idf), np.asarray(index.norm_factor)
+    ref = np.zeros(index.n_images)
+    for v, w in zip(vecs[1][valid[1]], words[1][valid[1]]):
+        for e in range(offs[w], offs[w] + counts[w]):
+            ham = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(v, ev[e]))
+            s = 1 - 2 * ham / (32 * len(v))
+            if s >= 0:
+                ref[ei[e]] += s**3 * idf[w] / np.sqrt(norm[ei[e]])
+    ref /= np.sqrt(idf[words[1][valid[1]]].sum())
+    np.testing.assert_allclose(batch[1], ref, atol=1e-6)
+
+
+def test_pair_cap_too_small_drops_pairs(small_data):
+    """pair_cap is a hard static bound: a smaller cap loses scores (so the API must size it)."""
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    agg = jasmk.aggregate_images(centroids, feats[ids == 0], ids[ids == 0], binary=True, multiple_assignment=5)
+    full = score_mod.score_image(index, agg.vecs, agg.words, np.ones(len(agg.words), bool), 3.0, 0.0,
+                                 pair_cap=score_mod.default_pair_cap(index, len(agg.words)))
+    cut = score_mod.score_image(index, agg.vecs, agg.words, np.ones(len(agg.words), bool), 3.0, 0.0, pair_cap=8)
+    assert float(jnp.abs(full - cut).max()) > 0
+
+
+def test_bad_input_errors(small_data):
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    nan = feats.copy()
+    nan[3, 1] = np.nan
+    inf = feats.copy()
+    inf[5, 0] = np.inf
+    cases = [
+        (lambda: jasmk.build_index(nan, ids, codebook=centroids), "NaN or inf"),
+        (lambda: jasmk.build_index(inf, ids, codebook=centroids), "NaN or inf"),
+        (lambda: jasmk.query(index, nan, ids), "NaN or inf"),
+        (lambda: jasmk.build_index(feats[:, :10], ids, codebook=centroids), "dimension 10"),
+        (lambda: jasmk.query(index, feats[:, :10], ids), "dimension 10"),
+        (lambda: jasmk.build_index(np.zeros((0, 32), np.float32), np.zeros(0, int), codebook=centroids), "empty"),
+        (lambda: jasmk.build_index(feats, ids[::-1].copy(), codebook=centroids), "not grouped"),
+        (lambda: jasmk.build_index(feats, ids[:-1], codebook=centroids), "entries but there are"),
+        (lambda: jasmk.build_index(feats, ids - 5, codebook=centroids), "non-negative"),
+        (lambda: jasmk.build_index(feats, ids, codebook=centroids, multiple_assignment=0), "multiple_assignment"),
+        (lambda: jasmk.build_index(feats, ids, codebook=None), "codebook is required"),
+        (lambda: jasmk.build_index(feats, ids, codebook=centroids, quantizer="hnsw"), "quantizer"),
+        (lambda: jasmk.query(index, feats, ids, topk=0), "topk"),
+        (lambda: jasmk.query(index, feats, ids, alpha=float("nan")), "alpha"),
+        (lambda: jasmk.train_codebook(feats[:10], size=64), "only 10 descriptors"),
+        (lambda: jasmk.build_index(feats[:, :1].reshape(-1), ids, codebook=centroids), "2-D"),
+        (lambda: jasmk.build_index(feats.astype(str), ids, codebook=centroids), "numeric"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+
+
+def test_compat_facade_mast3r_flow(tmp_path, small_data):
+    """MASt3R's Retriever flow, with one import changed, against asmk; codebook pickles are interchangeable."""
+    from asmk import asmk_method as ref_method
+    from jasmk.compat import asmk_method
+
+    feats, ids, _ = small_data
+    params = asmk_params(size=64, binary=True)
+    params["index"] = {"gpu_id": 0}  # MASt3R asks for a GPU; jasmk uses whatever JAX runs on
+    ref_params = asmk_params(size=64, binary=True)
+    path = str(tmp_path / "cb_codebook.pkl")
+    trained = asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(feats, cache_path=path)
+    ref = ref_method.ASMKMethod.initialize_untrained(ref_params).train_codebook(None, cache_path=path)
+    np.testing.assert_array_equal(np.asarray(trained.codebook.centroids), ref.codebook.centroids)
+
+    loaded = asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=path)
+    dataset = loaded.build_ivf(feats, ids)
+    metadata, images, ranks, scores = dataset.query_ivf(feats, ids)
+    _, ref_images, ref_ranks, ref_scores = ref.build_ivf(feats, ids.copy()).query_ivf(feats, ids)
+    from conftest import assert_same_ranking
+
+    np.testing.assert_array_equal(images, ref_images)
+    assert_same_ranking(ranks, scores, ref_ranks, ref_scores)
+    assert ranks.dtype == np.int64 and scores.dtype == np.float64 and "query_avg_time" in metadata
+    assert dataset.metadata["build_ivf"]["ivf_stats"]["images"] == 24
+
+    bad = asmk_params(size=128)
+    with pytest.raises(ValueError, match="size"):
+        asmk_method.ASMKMethod.initialize_untrained(bad).train_codebook(None, cache_path=path)
+    with pytest.raises(ValueError, match="unknown"):
+        p = asmk_params(size=64)
+        p["query_ivf"]["similarity"]["beta"] = 1
+        dataset.query_ivf(feats, ids, step_params=p["query_ivf"])
+    with pytest.raises(ValueError, match="no training descriptors"):
+        asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=str(tmp_path / "x.pkl"))
