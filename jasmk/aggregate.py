@@ -67,41 +67,43 @@ def normalize_l2(x):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
 
 
-@functools.partial(jax.jit, static_argnames=("binary",))
-def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool):
-    """Jitted aggregation of a padded block of descriptors.
+@functools.partial(jax.jit, static_argnames=("binary", "n_slots"))
+def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_slots: int):
+    """Jitted aggregation of a padded block of descriptors from at most ``n_slots`` images.
+
+    Each (image, word) pair gets a cell of a dense ``[n_slots, K]`` table; occupied cells, numbered in
+    table order, are the output rows, so rows come out sorted by image then word without a sort.
 
     Args:
         centroids: ``[K, D] float32``.
         vecs: ``[N, D] float32`` descriptors.
         word_ids: ``[N, MA] int32`` assigned words (a negative id marks no assignment).
-        image_ids: ``[N] int32`` image of each descriptor; ``PAD_IMAGE`` marks padding rows.
+        image_ids: ``[N] int32`` image slot ``0..n_slots-1`` of each descriptor; ``PAD_IMAGE`` marks padding rows.
 
     Returns:
-        ``(agg [N*MA, W], words [N*MA] int32, images [N*MA] int32, n_rows int32)``: the first ``n_rows``
-        rows are the aggregated (image, word) pairs sorted by image then word; the rest is padding
-        with image ``PAD_IMAGE``.
+        ``(agg [N*MA, W], words [N*MA] int32, slots [N*MA] int32, n_rows int32)``: the first ``n_rows``
+        rows are the aggregated (image slot, word) pairs sorted by slot then word; the rest is padding
+        with slot ``PAD_IMAGE``.
     """
     n, ma = word_ids.shape
+    k = centroids.shape[0]
     m = n * ma
-    words = word_ids.reshape(m).astype(jnp.int32)
-    images = jnp.repeat(image_ids.astype(jnp.int32), ma)
-    images = jnp.where(words < 0, PAD_IMAGE, images)
-    src = jnp.repeat(jnp.arange(n, dtype=jnp.int32), ma)
-    images, words, src = jax.lax.sort((images, words, src), num_keys=2)
-    valid = images != PAD_IMAGE
-    first = jnp.concatenate([jnp.ones((1,), bool), (images[1:] != images[:-1]) | (words[1:] != words[:-1])])
-    first = first & valid
-    seg = jnp.cumsum(first.astype(jnp.int32)) - 1
-    n_rows = jnp.sum(first.astype(jnp.int32))
-    seg = jnp.where(valid, seg, m)  # padding goes to a dropped segment
-    safe_words = jnp.clip(words, 0, centroids.shape[0] - 1)
-    resid = vecs[src] - centroids[safe_words]
-    agg = jax.ops.segment_sum(resid, seg, num_segments=m)
-    out_words = jnp.zeros((m,), jnp.int32).at[seg].set(words, mode="drop")
-    out_images = jnp.full((m,), PAD_IMAGE, jnp.int32).at[seg].set(images, mode="drop")
+    valid = (image_ids[:, None] != PAD_IMAGE) & (word_ids >= 0)
+    cell = jnp.where(valid, image_ids[:, None] * k + word_ids, n_slots * k)  # [N, MA]; padding -> dropped
+    occupied = jnp.zeros((n_slots * k,), jnp.int32).at[cell.reshape(m)].max(1, mode="drop")
+    row_of_cell = jnp.cumsum(occupied) - 1
+    n_rows = row_of_cell[-1] + 1
+    seg = jnp.where(valid, row_of_cell[jnp.minimum(cell, n_slots * k - 1)], m)  # [N, MA]; padding -> dropped
+    # sum of the descriptors and their number per row, then subtract the centroid that many times
+    sums = jax.ops.segment_sum(jnp.broadcast_to(vecs[:, None, :], (n, ma, vecs.shape[1])).reshape(m, -1),
+                               seg.reshape(m), num_segments=m)
+    counts = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), seg.reshape(m), num_segments=m)
+    cells = jnp.nonzero(occupied, size=m, fill_value=n_slots * k)[0].astype(jnp.int32)
+    out_words = jnp.where(cells < n_slots * k, cells % k, 0)
+    out_slots = jnp.where(cells < n_slots * k, cells // k, PAD_IMAGE)
+    agg = sums - counts[:, None] * centroids[out_words]
     out = binarize_and_pack(agg) if binary else normalize_l2(agg)
-    return out, out_words, out_images, n_rows
+    return out, out_words, out_slots, n_rows
 
 
 def _bucket(n: int, minimum: int = 256) -> int:
@@ -109,19 +111,21 @@ def _bucket(n: int, minimum: int = 256) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
-def image_chunks(image_ids: np.ndarray, chunk_descriptors: int):
-    """Split grouped ``image_ids`` into ``(start, stop)`` ranges of whole images of about ``chunk_descriptors``."""
+def image_chunks(image_ids: np.ndarray, chunk_descriptors: int, max_images: int):
+    """Split grouped ``image_ids`` into ``(start, stop)`` ranges of whole images: about ``chunk_descriptors``
+    descriptors and at most ``max_images`` images each (an image larger than a chunk gets its own)."""
     n = image_ids.shape[0]
     if n == 0:
         return []
     boundaries = np.flatnonzero(np.diff(image_ids)) + 1
     starts = np.concatenate([[0], boundaries])
     stops = np.concatenate([boundaries, [n]])
-    chunks, cur_start = [], 0
+    chunks, cur_start, cur_images = [], 0, 0
     for s, e in zip(starts, stops):
-        if e - cur_start > chunk_descriptors and s > cur_start:
+        if s > cur_start and (e - cur_start > chunk_descriptors or cur_images >= max_images):
             chunks.append((cur_start, int(s)))
-            cur_start = int(s)
+            cur_start, cur_images = int(s), 0
+        cur_images += 1
     chunks.append((cur_start, n))
     return chunks
 
@@ -144,20 +148,24 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     d = vecs.shape[1]
     width = packed_width(d) if binary else d
     out_vecs, out_words, out_images = [], [], []
-    for start, stop in image_chunks(image_ids, chunk_descriptors):
+    # dense (image, word) table of at most ~4M cells per chunk
+    n_slots = max(1, min(64, (1 << 22) // centroids.shape[0]))
+    for start, stop in image_chunks(image_ids, chunk_descriptors, n_slots):
         n = stop - start
         cap = _bucket(n)
         v = np.zeros((cap, d), np.float32)
         v[:n] = vecs[start:stop]
         w = np.zeros((cap, word_ids.shape[1]), np.int32)
         w[:n] = word_ids[start:stop]
+        chunk_images = image_ids[start:stop]
+        uniq, slot = np.unique(chunk_images, return_inverse=True)
         im = np.full((cap,), PAD_IMAGE, np.int32)
-        im[:n] = image_ids[start:stop]
-        agg, words, images, n_rows = aggregate_padded(centroids, v, w, im, binary=binary)
+        im[:n] = slot
+        agg, words, slots, n_rows = aggregate_padded(centroids, v, w, im, binary=binary, n_slots=n_slots)
         n_rows = int(n_rows)
         out_vecs.append(np.asarray(agg[:n_rows]))
         out_words.append(np.asarray(words[:n_rows]))
-        out_images.append(np.asarray(images[:n_rows]))
+        out_images.append(uniq[np.asarray(slots[:n_rows])].astype(np.int32))
     if not out_vecs:
         dtype = np.uint32 if binary else np.float32
         return Aggregated(np.zeros((0, width), dtype), np.zeros((0,), np.int32), np.zeros((0,), np.int32))

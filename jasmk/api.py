@@ -110,7 +110,11 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+    """A size >= n from a short ladder (4 steps per octave), so that jitted shapes repeat."""
+    n = max(int(n), minimum)
+    top = 1 << (n - 1).bit_length()
+    step = max(top // 8, 1)
+    return -(-n // step) * step
 
 
 def _query_batches(index: ivf_mod.Index, agg: agg_mod.Aggregated):

@@ -42,6 +42,26 @@ def default_pair_cap(index: Index, n_rows: int) -> int:
     return max(1, int(n_rows) * max(int(index.max_count), 1))
 
 
+def _pair_contributions(index: Index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap: int):
+    """Enumerate one query's (row, posting) pairs: ``(images [pair_cap] int32, contrib [pair_cap] float32,
+    query_norm [] float32)``; pairs past the real ones contribute 0."""
+    q_words = jnp.where(q_valid, q_words, 0).astype(jnp.int32)
+    idf_q = jnp.where(q_valid, index.idf[q_words], 0.0)
+    cnt = jnp.where(q_valid, index.counts[q_words], 0)
+    start = jnp.cumsum(cnt) - cnt
+    total = jnp.sum(cnt)
+    marks = jnp.zeros((pair_cap,), jnp.int32).at[start].add(1, mode="drop")
+    p = jnp.arange(pair_cap, dtype=jnp.int32)
+    qi = jnp.clip(jnp.cumsum(marks) - 1, 0, q_words.shape[0] - 1)
+    valid = p < total
+    entry = jnp.where(valid, index.word_offsets[q_words[qi]] + p - start[qi], 0)
+    sim = similarity(q_vecs[qi], index.entry_vecs[entry], binary=index.binary)
+    contrib = selective_kernel(sim, alpha=alpha, threshold=threshold)
+    images = index.entry_images[entry]
+    weight = idf_q[qi] * jax.lax.rsqrt(jnp.maximum(index.norm_factor[images], 1e-30))
+    return images, jnp.where(valid, contrib * weight, 0.0), jnp.sum(idf_q)
+
+
 @functools.partial(jax.jit, static_argnames=("pair_cap",))
 def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
     """Scores of one query image against every image slot of the index.
@@ -58,28 +78,29 @@ def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pai
     Returns:
         ``[n_images] float32`` scores (internal image order).
     """
-    q_words = jnp.where(q_valid, q_words, 0).astype(jnp.int32)
-    idf_q = jnp.where(q_valid, index.idf[q_words], 0.0)
-    cnt = jnp.where(q_valid, index.counts[q_words], 0)
-    start = jnp.cumsum(cnt) - cnt
-    total = jnp.sum(cnt)
-    marks = jnp.zeros((pair_cap,), jnp.int32).at[start].add(1, mode="drop")
-    p = jnp.arange(pair_cap, dtype=jnp.int32)
-    qi = jnp.clip(jnp.cumsum(marks) - 1, 0, q_words.shape[0] - 1)
-    valid = p < total
-    entry = jnp.where(valid, index.word_offsets[q_words[qi]] + p - start[qi], 0)
-    sim = similarity(q_vecs[qi], index.entry_vecs[entry], binary=index.binary)
-    contrib = selective_kernel(sim, alpha=alpha, threshold=threshold)
-    images = index.entry_images[entry]
-    weight = idf_q[qi] * jax.lax.rsqrt(jnp.maximum(index.norm_factor[images], 1e-30))
-    contrib = jnp.where(valid, contrib * weight, 0.0)
-    scores = jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib)
-    return scores / jnp.sqrt(jnp.sum(idf_q))
+    images, contrib, qnorm = _pair_contributions(index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap)
+    return jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib) / jnp.sqrt(qnorm)
+
+
+@functools.partial(jax.jit, static_argnames=("pair_cap",))
+def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
+    """Dense scores of a batch of queries: ``[B, n_images] float32``.
+
+    Args:
+        q_vecs: ``[B, Q, W]``; q_words: ``[B, Q] int32``; q_valid: ``[B, Q] bool``; as in :func:`score_image`.
+    """
+    images, contrib, qnorm = jax.vmap(
+        lambda v, w, m: _pair_contributions(index, v, w, m, alpha, threshold, pair_cap)
+    )(q_vecs, q_words, q_valid)
+    b = q_vecs.shape[0]
+    flat = (images + (jnp.arange(b, dtype=jnp.int32) * index.n_images)[:, None]).reshape(-1)
+    scores = jnp.zeros((b * index.n_images,), jnp.float32).at[flat].add(contrib.reshape(-1))
+    return scores.reshape(b, index.n_images) / jnp.sqrt(qnorm)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap", "topk"))
 def score_batch(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int, topk: int | None):
-    """A batch of queries (vmapped :func:`score_image`), with ranking.
+    """A batch of queries (:func:`score_dense`), ranked.
 
     Args:
         q_vecs: ``[B, Q, W]``; q_words: ``[B, Q] int32``; q_valid: ``[B, Q] bool``.
@@ -89,17 +110,7 @@ def score_batch(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pai
         ``(ranks [B, k] int32, scores [B, k] float32)`` best first, ranks in internal ids minus
         ``index.imid_offset``; equal scores keep ascending id order.
     """
-    scores = jax.vmap(
-        lambda v, w, m: score_image(index, v, w, m, alpha, threshold, pair_cap=pair_cap)
-    )(q_vecs, q_words, q_valid)
+    scores = score_dense(index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap=pair_cap)
     k = index.n_images if topk is None else min(int(topk), index.n_images)
     top_scores, ranks = jax.lax.top_k(scores, k)
     return ranks.astype(jnp.int32) - index.imid_offset, top_scores
-
-
-@functools.partial(jax.jit, static_argnames=("pair_cap",))
-def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
-    """Dense scores of a batch of queries: ``[B, n_images] float32`` (vmapped :func:`score_image`)."""
-    return jax.vmap(
-        lambda v, w, m: score_image(index, v, w, m, alpha, threshold, pair_cap=pair_cap)
-    )(q_vecs, q_words, q_valid)
