@@ -6,9 +6,11 @@ indexing, five when querying, ``alpha = 3``, ``similarity_threshold = 0``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import typing
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +18,7 @@ from . import aggregate as agg_mod
 from . import ivf as ivf_mod
 from . import score as score_mod
 from . import validate
-from .codebook import Codebook, quantize, train_codebook  # noqa: F401  (re-exported)
+from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -210,3 +212,37 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
         rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),
                                                      jnp.float32(thr), pair_cap=pair_cap)))
     return np.concatenate(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "pair_cap"))
+def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
+                 similarity_threshold=0.0, topk: int | None = None, pair_cap: int | None = None):
+    """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable, differentiable-free).
+
+    Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit.
+
+    Args:
+        index: the inverted file.
+        feats: ``[B, N, D] float32`` descriptors of ``B`` query images, padded to ``N`` rows.
+        valid: ``[B, N] bool`` real descriptor rows.
+        multiple_assignment: words per query descriptor (static).
+        alpha, similarity_threshold: selective kernel (traced).
+        topk: results per query (static; None: all image slots).
+        pair_cap: static bound on (query row, posting) pairs per image; default ``N * MA * index.max_count``
+            (always enough, memory grows with it).
+
+    Returns:
+        ``(ranks [B, k] int32, scores [B, k] float32)`` as in :func:`~jasmk.score.score_batch`.
+    """
+    b, n, d = feats.shape
+    ma = multiple_assignment
+    cap = score_mod.default_pair_cap(index, n * ma) if pair_cap is None else pair_cap
+    words = quantize_jax(index.centroids, feats.reshape(b * n, d), multiple_assignment=ma,
+                         chunk_size=min(4096, b * n)).reshape(b, n, ma)
+    slots = jnp.where(valid, 0, agg_mod.PAD_IMAGE).astype(jnp.int32)
+    agg, agg_words, _, n_rows = jax.vmap(
+        lambda f, w, s: agg_mod.aggregate_padded(index.centroids, f, w, s, binary=index.binary, n_slots=1)
+    )(feats, words, slots)
+    q_valid = jnp.arange(n * ma)[None, :] < n_rows[:, None]
+    return score_mod.score_batch(index, agg, agg_words, q_valid, alpha, similarity_threshold, pair_cap=cap,
+                                 topk=topk)

@@ -198,3 +198,26 @@ def test_compat_facade_mast3r_flow(tmp_path, small_data):
         dataset.query_ivf(feats, ids, step_params=p["query_ivf"])
     with pytest.raises(ValueError, match="no training descriptors"):
         asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=str(tmp_path / "x.pkl"))
+
+
+def test_query_padded_fully_jitted_matches_query(small_data):
+    """The one-jit padded query (vmapped over images) gives jasmk.query's ranking, and asmk's scores."""
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids, use_idf=True)
+    sel = [2, 3, 11]
+    n_max = 70
+    padded = np.zeros((len(sel), n_max, feats.shape[1]), np.float32)
+    valid = np.zeros((len(sel), n_max), bool)
+    for t, img in enumerate(sel):
+        f = feats[ids == img]
+        padded[t, :len(f)], valid[t, :len(f)] = f, True
+    ranks, scores = jasmk.query_padded(index, padded, valid, multiple_assignment=5, topk=10)
+    m = np.isin(ids, sel)
+    ref = jasmk.query(index, feats[m], ids[m], multiple_assignment=5, topk=10)
+    from conftest import assert_same_ranking
+
+    assert_same_ranking(np.asarray(ranks), np.asarray(scores), ref.ranks, ref.scores)
+    # and under an outer jit + vmap over single images
+    one = jax.jit(jax.vmap(lambda f, v: jasmk.query_padded(index, f[None], v[None], topk=10)))
+    r2, s2 = one(padded, valid)
+    np.testing.assert_allclose(np.asarray(s2)[:, 0], np.asarray(scores), atol=1e-6)
