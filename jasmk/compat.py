@@ -13,6 +13,7 @@ values, same codebook and IVF pickle formats, so MASt3R's ``Retriever`` works af
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -24,7 +25,8 @@ import numpy as np
 
 from . import api
 from . import ivf as ivf_mod
-from .codebook import Codebook, train_codebook
+from . import validate
+from .codebook import Codebook, quantize, train_codebook
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,15 @@ def _save_pickle(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fingerprint(vecs) -> str:
+    """Content hash of a descriptor array (shape, dtype and bytes)."""
+    a = np.ascontiguousarray(vecs)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((a.shape, a.dtype.str)).encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _section(params, key, name):
@@ -91,12 +102,15 @@ class ASMKMethod:
         metadata: timing and statistics of the steps done so far.
     """
 
-    def __init__(self, params, metadata, *, codebook=None, kernel=None, inverted_file=None):
+    def __init__(self, params, metadata, *, codebook=None, kernel=None, inverted_file=None, word_cache=None):
         self.params = params
         self.metadata = metadata
         self.codebook = codebook
         self.kernel = kernel  # {"binary": bool} once the ivf exists
         self.inverted_file = inverted_file
+        # (fingerprint, [N, MA] words) of the last indexed descriptors, quantized with the query's MA so that
+        # querying the indexed set itself (MASt3R's Retriever) quantizes once
+        self._word_cache = word_cache
 
     @classmethod
     def initialize_untrained(cls, params):
@@ -147,14 +161,16 @@ class ASMKMethod:
         if self.inverted_file is not None:
             raise ValueError("the inverted file is already built")
         step_params = step_params or self.params.get("build_ivf")
-        return IvfBuilder(step_params, self.codebook, cache_path=cache_path)
+        query_ma = ((self.params.get("query_ivf") or {}).get("quantize") or {}).get("multiple_assignment", 1)
+        return IvfBuilder(step_params, self.codebook, cache_path=cache_path, prefetch_multiple_assignment=query_ma)
 
     def add_ivf_builder(self, ivf_builder):
         """Finish building with ``ivf_builder`` (saving it to its cache path, if any)."""
         metadata = ivf_builder.save()
         return self.__class__({**self.params, "build_ivf": ivf_builder.step_params},
                               {**self.metadata, "build_ivf": metadata}, codebook=self.codebook,
-                              kernel={"binary": ivf_builder.ivf.binary}, inverted_file=ivf_builder.ivf)
+                              kernel={"binary": ivf_builder.ivf.binary}, inverted_file=ivf_builder.ivf,
+                              word_cache=ivf_builder.word_cache)
 
     def query_ivf(self, *columns, step_params=None, progress=None):
         """Query with ``qvecs`` (``[N, D]``) of images ``qimids`` (``[N]``).
@@ -175,9 +191,15 @@ class ASMKMethod:
         _only_keys(search, {"topk"}, "search")
         _only_keys(step_params.get("aggregate", {}) or {}, set(), "aggregate")
         time0 = time.time()
-        result = api.query(self.inverted_file, columns[0], columns[1],
-                           multiple_assignment=q.get("multiple_assignment", 1), alpha=sim["alpha"],
-                           similarity_threshold=sim["similarity_threshold"], topk=search.get("topk"))
+        ma = q.get("multiple_assignment", 1)
+        word_ids = None
+        if self._word_cache is not None and ma <= self._word_cache[1].shape[1]:
+            if _fingerprint(columns[0]) == self._word_cache[0]:
+                word_ids = self._word_cache[1][:, :ma]
+                log.debug("query descriptors are the indexed ones: reusing their quantization")
+        result = api.query(self.inverted_file, columns[0], columns[1], multiple_assignment=ma, alpha=sim["alpha"],
+                           similarity_threshold=sim["similarity_threshold"], topk=search.get("topk"),
+                           word_ids=word_ids)
         metadata = {"query_avg_time": (time.time() - time0) / max(len(result.ids), 1)}
         return metadata, result.ids, result.ranks.astype(np.int64), result.scores.astype(np.float64)
 
@@ -185,7 +207,7 @@ class ASMKMethod:
 class IvfBuilder:
     """Adds images to a jasmk inverted file with asmk's ``build_ivf`` params."""
 
-    def __init__(self, step_params, codebook: Codebook, *, cache_path=None):
+    def __init__(self, step_params, codebook: Codebook, *, cache_path=None, prefetch_multiple_assignment=1):
         kernel = _section(step_params, "kernel", "build_ivf")
         ivf_params = _section(step_params, "ivf", "build_ivf")
         q = _section(step_params, "quantize", "build_ivf")
@@ -199,6 +221,8 @@ class IvfBuilder:
         self.codebook = codebook
         self.binary = _BINARY_SHORTCUTS[kernel["binary"]]
         self.multiple_assignment = q.get("multiple_assignment", 1)
+        self.prefetch_multiple_assignment = prefetch_multiple_assignment
+        self.word_cache = None
         time0 = time.time()
         if cache_path and os.path.exists(cache_path):
             from . import checkpoint
@@ -227,7 +251,17 @@ class IvfBuilder:
         if len(columns) < 2:
             raise ValueError("add needs vecs and imids")
         time0 = time.time()
-        self.ivf = api.add_images(self.ivf, columns[0], columns[1], multiple_assignment=self.multiple_assignment)
+        vecs = validate.descriptors(columns[0], dim=self.codebook.dim)
+        ma = validate.multiple_assignment(self.multiple_assignment, self.codebook.size)
+        ma_q = self.prefetch_multiple_assignment
+        if isinstance(ma_q, int) and ma < ma_q <= self.codebook.size:
+            # quantize once with the query's MA; the nearest `ma` words are its first columns
+            words = quantize(self.codebook, vecs, multiple_assignment=ma_q)
+            self.word_cache = (_fingerprint(columns[0]), words)
+        else:
+            words = quantize(self.codebook, vecs, multiple_assignment=ma)
+            self.word_cache = (_fingerprint(columns[0]), words)
+        self.ivf = api.add_images(self.ivf, vecs, columns[1], multiple_assignment=ma, word_ids=words[:, :ma])
         self.metadata["index_time"] += time.time() - time0
 
     def save(self):

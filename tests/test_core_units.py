@@ -221,3 +221,33 @@ def test_query_padded_fully_jitted_matches_query(small_data):
     one = jax.jit(jax.vmap(lambda f, v: jasmk.query_padded(index, f[None], v[None], topk=10)))
     r2, s2 = one(padded, valid)
     np.testing.assert_allclose(np.asarray(s2)[:, 0], np.asarray(scores), atol=1e-6)
+
+
+def test_compat_quantizes_the_indexed_set_once(monkeypatch, small_data):
+    """Querying the indexed descriptors reuses their quantization (at the query MA); changed data does not."""
+    import jasmk.api
+    import jasmk.compat
+    from jasmk.compat import asmk_method
+
+    feats, ids, centroids = small_data
+    calls = []
+    real = jasmk.codebook.quantize
+
+    def counting(cb, x, **kw):
+        calls.append(kw["multiple_assignment"])
+        return real(cb, x, **kw)
+
+    monkeypatch.setattr(jasmk.compat, "quantize", counting)
+    monkeypatch.setattr(jasmk.api, "quantize", counting)
+    method = asmk_method.ASMKMethod(asmk_params(size=64), {}, codebook=jasmk.Codebook.from_centroids(centroids))
+    built = method.build_ivf(feats, ids)
+    _, _, ranks, scores = built.query_ivf(feats, ids)
+    assert calls == [5]
+    own = jasmk.query(jasmk.build_index(feats, ids, codebook=centroids), feats, ids)
+    np.testing.assert_array_equal(ranks, own.ranks)
+    np.testing.assert_allclose(scores, own.scores, atol=1e-6)
+    calls.clear()
+    changed = feats.copy()
+    changed[0] += 1.0
+    built.query_ivf(changed, ids)
+    assert calls == [5]
