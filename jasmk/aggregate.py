@@ -67,43 +67,52 @@ def normalize_l2(x):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
 
 
-@functools.partial(jax.jit, static_argnames=("binary", "n_slots"))
-def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_slots: int):
+@functools.partial(jax.jit, static_argnames=("binary", "n_slots", "extra_cap"))
+def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_slots: int, extra_cap: int | None = None):
     """Jitted aggregation of a padded block of descriptors from at most ``n_slots`` images.
 
     Each (image, word) pair gets a cell of a dense ``[n_slots, K]`` table; occupied cells, numbered in
-    table order, are the output rows, so rows come out sorted by image then word without a sort.
+    table order, are the output rows, so rows come out sorted by image then word without a sort. Each
+    row gathers its first descriptor; the other members (few: bursts of one word in one image) are
+    scatter-added from a compacted list of at most ``extra_cap`` pairs.
 
     Args:
         centroids: ``[K, D] float32``.
         vecs: ``[N, D] float32`` descriptors.
         word_ids: ``[N, MA] int32`` assigned words (a negative id marks no assignment).
         image_ids: ``[N] int32`` image slot ``0..n_slots-1`` of each descriptor; ``PAD_IMAGE`` marks padding rows.
+        extra_cap: static bound on the non-first members (default ``N * MA``: always enough).
 
     Returns:
-        ``(agg [N*MA, W], words [N*MA] int32, slots [N*MA] int32, n_rows int32)``: the first ``n_rows``
-        rows are the aggregated (image slot, word) pairs sorted by slot then word; the rest is padding
-        with slot ``PAD_IMAGE``.
+        ``(agg [N*MA, W], words [N*MA] int32, slots [N*MA] int32, n_rows int32, n_extra int32)``: the first
+        ``n_rows`` rows are the aggregated (image slot, word) pairs sorted by slot then word; the rest is
+        padding with slot ``PAD_IMAGE``. The result is exact only if ``n_extra <= extra_cap``.
     """
     n, ma = word_ids.shape
     k = centroids.shape[0]
     m = n * ma
-    valid = (image_ids[:, None] != PAD_IMAGE) & (word_ids >= 0)
-    cell = jnp.where(valid, image_ids[:, None] * k + word_ids, n_slots * k)  # [N, MA]; padding -> dropped
-    occupied = jnp.zeros((n_slots * k,), jnp.int32).at[cell.reshape(m)].max(1, mode="drop")
+    extra_cap = m if extra_cap is None else min(int(extra_cap), m)
+    valid = ((image_ids[:, None] != PAD_IMAGE) & (word_ids >= 0)).reshape(m)
+    cell = jnp.where(valid, (image_ids[:, None] * k + word_ids).reshape(m), n_slots * k)  # padding -> dropped
+    occupied = jnp.zeros((n_slots * k,), jnp.int32).at[cell].max(1, mode="drop")
     row_of_cell = jnp.cumsum(occupied) - 1
     n_rows = row_of_cell[-1] + 1
-    seg = jnp.where(valid, row_of_cell[jnp.minimum(cell, n_slots * k - 1)], m)  # [N, MA]; padding -> dropped
-    # sum of the descriptors and their number per row, then subtract the centroid that many times
-    sums = jax.ops.segment_sum(jnp.broadcast_to(vecs[:, None, :], (n, ma, vecs.shape[1])).reshape(m, -1),
-                               seg.reshape(m), num_segments=m)
-    counts = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), seg.reshape(m), num_segments=m)
+    seg = jnp.where(valid, row_of_cell[jnp.minimum(cell, n_slots * k - 1)], m)  # [M]; padding -> dropped
+    pair = jnp.arange(m, dtype=jnp.int32)
+    first = jnp.full((m,), m, jnp.int32).at[seg].min(pair, mode="drop")  # first member pair of each row
+    is_extra = valid & (first[jnp.minimum(seg, m - 1)] != pair)
+    n_extra = jnp.sum(is_extra.astype(jnp.int32))
+    extra = jnp.nonzero(is_extra, size=extra_cap, fill_value=m)[0]
+    sums = vecs[jnp.minimum(first, m - 1) // ma]
+    sums = sums.at[jnp.where(extra < m, seg[jnp.minimum(extra, m - 1)], m)].add(
+        vecs[jnp.minimum(extra, m - 1) // ma], mode="drop")
+    counts = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), seg, num_segments=m)
     cells = jnp.nonzero(occupied, size=m, fill_value=n_slots * k)[0].astype(jnp.int32)
     out_words = jnp.where(cells < n_slots * k, cells % k, 0)
     out_slots = jnp.where(cells < n_slots * k, cells // k, PAD_IMAGE)
-    agg = sums - counts[:, None] * centroids[out_words]
+    agg = jnp.where((counts > 0)[:, None], sums - counts[:, None] * centroids[out_words], 0.0)
     out = binarize_and_pack(agg) if binary else normalize_l2(agg)
-    return out, out_words, out_slots, n_rows
+    return out, out_words, out_slots, n_rows, n_extra
 
 
 def _bucket(n: int, minimum: int = 256) -> int:
@@ -161,7 +170,12 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
         uniq, slot = np.unique(chunk_images, return_inverse=True)
         im = np.full((cap,), PAD_IMAGE, np.int32)
         im[:n] = slot
-        agg, words, slots, n_rows = aggregate_padded(centroids, v, w, im, binary=binary, n_slots=n_slots)
+        extra_cap = _bucket(cap * w.shape[1] // 4)
+        agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, binary=binary, n_slots=n_slots,
+                                                              extra_cap=extra_cap)
+        if int(n_extra) > extra_cap:  # a bursty chunk: redo with room for every pair
+            agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, binary=binary,
+                                                                  n_slots=n_slots)
         n_rows = int(n_rows)
         out_vecs.append(np.asarray(agg[:n_rows]))
         out_words.append(np.asarray(words[:n_rows]))

@@ -240,7 +240,7 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
     words = quantize_jax(index.centroids, feats.reshape(b * n, d), multiple_assignment=ma,
                          chunk_size=min(4096, b * n)).reshape(b, n, ma)
     slots = jnp.where(valid, 0, agg_mod.PAD_IMAGE).astype(jnp.int32)
-    agg, agg_words, _, n_rows = jax.vmap(
+    agg, agg_words, _, n_rows, _ = jax.vmap(
         lambda f, w, s: agg_mod.aggregate_padded(index.centroids, f, w, s, binary=index.binary, n_slots=1)
     )(feats, words, slots)
     q_valid = jnp.arange(n * ma)[None, :] < n_rows[:, None]
