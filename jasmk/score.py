@@ -43,23 +43,44 @@ def default_pair_cap(index: Index, n_rows: int) -> int:
 
 
 def _pair_contributions(index: Index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap: int):
-    """Enumerate one query's (row, posting) pairs: ``(images [pair_cap] int32, contrib [pair_cap] float32,
-    query_norm [] float32)``; pairs past the real ones contribute 0."""
+    """Enumerate one query's (row, posting) pairs.
+
+    Pair ``p`` of query row ``q`` reads posting ``p + delta[q]`` with ``delta[q] = word_offsets[w_q] - start[q]``
+    (``start`` the row's first pair). The row's vector, ``delta`` and idf are packed into one ``uint32`` row so
+    that each pair does a single query-side gather. The database normalization is left out (it factors out
+    of each image's sum, see :func:`score_image`).
+
+    Returns:
+        ``(images [pair_cap] int32, contrib [pair_cap] float32, query_norm [] float32)``; pairs past the real
+        ones contribute 0.
+    """
     q_words = jnp.where(q_valid, q_words, 0).astype(jnp.int32)
     idf_q = jnp.where(q_valid, index.idf[q_words], 0.0)
     cnt = jnp.where(q_valid, index.counts[q_words], 0)
     start = jnp.cumsum(cnt) - cnt
     total = jnp.sum(cnt)
+    delta = index.word_offsets[q_words] - start
+    w = q_vecs.shape[-1]
+    packed = jnp.concatenate([jax.lax.bitcast_convert_type(q_vecs, jnp.uint32),
+                              jax.lax.bitcast_convert_type(delta, jnp.uint32)[:, None],
+                              jax.lax.bitcast_convert_type(idf_q, jnp.uint32)[:, None]], axis=1)
     marks = jnp.zeros((pair_cap,), jnp.int32).at[start].add(1, mode="drop")
     p = jnp.arange(pair_cap, dtype=jnp.int32)
     qi = jnp.clip(jnp.cumsum(marks) - 1, 0, q_words.shape[0] - 1)
+    row = packed[qi]  # [P, W + 2]
     valid = p < total
-    entry = jnp.where(valid, index.word_offsets[q_words[qi]] + p - start[qi], 0)
-    sim = similarity(q_vecs[qi], index.entry_vecs[entry], binary=index.binary)
+    entry = jnp.where(valid, p + jax.lax.bitcast_convert_type(row[:, w], jnp.int32), 0)
+    q = jax.lax.bitcast_convert_type(row[:, :w], q_vecs.dtype)
+    sim = similarity(q, index.entry_vecs[entry], binary=index.binary)
     contrib = selective_kernel(sim, alpha=alpha, threshold=threshold)
-    images = index.entry_images[entry]
-    weight = idf_q[qi] * jax.lax.rsqrt(jnp.maximum(index.norm_factor[images], 1e-30))
-    return images, jnp.where(valid, contrib * weight, 0.0), jnp.sum(idf_q)
+    idf = jax.lax.bitcast_convert_type(row[:, w + 1], jnp.float32)
+    return index.entry_images[entry], jnp.where(valid, contrib * idf, 0.0), jnp.sum(idf_q)
+
+
+def _db_normalization(index: Index):
+    """``[n_images] float32`` ``1 / sqrt(norm_factor)`` (0 for image slots without entries)."""
+    norm = index.norm_factor
+    return jnp.where(norm > 0, jax.lax.rsqrt(jnp.where(norm > 0, norm, 1.0)), 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap",))
@@ -79,7 +100,8 @@ def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pai
         ``[n_images] float32`` scores (internal image order).
     """
     images, contrib, qnorm = _pair_contributions(index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap)
-    return jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib) / jnp.sqrt(qnorm)
+    scores = jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib)
+    return scores * _db_normalization(index) / jnp.sqrt(qnorm)
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap",))
@@ -95,7 +117,7 @@ def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pai
     b = q_vecs.shape[0]
     flat = (images + (jnp.arange(b, dtype=jnp.int32) * index.n_images)[:, None]).reshape(-1)
     scores = jnp.zeros((b * index.n_images,), jnp.float32).at[flat].add(contrib.reshape(-1))
-    return scores.reshape(b, index.n_images) / jnp.sqrt(qnorm)[:, None]
+    return scores.reshape(b, index.n_images) * _db_normalization(index)[None, :] / jnp.sqrt(qnorm)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap", "topk"))
