@@ -67,14 +67,42 @@ def normalize_l2(x):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
 
 
-@functools.partial(jax.jit, static_argnames=("binary", "n_slots", "extra_cap"))
-def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_slots: int, extra_cap: int | None = None):
+def _group_by_table(cell, valid, n_cells: int):
+    """Rows of the occupied cells of a dense table, numbered in cell order: cost ``O(n_cells)``.
+
+    Returns ``(seg [M] int32 row of each pair (M for invalid pairs), row_cells [M] int32 cell of each row
+    (``n_cells`` past the last row), n_rows)``."""
+    m = cell.shape[0]
+    occupied = jnp.zeros((n_cells,), jnp.int32).at[cell].max(1, mode="drop")
+    row_of_cell = jnp.cumsum(occupied) - 1
+    seg = jnp.where(valid, row_of_cell[jnp.minimum(cell, n_cells - 1)], m)
+    row_cells = jnp.nonzero(occupied, size=m, fill_value=n_cells)[0].astype(jnp.int32)
+    return seg, row_cells, row_of_cell[-1] + 1
+
+
+def _group_by_sort(cell, valid, n_cells: int):
+    """Same result as :func:`_group_by_table` by sorting the pairs' cells: cost ``O(M log M)``."""
+    m = cell.shape[0]
+    key = jnp.where(valid, cell, n_cells)
+    skey, spair = jax.lax.sort((key, jnp.arange(m, dtype=jnp.int32)), num_keys=2)
+    real = skey < n_cells
+    new = real & jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
+    srow = jnp.cumsum(new.astype(jnp.int32)) - 1
+    seg = jnp.zeros((m,), jnp.int32).at[spair].set(jnp.where(real, srow, m))
+    row_cells = jnp.full((m,), n_cells, jnp.int32).at[jnp.where(new, srow, m)].set(skey, mode="drop")
+    return seg, row_cells, jnp.sum(new.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("binary", "n_slots", "extra_cap", "grouping"))
+def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_slots: int,
+                     extra_cap: int | None = None, grouping: str = "table"):
     """Jitted aggregation of a padded block of descriptors from at most ``n_slots`` images.
 
-    Each (image, word) pair gets a cell of a dense ``[n_slots, K]`` table; occupied cells, numbered in
-    table order, are the output rows, so rows come out sorted by image then word without a sort. Each
-    row gathers its first descriptor; the other members (few: bursts of one word in one image) are
-    scatter-added from a compacted list of at most ``extra_cap`` pairs.
+    Each (image slot, word) pair is a cell ``slot * K + word``; the occupied cells, in cell order, are the
+    output rows, so rows come out sorted by image then word. ``grouping="table"`` finds them with a dense
+    ``[n_slots * K]`` table (cheap when the table is not much larger than the pairs), ``"sort"`` by sorting
+    the pairs. Each row gathers its first descriptor; the other members (few: bursts of one word in one
+    image) are scatter-added from a compacted list of at most ``extra_cap`` pairs.
 
     Args:
         centroids: ``[K, D] float32``.
@@ -91,13 +119,12 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     n, ma = word_ids.shape
     k = centroids.shape[0]
     m = n * ma
+    n_cells = n_slots * k
     extra_cap = m if extra_cap is None else min(int(extra_cap), m)
     valid = ((image_ids[:, None] != PAD_IMAGE) & (word_ids >= 0)).reshape(m)
-    cell = jnp.where(valid, (image_ids[:, None] * k + word_ids).reshape(m), n_slots * k)  # padding -> dropped
-    occupied = jnp.zeros((n_slots * k,), jnp.int32).at[cell].max(1, mode="drop")
-    row_of_cell = jnp.cumsum(occupied) - 1
-    n_rows = row_of_cell[-1] + 1
-    seg = jnp.where(valid, row_of_cell[jnp.minimum(cell, n_slots * k - 1)], m)  # [M]; padding -> dropped
+    cell = jnp.where(valid, (image_ids[:, None] * k + word_ids).reshape(m), n_cells)
+    group = {"table": _group_by_table, "sort": _group_by_sort}[grouping]
+    seg, row_cells, n_rows = group(cell, valid, n_cells)
     pair = jnp.arange(m, dtype=jnp.int32)
     first = jnp.full((m,), m, jnp.int32).at[seg].min(pair, mode="drop")  # first member pair of each row
     is_extra = valid & (first[jnp.minimum(seg, m - 1)] != pair)
@@ -107,9 +134,8 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     sums = sums.at[jnp.where(extra < m, seg[jnp.minimum(extra, m - 1)], m)].add(
         vecs[jnp.minimum(extra, m - 1) // ma], mode="drop")
     counts = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), seg, num_segments=m)
-    cells = jnp.nonzero(occupied, size=m, fill_value=n_slots * k)[0].astype(jnp.int32)
-    out_words = jnp.where(cells < n_slots * k, cells % k, 0)
-    out_slots = jnp.where(cells < n_slots * k, cells // k, PAD_IMAGE)
+    out_words = jnp.where(row_cells < n_cells, row_cells % k, 0)
+    out_slots = jnp.where(row_cells < n_cells, row_cells // k, PAD_IMAGE)
     agg = jnp.where((counts > 0)[:, None], sums - counts[:, None] * centroids[out_words], 0.0)
     out = binarize_and_pack(agg) if binary else normalize_l2(agg)
     return out, out_words, out_slots, n_rows, n_extra
@@ -140,7 +166,7 @@ def image_chunks(image_ids: np.ndarray, chunk_descriptors: int, max_images: int)
 
 
 def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *, binary: bool,
-              chunk_descriptors: int = 32768) -> Aggregated:
+              chunk_descriptors: int = 32768, grouping: str | None = None) -> Aggregated:
     """Aggregate validated descriptors image by image (in chunks of whole images).
 
     Args:
@@ -149,6 +175,8 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
         word_ids: ``[N, MA] int32`` assigned words.
         image_ids: ``[N] int`` grouped, ascending image ids.
         binary: ASMK* (packed sign bits) if True, ASMK (unit real vectors) if False.
+        chunk_descriptors: descriptors per jitted chunk (whole images).
+        grouping: ``"table"`` or ``"sort"`` (see :func:`aggregate_padded`); None picks per chunk.
 
     Returns:
         :class:`Aggregated` rows sorted by image then word, as host arrays.
@@ -157,25 +185,26 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     d = vecs.shape[1]
     width = packed_width(d) if binary else d
     out_vecs, out_words, out_images = [], [], []
-    # dense (image, word) table of at most ~4M cells per chunk
-    n_slots = max(1, min(64, (1 << 22) // centroids.shape[0]))
-    for start, stop in image_chunks(image_ids, chunk_descriptors, n_slots):
+    k = centroids.shape[0]
+    max_images = max(1, min(4096, (2**31 - 1) // k - 1))  # slot * K + word must fit in int32
+    for start, stop in image_chunks(image_ids, chunk_descriptors, max_images):
         n = stop - start
         cap = _bucket(n)
         v = np.zeros((cap, d), np.float32)
         v[:n] = vecs[start:stop]
         w = np.zeros((cap, word_ids.shape[1]), np.int32)
         w[:n] = word_ids[start:stop]
-        chunk_images = image_ids[start:stop]
-        uniq, slot = np.unique(chunk_images, return_inverse=True)
+        uniq, slot = np.unique(image_ids[start:stop], return_inverse=True)
         im = np.full((cap,), PAD_IMAGE, np.int32)
         im[:n] = slot
+        n_slots = _bucket(len(uniq), minimum=1)
+        # a dense table when it is at most a few cells per pair, else a sort
+        how = grouping or ("table" if n_slots * k <= 8 * cap * w.shape[1] else "sort")
         extra_cap = _bucket(cap * w.shape[1] // 4)
-        agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, binary=binary, n_slots=n_slots,
-                                                              extra_cap=extra_cap)
+        kwargs = dict(binary=binary, n_slots=n_slots, grouping=how)
+        agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, extra_cap=extra_cap, **kwargs)
         if int(n_extra) > extra_cap:  # a bursty chunk: redo with room for every pair
-            agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, binary=binary,
-                                                                  n_slots=n_slots)
+            agg, words, slots, n_rows, n_extra = aggregate_padded(centroids, v, w, im, **kwargs)
         n_rows = int(n_rows)
         out_vecs.append(np.asarray(agg[:n_rows]))
         out_words.append(np.asarray(words[:n_rows]))

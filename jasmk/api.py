@@ -240,8 +240,10 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
     words = quantize_jax(index.centroids, feats.reshape(b * n, d), multiple_assignment=ma,
                          chunk_size=min(4096, b * n)).reshape(b, n, ma)
     slots = jnp.where(valid, 0, agg_mod.PAD_IMAGE).astype(jnp.int32)
+    grouping = "table" if index.n_words <= 8 * n * ma else "sort"
     agg, agg_words, _, n_rows, _ = jax.vmap(
-        lambda f, w, s: agg_mod.aggregate_padded(index.centroids, f, w, s, binary=index.binary, n_slots=1)
+        lambda f, w, s: agg_mod.aggregate_padded(index.centroids, f, w, s, binary=index.binary, n_slots=1,
+                                                 grouping=grouping)
     )(feats, words, slots)
     q_valid = jnp.arange(n * ma)[None, :] < n_rows[:, None]
     return score_mod.score_batch(index, agg, agg_words, q_valid, alpha, similarity_threshold, pair_cap=cap,

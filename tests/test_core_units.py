@@ -28,10 +28,11 @@ def test_binarize_and_pack_matches_numpy(dim):
     np.testing.assert_array_equal(np.asarray(agg_mod.binarize_and_pack(jnp.asarray(x))), numpy_pack(x))
 
 
-def test_aggregate_matches_numpy(small_data):
+@pytest.mark.parametrize("grouping", ["table", "sort"])
+def test_aggregate_matches_numpy(small_data, grouping):
     feats, ids, centroids = small_data
     words = jasmk.quantize(jasmk.Codebook.from_centroids(centroids), feats, multiple_assignment=3)
-    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False, chunk_descriptors=100)
+    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False, chunk_descriptors=100, grouping=grouping)
     rows = []
     for img in np.unique(ids):
         m = ids == img
@@ -42,7 +43,7 @@ def test_aggregate_matches_numpy(small_data):
     np.testing.assert_array_equal(agg.images, [r[0] for r in rows])
     np.testing.assert_array_equal(agg.words, [r[1] for r in rows])
     np.testing.assert_allclose(agg.vecs, np.stack([r[2] for r in rows]), atol=2e-6)
-    bagg = agg_mod.aggregate(centroids, feats, words, ids, binary=True)
+    bagg = agg_mod.aggregate(centroids, feats, words, ids, binary=True, grouping=grouping)
     np.testing.assert_array_equal(bagg.vecs, numpy_pack(np.stack([r[2] for r in rows])))
 
 
