@@ -51,8 +51,8 @@ def _pair_contributions(index: Index, q_vecs, q_words, q_valid, alpha, threshold
     of each image's sum, see :func:`score_image`).
 
     Returns:
-        ``(images [pair_cap] int32, contrib [pair_cap] float32, query_norm [] float32)``; pairs past the real
-        ones contribute 0.
+        ``(images [pair_cap] int32, contrib [pair_cap] float32, query_norm [] float32, rows [pair_cap] int32)``
+        with ``rows`` the query row of each pair; pairs past the real ones contribute 0.
     """
     q_words = jnp.where(q_valid, q_words, 0).astype(jnp.int32)
     idf_q = jnp.where(q_valid, index.idf[q_words], 0.0)
@@ -74,7 +74,7 @@ def _pair_contributions(index: Index, q_vecs, q_words, q_valid, alpha, threshold
     sim = similarity(q, index.entry_vecs[entry], binary=index.binary)
     contrib = selective_kernel(sim, alpha=alpha, threshold=threshold)
     idf = jax.lax.bitcast_convert_type(row[:, w + 1], jnp.float32)
-    return index.entry_images[entry], jnp.where(valid, contrib * idf, 0.0), jnp.sum(idf_q)
+    return index.entry_images[entry], jnp.where(valid, contrib * idf, 0.0), jnp.sum(idf_q), qi
 
 
 def _db_normalization(index: Index):
@@ -84,40 +84,44 @@ def _db_normalization(index: Index):
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap",))
-def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
-    """Scores of one query image against every image slot of the index.
+def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
+    """Dense scores of a batch of queries against every image slot of the index.
 
     Args:
         index: the inverted file.
-        q_vecs: ``[Q, W]`` aggregated query rows (same kind as ``index.entry_vecs``).
-        q_words: ``[Q] int32`` word of each query row.
-        q_valid: ``[Q] bool`` real rows (False for padding).
+        q_vecs: ``[B, Q, W]`` aggregated query rows (same kind as ``index.entry_vecs``).
+        q_words: ``[B, Q] int32`` word of each query row.
+        q_valid: ``[B, Q] bool`` real rows (False for padding).
         alpha, threshold: selective-kernel exponent and threshold (traced scalars).
-        pair_cap: static number of (query row, posting) pairs enumerated; pairs beyond it are dropped,
-            so it must be at least ``sum(index.counts[q_words[q_valid]])`` (see :func:`default_pair_cap`).
+        pair_cap: static number of (query row, posting) pairs enumerated per query; pairs beyond it are
+            dropped, so it must be at least ``sum(index.counts[q_words[q_valid]])`` (see :func:`default_pair_cap`).
 
     Returns:
-        ``[n_images] float32`` scores (internal image order).
+        ``[B, n_images] float32`` scores (internal image order).
     """
-    images, contrib, qnorm = _pair_contributions(index, q_vecs, q_words, q_valid, alpha, threshold, pair_cap)
-    scores = jnp.zeros((index.n_images,), jnp.float32).at[images].add(contrib)
-    return scores * _db_normalization(index) / jnp.sqrt(qnorm)
+    images, contrib, qnorm, rows = jax.vmap(
+        lambda v, w, m: _pair_contributions(index, v, w, m, alpha, threshold, pair_cap)
+    )(q_vecs, q_words, q_valid)
+    b, n = q_vecs.shape[0], index.n_images
+    # float32 sums over thousands of query rows: accumulate each image in up to 16 partial sums (by query
+    # row, so that equal images still get bit-equal scores), then add those
+    q = q_vecs.shape[1]
+    groups = max(1, min(16, (1 << 22) // max(b * n, 1), q))
+    n_rows = jnp.maximum(jnp.sum(q_valid, axis=1), 1)
+    part = jnp.minimum(rows * groups // n_rows[:, None], groups - 1)
+    flat = ((jnp.arange(b, dtype=jnp.int32)[:, None] * groups + part) * n + images).reshape(-1)
+    scores = jnp.zeros((b * groups * n,), jnp.float32).at[flat].add(contrib.reshape(-1))
+    scores = scores.reshape(b, groups, n).sum(axis=1)
+    return scores * _db_normalization(index)[None, :] / jnp.sqrt(qnorm)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap",))
-def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
-    """Dense scores of a batch of queries: ``[B, n_images] float32``.
+def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, pair_cap: int):
+    """Scores of one query image (``q_vecs [Q, W]``, ``q_words [Q]``, ``q_valid [Q]``): ``[n_images] float32``.
 
-    Args:
-        q_vecs: ``[B, Q, W]``; q_words: ``[B, Q] int32``; q_valid: ``[B, Q] bool``; as in :func:`score_image`.
+    See :func:`score_dense`.
     """
-    images, contrib, qnorm = jax.vmap(
-        lambda v, w, m: _pair_contributions(index, v, w, m, alpha, threshold, pair_cap)
-    )(q_vecs, q_words, q_valid)
-    b = q_vecs.shape[0]
-    flat = (images + (jnp.arange(b, dtype=jnp.int32) * index.n_images)[:, None]).reshape(-1)
-    scores = jnp.zeros((b * index.n_images,), jnp.float32).at[flat].add(contrib.reshape(-1))
-    return scores.reshape(b, index.n_images) * _db_normalization(index)[None, :] / jnp.sqrt(qnorm)[:, None]
+    return score_dense(index, q_vecs[None], q_words[None], q_valid[None], alpha, threshold, pair_cap=pair_cap)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("pair_cap", "topk"))
