@@ -1,6 +1,6 @@
 """MASt3R-SfM image pairs from a retrieval score matrix: the ``retrieval-Na-k`` scene graph.
 
-``Na`` key images are picked by farthest point sampling on ``1 - S`` (the first one at random, seeded); the key
+``Na`` distinct key images are picked by farthest point sampling on ``1 - S`` (the first one at random, seeded); the key
 images form a complete graph; every other image is joined to its nearest key image; and every image is joined
 to its ``k`` nearest images (itself excluded). Pairs are undirected ``(i, j)`` with ``i < j``, sorted.
 """
@@ -41,14 +41,16 @@ def _check_matrix(scores) -> np.ndarray:
 
 
 def farthest_point_sampling(dist: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
-    """Indices of ``n`` points picked greedily farthest from those already picked (first one at random)."""
+    """Indices of ``n`` distinct points, each the farthest from those already picked (first one at random)."""
     rng = np.random.default_rng(seed)
     picked = [int(rng.integers(dist.shape[0]))]
     nearest = dist[picked[0]].copy()
+    nearest[picked[0]] = -np.inf
     for _ in range(1, n):
         nxt = int(np.argmax(nearest))
         picked.append(nxt)
         nearest = np.minimum(nearest, dist[nxt])
+        nearest[picked] = -np.inf
     return np.asarray(picked)
 
 

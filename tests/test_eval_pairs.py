@@ -69,7 +69,9 @@ def oracle_pairs(s, na, k, first):
     d = 1 - s
     keys = [first] if na else []
     while len(keys) < na:
-        keys.append(int(np.argmax(d[keys].min(axis=0))))
+        far = d[keys].min(axis=0)
+        far[keys] = -np.inf
+        keys.append(int(np.argmax(far)))
     edges = {(min(a, b), max(a, b)) for a in keys for b in keys if a != b}
     for i in range(n):
         if keys and i not in keys:
