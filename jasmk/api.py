@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import typing
 
 import jax
@@ -38,6 +39,13 @@ class QueryResult(typing.NamedTuple):
     ids: np.ndarray
     ranks: np.ndarray
     scores: np.ndarray
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm progress bar on stderr (a no-op when disabled)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False)
 
 
 def _as_codebook(codebook) -> Codebook:
@@ -163,7 +171,7 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk)
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss",
-          word_ids=None) -> QueryResult:
+          word_ids=None, progress: bool = False) -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -174,6 +182,7 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
         alpha, similarity_threshold: selective kernel ``u**alpha`` for ``u >= threshold``.
         topk: number of results per query (None: all database image slots).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
+        progress: show a progress bar on stderr.
 
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
@@ -183,20 +192,20 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids)
     ids, ranks, scores = [], [], []
-    n_done, n_total = 0, int(np.unique(agg.images).size)
-    for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
-        r, s = score_mod.score_batch(index, vecs, words, valid, jnp.float32(alpha), jnp.float32(thr),
-                                     pair_cap=pair_cap, topk=topk)
-        ids.append(imgs)
-        ranks.append(np.asarray(r, np.int64))
-        scores.append(np.asarray(s))
-        n_done += len(imgs)
-        log.debug("queried %d/%d images", n_done, n_total)
+    with _progress(int(np.unique(agg.images).size), "query", progress) as bar:
+        for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
+            r, s = score_mod.score_batch(index, vecs, words, valid, jnp.float32(alpha), jnp.float32(thr),
+                                         pair_cap=pair_cap, topk=topk)
+            ids.append(imgs)
+            ranks.append(np.asarray(r, np.int64))
+            scores.append(np.asarray(s))
+            bar.update(len(imgs))
     return QueryResult(np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores))
 
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
-                 similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None) -> np.ndarray:
+                 similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None,
+                 progress: bool = False) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending); column ``j`` is the database image with
@@ -208,9 +217,11 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids)
     rows = []
-    for _, vecs, words, valid, pair_cap in _query_batches(index, agg):
-        rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),
-                                                     jnp.float32(thr), pair_cap=pair_cap)))
+    with _progress(int(np.unique(agg.images).size), "score matrix", progress) as bar:
+        for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
+            rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),
+                                                         jnp.float32(thr), pair_cap=pair_cap)))
+            bar.update(len(imgs))
     return np.concatenate(rows)
 
 
