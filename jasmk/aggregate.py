@@ -102,7 +102,7 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     output rows, so rows come out sorted by image then word. ``grouping="table"`` finds them with a dense
     ``[n_slots * K]`` table (cheap when the table is not much larger than the pairs), ``"sort"`` by sorting
     the pairs. Each row gathers its first descriptor; the other members (few: bursts of one word in one
-    image) are scatter-added from a compacted list of at most ``extra_cap`` pairs.
+    image) are scatter-added, in descriptor order, from a compacted list of at most ``extra_cap`` pairs.
 
     Args:
         centroids: ``[K, D] float32``.
@@ -130,13 +130,15 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     is_extra = valid & (first[jnp.minimum(seg, m - 1)] != pair)
     n_extra = jnp.sum(is_extra.astype(jnp.int32))
     extra = jnp.nonzero(is_extra, size=extra_cap, fill_value=m)[0]
-    sums = vecs[jnp.minimum(first, m - 1) // ma]
-    sums = sums.at[jnp.where(extra < m, seg[jnp.minimum(extra, m - 1)], m)].add(
-        vecs[jnp.minimum(extra, m - 1) // ma], mode="drop")
-    counts = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), seg, num_segments=m)
     out_words = jnp.where(row_cells < n_cells, row_cells % k, 0)
     out_slots = jnp.where(row_cells < n_cells, row_cells // k, PAD_IMAGE)
-    agg = jnp.where((counts > 0)[:, None], sums - counts[:, None] * centroids[out_words], 0.0)
+    # residuals summed member by member in descriptor order, (x0 - c) + (x1 - c) + ..., as asmk sums them
+    flat_words = jnp.clip(word_ids.reshape(m), 0, k - 1)
+    safe_extra = jnp.minimum(extra, m - 1)
+    agg = vecs[jnp.minimum(first, m - 1) // ma] - centroids[out_words]
+    agg = agg.at[jnp.where(extra < m, seg[safe_extra], m)].add(
+        vecs[safe_extra // ma] - centroids[flat_words[safe_extra]], mode="drop")
+    agg = jnp.where((row_cells < n_cells)[:, None], agg, 0.0)
     out = binarize_and_pack(agg) if binary else normalize_l2(agg)
     return out, out_words, out_slots, n_rows, n_extra
 

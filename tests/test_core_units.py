@@ -276,3 +276,30 @@ def test_scores_close_to_float64_oracle_with_many_query_rows():
     ref = ref / np.sqrt(norm) / np.sqrt(idf[q.words].sum())
     assert len(q.words) > 1000
     np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+
+
+def test_aggregation_is_bit_exact_with_asmk_kernel():
+    """Residual sums in asmk's order: the packed ASMK* bits equal asmk's exactly, also for bursty words and MA 5."""
+    from asmk import kernel as kern_pkg
+
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((3000, 64)).astype(np.float32)
+    ids = np.repeat(np.arange(30), 100)
+    cent = feats[rng.choice(3000, 128, replace=False)] + 0.01
+    cb = jasmk.Codebook.from_centroids(cent)
+    for ma in (1, 5):
+        words = jasmk.quantize(cb, feats, multiple_assignment=ma)
+
+        class _Cdb:
+            centroids = cent
+
+        for binary in (True, False):
+            ref_vecs, ref_words, ref_imgs = kern_pkg.ASMKKernel(_Cdb, binary=binary).aggregate(feats, words, ids)
+            for grouping in ("table", "sort"):
+                agg = agg_mod.aggregate(cent, feats, words, ids, binary=binary, grouping=grouping)
+                np.testing.assert_array_equal(agg.words, ref_words)
+                np.testing.assert_array_equal(agg.images, ref_imgs)
+                if binary:
+                    np.testing.assert_array_equal(agg.vecs, ref_vecs)
+                else:
+                    np.testing.assert_allclose(agg.vecs, ref_vecs, rtol=1e-6, atol=1e-7)
