@@ -72,7 +72,7 @@ def mean_average_precision(ranks, positive, junk, *, kappas=(1, 5, 10)):
 
     Returns:
         ``(map, aps [n_query] (nan for queries without positives), mpk [len(kappas)], prs [n_query, len(kappas)])``,
-        fractions in [0, 1].
+        fractions in [0, 1]; ``map`` is NaN when no query has a positive.
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[0] != positive.shape[0]:
@@ -84,8 +84,8 @@ def mean_average_precision(ranks, positive, junk, *, kappas=(1, 5, 10)):
     ap, prs, has = np.asarray(ap, np.float64), np.asarray(prs, np.float64), np.asarray(has)
     ap[~has] = np.nan
     prs[~has] = np.nan
-    if not has.any():
-        raise ValueError("no query has a positive image")
+    if not has.any():  # nothing to average: NaN, as revisitop's mean over zero queries
+        return float("nan"), ap, np.full(prs.shape[1], np.nan), prs
     return float(np.nanmean(ap)), ap, np.nanmean(prs, axis=0), prs
 
 
