@@ -254,13 +254,10 @@ class IvfBuilder:
         vecs = validate.descriptors(columns[0], dim=self.codebook.dim)
         ma = validate.multiple_assignment(self.multiple_assignment, self.codebook.size)
         ma_q = self.prefetch_multiple_assignment
-        if isinstance(ma_q, int) and ma < ma_q <= self.codebook.size:
-            # quantize once with the query's MA; the nearest `ma` words are its first columns
-            words = quantize(self.codebook, vecs, multiple_assignment=ma_q)
-            self.word_cache = (_fingerprint(columns[0]), words)
-        else:
-            words = quantize(self.codebook, vecs, multiple_assignment=ma)
-            self.word_cache = (_fingerprint(columns[0]), words)
+        # quantize once with the query's MA when larger: the nearest `ma` words are its first columns
+        wide = isinstance(ma_q, int) and ma < ma_q <= self.codebook.size
+        words = quantize(self.codebook, vecs, multiple_assignment=ma_q if wide else ma)
+        self.word_cache = (_fingerprint(columns[0]), words)
         self.ivf = api.add_images(self.ivf, vecs, columns[1], multiple_assignment=ma, word_ids=words[:, :ma])
         self.metadata["index_time"] += time.time() - time0
 
