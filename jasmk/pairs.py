@@ -1,117 +1,216 @@
 """MASt3R-SfM image pairs from a retrieval score matrix: the ``retrieval-Na-k`` scene graph.
 
-``Na`` distinct key images are picked by farthest point sampling on ``1 - S`` (the first one at random, seeded); the key
-images form a complete graph; every other image is joined to its nearest key image; and every image is joined
-to its ``k`` nearest images (itself excluded). Pairs are undirected ``(i, j)`` with ``i < j``, sorted.
+Given a square similarity matrix ``S`` (``S[q, d]``: query image ``q`` against database image ``d``, the same image
+set on both sides, e.g. :func:`jasmk.score_matrix` of a collection against its own index; raw ASMK scores,
+not normalized, and not necessarily symmetric), MASt3R-SfM works on the distance ``D = 1 - S`` and
+
+1. picks ``Na`` key images by farthest point sampling: the first at random, then repeatedly the image whose
+   smallest distance ``D[key, image]`` to the keys so far is the largest;
+2. joins the key images in a complete graph;
+3. joins every other image ``i`` to its nearest key image (``argmin D[i, keys]``);
+4. joins every image ``i`` to the images among the first ``k`` of ``argsort(D[i])``. That list includes ``i``
+   itself, which gives no pair, so when ``S[i, i]`` tops its row (as a self-match does) ``i`` gets ``k - 1``
+   neighbours. ``knn_excludes_self=True`` leaves ``i`` out of the list and gives it ``k`` neighbours.
+
+Pairs are undirected and de-duplicated: ``(i, j)`` with ``i < j``, sorted (``symmetrize=True`` adds ``(j, i)``
+as MASt3R's ``make_pairs`` does before matching).
+
+Differences from MASt3R's numpy code, all in degenerate cases: key images are always distinct (MASt3R could pick
+an image twice when several rows are identical), and ties in step 4 are broken by the lower index (a stable
+sort). The first key image is ``np.random.RandomState(seed).choice(n)``, the same draw MASt3R makes after
+``np.random.seed(seed)``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
+_SPEC = re.compile(r"^retrieval-(\d+)-(\d+)$")
+
 
 def parse_scene_graph(spec: str) -> tuple[int, int]:
-    """``"retrieval-20-10"`` -> ``(20, 10)``."""
-    parts = str(spec).split("-")
-    if len(parts) != 3 or parts[0] != "retrieval":
-        raise ValueError(f"scene graph must look like 'retrieval-Na-k', got {spec!r}")
-    try:
-        na, k = int(parts[1]), int(parts[2])
-    except ValueError:
-        raise ValueError(f"scene graph must look like 'retrieval-Na-k' with integers, got {spec!r}") from None
-    if na < 0 or k < 0:
-        raise ValueError(f"Na and k must be >= 0, got {spec!r}")
-    return na, k
+    """``"retrieval-20-10"`` -> ``(Na, k) = (20, 10)``; ValueError for anything else."""
+    m = _SPEC.match(str(spec).strip())
+    if m is None:
+        raise ValueError(f"scene graph must look like 'retrieval-Na-k' with integers Na, k >= 0, got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _check_matrix(scores) -> np.ndarray:
-    s = np.asarray(scores, np.float64)
+    s = np.asarray(scores)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"the score matrix must be square [n, n], got shape {s.shape}")
-    if s.shape[0] < 2:
-        raise ValueError("need at least 2 images to make pairs")
+    if s.shape[0] == 0:
+        raise ValueError("the score matrix is empty")
+    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        raise ValueError(f"the score matrix must be numeric, got dtype {s.dtype}")
+    s = s.astype(np.float64)
     if not np.isfinite(s).all():
         raise ValueError("the score matrix contains NaN or inf")
     return s
 
 
-def farthest_point_sampling(dist: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
-    """Indices of ``n`` distinct points, each the farthest from those already picked (first one at random)."""
-    rng = np.random.default_rng(seed)
-    picked = [int(rng.integers(dist.shape[0]))]
-    nearest = dist[picked[0]].copy()
-    nearest[picked[0]] = -np.inf
-    for _ in range(1, n):
-        nxt = int(np.argmax(nearest))
-        picked.append(nxt)
-        nearest = np.minimum(nearest, dist[nxt])
-        nearest[picked] = -np.inf
-    return np.asarray(picked)
+def _check_count(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {x!r}")
+    return int(x)
 
 
-def retrieval_pairs(scores, *, na: int, k: int, seed: int = 0):
-    """Pairs of the ``retrieval-Na-k`` scene graph.
+def farthest_point_sampling(dist, n: int, *, seed: int = 0) -> np.ndarray:
+    """``[n] int64`` distinct indices: a random first one, then each the farthest from those picked.
 
     Args:
-        scores: ``[n, n]`` similarity matrix (e.g. :func:`jasmk.score_matrix` of a set against itself).
-        na: number of key images (``0``: none), at most ``n``.
-        k: nearest neighbours joined to each image.
+        dist: ``[N, N]`` distances; ``dist[a, b]`` is from picked image ``a`` to candidate ``b``.
+        n: how many to pick, ``0 <= n <= N``.
+        seed: the first index is ``np.random.RandomState(seed).choice(N)``.
+    """
+    d = np.asarray(dist, np.float64)
+    size = d.shape[0]
+    if not 0 <= n <= size:
+        raise ValueError(f"cannot pick {n} of {size} points")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    picked = np.empty(n, np.int64)
+    picked[0] = np.random.RandomState(seed).choice(size)
+    nearest = d[picked[0]].copy()  # distance of each candidate to its closest pick so far
+    nearest[picked[0]] = -np.inf
+    for t in range(1, n):
+        picked[t] = np.argmax(nearest)
+        nearest = np.minimum(nearest, d[picked[t]])
+        nearest[picked[: t + 1]] = -np.inf
+    return picked
+
+
+def _canonical(edges: np.ndarray) -> np.ndarray:
+    """``[E, 2]`` -> unique ``[P, 2]`` with ``i < j`` (self edges dropped), sorted."""
+    e = np.sort(np.asarray(edges, np.int64).reshape(-1, 2), axis=1)
+    e = e[e[:, 0] != e[:, 1]]
+    return np.unique(e, axis=0) if len(e) else np.zeros((0, 2), np.int64)
+
+
+def retrieval_pairs(scores, *, na: int, k: int, seed: int = 0, knn_excludes_self: bool = False,
+                    symmetrize: bool = False):
+    """Pairs of the ``retrieval-Na-k`` scene graph (see the module docstring).
+
+    Args:
+        scores: ``[n, n]`` similarities, row = query image, column = database image.
+        na: number of key images, ``0 <= na <= n`` (0: no key images).
+        k: length of each image's nearest-neighbour list (clipped to ``n``).
         seed: picks the first key image.
+        knn_excludes_self: leave an image out of its own neighbour list (``k`` neighbours rather than MASt3R's
+            ``k`` entries including itself).
+        symmetrize: also return ``(j, i)`` for every pair.
 
     Returns:
-        ``(pairs [P, 2] int64 with i < j, key_images [na] int64)``.
+        ``(pairs [P, 2] int64, key_images [na] int64)``; pairs are ``i < j`` and sorted, or, when symmetrized,
+        those followed by the same pairs reversed.
     """
     s = _check_matrix(scores)
+    na, k = _check_count(na, "Na"), _check_count(k, "k")
     n = s.shape[0]
     if na > n:
         raise ValueError(f"Na={na} key images asked for, but there are only {n} images")
     dist = 1.0 - s
-    pairs = set()
-    keys = np.zeros(0, np.int64)
+    keys = farthest_point_sampling(dist, na, seed=seed)
+    parts = []
     if na > 0:
-        keys = farthest_point_sampling(dist, na, seed=seed)
-        for a in range(len(keys)):
-            for b in range(a + 1, len(keys)):
-                pairs.add((min(keys[a], keys[b]), max(keys[a], keys[b])))
-        key_set = set(keys.tolist())
-        nearest_key = keys[np.argmin(dist[:, keys], axis=1)]
-        for i in range(n):
-            if i not in key_set and i != nearest_key[i]:
-                pairs.add((min(i, nearest_key[i]), max(i, nearest_key[i])))
+        a, b = np.triu_indices(na, 1)
+        parts.append(np.stack([keys[a], keys[b]], axis=1))  # complete graph on the keys
+        nearest_key = keys[np.argmin(dist[:, keys], axis=1)]  # first key (FPS order) on ties
+        others = np.setdiff1d(np.arange(n), keys)
+        parts.append(np.stack([others, nearest_key[others]], axis=1))
     if k > 0:
-        order = np.argsort(dist, axis=1, kind="stable")
-        for i in range(n):
-            for j in order[i][order[i] != i][:k]:
-                pairs.add((min(i, j), max(i, j)))
-    out = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
-    log.info("retrieval-%d-%d: %d pairs over %d images", na, k, len(out), n)
-    return out, keys.astype(np.int64)
+        d = dist.copy()
+        if knn_excludes_self:
+            np.fill_diagonal(d, np.inf)
+        kk = min(k, n - 1 if knn_excludes_self else n)
+        nn = np.argsort(d, axis=1, kind="stable")[:, :kk]
+        parts.append(np.stack([np.repeat(np.arange(n), kk), nn.reshape(-1)], axis=1))
+    pairs = _canonical(np.concatenate(parts) if parts else np.zeros((0, 2), np.int64))
+    log.info("retrieval-%d-%d: %d pairs over %d images", na, k, len(pairs), n)
+    if symmetrize:
+        pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    return pairs, keys
+
+
+def scene_graph_pairs(scores, scene_graph: str = "retrieval-20-10", *, seed: int = 0, **kwargs):
+    """:func:`retrieval_pairs` from a scene-graph string such as ``"retrieval-20-10"``.
+
+    As MASt3R's demo, ``Na`` larger than the image count is an error; pass ``min(Na, n)`` yourself to clip it.
+    """
+    na, k = parse_scene_graph(scene_graph)
+    return retrieval_pairs(scores, na=na, k=k, seed=seed, **kwargs)
+
+
+def _check_names(names, pairs):
+    names = [str(x) for x in names]
+    if pairs.size and len(names) <= pairs.max():
+        raise ValueError(f"{len(names)} names given but the pairs refer to image {pairs.max()}")
+    bad = [x for x in names if not x or any(c.isspace() for c in x)]
+    if bad:
+        raise ValueError(f"image names must be non-empty and without whitespace for a pairs file, got {bad[0]!r}")
+    return names
 
 
 def save_pairs(path, pairs, *, names=None) -> None:
-    """Write pairs: ``.npy`` as a ``[P, 2]`` int array, otherwise text with one ``"i j"`` (or ``"name_i name_j"``) per line.
+    """Write pairs: ``*.npy`` as a ``[P, 2] int64`` array, any other name as text, one ``"i j"`` per line,
+    or ``"name_i name_j"`` when ``names`` (one per image) are given.
 
-    The file is written to a temporary name and renamed, so a reader never sees half a file.
+    The file is written under a temporary name and renamed, so a reader never sees half a file.
     """
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    pairs = np.asarray(pairs)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or (pairs.size and not np.issubdtype(pairs.dtype, np.integer)):
+        raise ValueError(f"pairs must be a [P, 2] int array, got shape {pairs.shape} dtype {pairs.dtype}")
+    pairs = pairs.astype(np.int64)
+    if pairs.size and pairs.min() < 0:
+        raise ValueError("pairs hold negative image indices")
     path = os.fspath(path)
+    is_npy = path.endswith(".npy")
+    if is_npy and names is not None:
+        raise ValueError("names are written to text pair files only; save the .npy without names")
+    if names is not None:
+        names = _check_names(names, pairs)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        if path.endswith(".npy"):
+        if is_npy:
             with open(tmp, "wb") as handle:
                 np.save(handle, pairs)
         else:
-            if names is not None and (len(names) <= pairs.max(initial=-1)):
-                raise ValueError(f"{len(names)} names given but pairs refer to image {pairs.max()}")
             with open(tmp, "w") as handle:
-                for i, j in pairs:
+                for i, j in pairs.tolist():
                     handle.write(f"{names[i]} {names[j]}\n" if names is not None else f"{i} {j}\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    log.info("%d pairs written to %s", len(pairs), path)
+
+
+def load_pairs(path, *, names=None) -> np.ndarray:
+    """Read pairs written by :func:`save_pairs` as ``[P, 2] int64``; name pairs need the same ``names``."""
+    path = os.fspath(path)
+    if path.endswith(".npy"):
+        out = np.load(path, allow_pickle=False)
+        if out.ndim != 2 or out.shape[1] != 2:
+            raise ValueError(f"{path} does not hold a [P, 2] array")
+        return out.astype(np.int64)
+    lookup = {str(x): i for i, x in enumerate(names)} if names is not None else None
+    rows = []
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{line_no}: expected two fields, got {line.strip()!r}")
+            try:
+                rows.append([lookup[p] for p in parts] if lookup is not None else [int(p) for p in parts])
+            except (KeyError, ValueError):
+                raise ValueError(f"{path}:{line_no}: unknown image {line.strip()!r}") from None
+    return np.asarray(rows, np.int64).reshape(-1, 2)
