@@ -23,8 +23,9 @@ from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: 
 
 log = logging.getLogger(__name__)
 
-# Pairs x vector-width elements gathered per jitted batch (bounds memory: 2**24 * 4 B = 64 MiB).
-_BATCH_ELEMENTS = 1 << 24
+# Bytes of the per-batch query word table (see jasmk.score): bounds the query batch size.
+_TABLE_BYTES = 64 * 2**20
+_MAX_BATCH = 64
 
 
 class QueryResult(typing.NamedTuple):
@@ -57,12 +58,13 @@ def _as_codebook(codebook) -> Codebook:
 
 
 def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss",
-                     word_ids=None):
+                     word_ids=None, sort: bool = True):
     """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
 
     Args:
         word_ids: optional precomputed ``[N, MA] int`` assignments (e.g. from :func:`jasmk.quantize`); when
             given, quantization is skipped and ``multiple_assignment`` must equal ``MA``.
+        sort: sort each image's rows by word (asmk's order); the index and the scorer do not need it.
 
     Returns:
         :class:`~jasmk.aggregate.Aggregated` rows sorted by (image, word).
@@ -74,7 +76,7 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
         words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
     else:
         words = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
-    return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary)
+    return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary, sort=sort)
 
 
 def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = False,
@@ -115,7 +117,7 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
     """Return ``index`` with more images added (their ids must be larger than those already there)."""
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), feats, ids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids)
+                           word_ids=word_ids, sort=False)
     return ivf_mod.add(index, agg)
 
 
@@ -127,36 +129,60 @@ def _bucket(n: int, minimum: int = 64) -> int:
     return -(-n // step) * step
 
 
+def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
+    """Query images scored together: the largest power of two <= 64 whose word table
+    (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB, and no more than the queries there are."""
+    b = 1
+    while b * 2 <= min(_MAX_BATCH, max(n_queries, 1)):
+        nb = b * 2
+        if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > _TABLE_BYTES:
+            break
+        b = nb
+    if b < n_queries:
+        return b
+    return 1 << max(0, (int(n_queries) - 1).bit_length())  # one batch: round up to a power of two
+
+
 def _query_batches(index: ivf_mod.Index, agg: agg_mod.Aggregated):
-    """Yield padded batches ``(image ids, vecs [B, Q, W], words [B, Q], valid [B, Q], pair_cap)``."""
-    counts = np.asarray(index.counts)
+    """Yield ``(image ids [b'], vecs [R, W], words [R], slots [R], B)`` batches of flat query rows.
+
+    ``agg`` rows are grouped by image; each batch holds up to ``B`` images (slot = position in the batch,
+    ``B`` on padding rows) and ``R`` is rounded up on a short ladder so that compilations repeat."""
     bounds = np.flatnonzero(np.diff(agg.images)) + 1
-    starts = np.concatenate([[0], bounds])
-    stops = np.concatenate([bounds, [agg.images.shape[0]]])
-    pairs = np.add.reduceat(counts[agg.words], starts) if starts.size else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    stops = np.concatenate([bounds, [agg.images.shape[0]]]).astype(np.int64)
+    n_q = starts.size
+    b = batch_size(index, n_q, int((stops - starts).max()))
+    slot_of_row = np.repeat(np.arange(n_q), stops - starts)
     width = agg.vecs.shape[1]
-    i = 0
-    while i < starts.size:
-        # grow the batch while the padded pair gather stays within the element budget
-        j = i + 1
-        while j < starts.size and j - i < 256:
-            cap = _bucket(int(pairs[i:j + 1].max()))
-            if (j + 1 - i) * cap * width > _BATCH_ELEMENTS:
-                break
-            j += 1
-        rows = stops[i:j] - starts[i:j]
-        qcap = _bucket(int(rows.max()))
-        pair_cap = _bucket(int(pairs[i:j].max()))
-        b = j - i
-        vecs = np.zeros((b, qcap, width), agg.vecs.dtype)
-        words = np.zeros((b, qcap), np.int32)
-        valid = np.zeros((b, qcap), bool)
-        for t, (s, e) in enumerate(zip(starts[i:j], stops[i:j])):
-            vecs[t, : e - s] = agg.vecs[s:e]
-            words[t, : e - s] = agg.words[s:e]
-            valid[t, : e - s] = True
-        yield agg.images[starts[i:j]], vecs, words, valid, pair_cap
-        i = j
+    for i in range(0, n_q, b):
+        j = min(i + b, n_q)
+        s, e = starts[i], stops[j - 1]
+        r = int(e - s)
+        cap = _bucket(r)
+        vecs = np.zeros((cap, width), agg.vecs.dtype)
+        vecs[:r] = agg.vecs[s:e]
+        words = np.zeros(cap, np.int32)
+        words[:r] = agg.words[s:e]
+        slots = np.full(cap, b, np.int32)
+        slots[:r] = slot_of_row[s:e] - i
+        yield agg.images[starts[i:j]], vecs, words, slots, b
+
+
+def _run_batches(index, agg, fn, convert, progress: bool, desc: str):
+    """Dispatch ``fn`` on each query batch, converting each result while the next one runs."""
+    out, pending = [], None
+    with _progress(int(np.unique(agg.images).size), desc, progress) as bar:
+        for imgs, vecs, words, slots, b in _query_batches(index, agg):
+            res = fn(vecs, words, slots, b)
+            if pending is not None:
+                out.append(convert(*pending))
+                bar.update(len(pending[0]))
+            pending = (imgs, res)
+        if pending is not None:
+            out.append(convert(*pending))
+            bar.update(len(pending[0]))
+    return out
 
 
 def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk):
@@ -190,16 +216,18 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids)
-    ids, ranks, scores = [], [], []
-    with _progress(int(np.unique(agg.images).size), "query", progress) as bar:
-        for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
-            r, s = score_mod.score_batch(index, vecs, words, valid, jnp.float32(alpha), jnp.float32(thr),
-                                         pair_cap=pair_cap, topk=topk)
-            ids.append(imgs)
-            ranks.append(np.asarray(r, np.int64))
-            scores.append(np.asarray(s))
-            bar.update(len(imgs))
+                           word_ids=word_ids, sort=False)
+
+    def fn(vecs, words, slots, b):
+        return score_mod.score_rows_ranked(index, vecs, words, slots, jnp.float32(alpha), jnp.float32(thr),
+                                           n_queries=b, topk=topk)
+
+    def convert(imgs, res):
+        r, s = res
+        return imgs, np.asarray(r, np.int64)[: len(imgs)], np.asarray(s)[: len(imgs)]
+
+    parts = _run_batches(index, agg, fn, convert, progress, "query")
+    ids, ranks, scores = zip(*parts)
     return QueryResult(np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores))
 
 
@@ -215,20 +243,19 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, None)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids)
-    rows = []
-    with _progress(int(np.unique(agg.images).size), "score matrix", progress) as bar:
-        for imgs, vecs, words, valid, pair_cap in _query_batches(index, agg):
-            rows.append(np.asarray(score_mod.score_dense(index, vecs, words, valid, jnp.float32(alpha),
-                                                         jnp.float32(thr), pair_cap=pair_cap)))
-            bar.update(len(imgs))
+                           word_ids=word_ids, sort=False)
+
+    def fn(vecs, words, slots, b):
+        return score_mod.score_rows(index, vecs, words, slots, jnp.float32(alpha), jnp.float32(thr), n_queries=b)
+
+    rows = _run_batches(index, agg, fn, lambda imgs, res: np.asarray(res)[: len(imgs)], progress, "score matrix")
     return np.concatenate(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "pair_cap"))
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk"))
 def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
-                 similarity_threshold=0.0, topk: int | None = None, pair_cap: int | None = None):
-    """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable, differentiable-free).
+                 similarity_threshold=0.0, topk: int | None = None):
+    """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable).
 
     Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit.
 
@@ -239,23 +266,16 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
         multiple_assignment: words per query descriptor (static).
         alpha, similarity_threshold: selective kernel (traced).
         topk: results per query (static; None: all image slots).
-        pair_cap: static bound on (query row, posting) pairs per image; default ``N * MA * index.max_count``
-            (always enough, memory grows with it).
 
     Returns:
         ``(ranks [B, k] int32, scores [B, k] float32)`` as in :func:`~jasmk.score.score_batch`.
     """
     b, n, d = feats.shape
     ma = multiple_assignment
-    cap = score_mod.default_pair_cap(index, n * ma) if pair_cap is None else pair_cap
-    words = quantize_jax(index.centroids, feats.reshape(b * n, d), multiple_assignment=ma,
-                         chunk_size=min(4096, b * n)).reshape(b, n, ma)
-    slots = jnp.where(valid, 0, agg_mod.PAD_IMAGE).astype(jnp.int32)
-    grouping = "table" if index.n_words <= 8 * n * ma else "sort"
-    agg, agg_words, _, n_rows, _ = jax.vmap(
-        lambda f, w, s: agg_mod.aggregate_padded(index.centroids, f, w, s, binary=index.binary, n_slots=1,
-                                                 grouping=grouping)
-    )(feats, words, slots)
-    q_valid = jnp.arange(n * ma)[None, :] < n_rows[:, None]
-    return score_mod.score_batch(index, agg, agg_words, q_valid, alpha, similarity_threshold, pair_cap=cap,
-                                 topk=topk)
+    flat = feats.reshape(b * n, d)
+    words = quantize_jax(index.centroids, flat, multiple_assignment=ma, chunk_size=min(4096, b * n))
+    slots = jnp.where(valid, jnp.arange(b, dtype=jnp.int32)[:, None], agg_mod.PAD_IMAGE).reshape(b * n)
+    agg, agg_words, agg_slots, _ = agg_mod.aggregate_padded(index.centroids, flat, words, slots,
+                                                            binary=index.binary, n_slots=b)
+    return score_mod.score_rows_ranked(index, agg, agg_words, agg_slots, alpha, similarity_threshold, n_queries=b,
+                                       topk=topk)

@@ -163,8 +163,10 @@ def _check_index(index: ivf_mod.Index, where: str) -> None:
         problems.append("per-word arrays do not match the codebook size")
     if index.norm_factor.shape != (index.n_images,):
         problems.append(f"norm_factor has shape {index.norm_factor.shape}, expected ({index.n_images},)")
-    if index.entry_vecs.shape[0] < e or index.entry_images.shape[0] < e or index.entry_words.shape[0] < e:
-        problems.append("entry arrays are shorter than n_entries")
+    e_pad = index.entry_vecs.shape[0]
+    if e_pad < e or e_pad % ivf_mod.ENTRY_BLOCK or index.entry_images.shape != (e_pad,) \
+            or index.entry_words.shape != (e_pad,):
+        problems.append(f"entry arrays must hold n_entries={e} rows padded to a multiple of {ivf_mod.ENTRY_BLOCK}")
     width = -(-d // 32) if index.binary else d
     if index.entry_vecs.ndim != 2 or index.entry_vecs.shape[1] != width:
         problems.append(f"entry vectors have shape {index.entry_vecs.shape}, expected width {width}")
@@ -220,23 +222,11 @@ def load_asmk_ivf(path_or_state, codebook: Codebook) -> ivf_mod.Index:
         raise ValueError(f"asmk IVF vectors have width {vecs.shape[1]}, the codebook implies {width}")
     images = np.concatenate(images).astype(np.int32)
     words = np.concatenate(words)
-    n_images = int(st["n_images"])
-    max_count = int(counts.max())
-    pad = max(max_count, 1)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    index = ivf_mod.Index(
-        centroids=jnp.asarray(codebook.centroids),
-        entry_vecs=jnp.asarray(np.concatenate([vecs, np.zeros((pad, width), vecs.dtype)])),
-        entry_words=jnp.asarray(np.concatenate([words, np.zeros(pad, np.int32)])),
-        entry_images=jnp.asarray(np.concatenate([images, np.zeros(pad, np.int32)])),
-        word_offsets=jnp.asarray(offsets),
-        counts=jnp.asarray(counts.astype(np.int32)),
-        idf=jnp.asarray(np.asarray(st["idf"], np.float32)),
-        norm_factor=jnp.asarray(np.asarray(st["norm_factor"], np.float32)),
-        n_images=n_images, n_entries=int(counts.sum()), max_count=max_count,
+    index = ivf_mod.from_postings(
+        codebook.centroids, vecs, words, images, idf=np.asarray(st["idf"], np.float32),
+        norm_factor=np.asarray(st["norm_factor"], np.float32), n_images=int(st["n_images"]),
         imid_offset=int(st.get("imid_offset", 0)), binary=bool(binary),
-        use_idf=bool(state.get("params", {}).get("use_idf", False)), dim=d,
-        codebook_size_param=codebook.size_param,
+        use_idf=bool(state.get("params", {}).get("use_idf", False)), codebook_size_param=codebook.size_param,
     )
     _check_index(index, "the asmk IVF")
     return index
@@ -246,8 +236,8 @@ def export_asmk_ivf(index: ivf_mod.Index) -> dict:
     """asmk 0.1.1's IVF state dict for ``index`` (``asmk.inverted_file.IVF.initialize_from_state`` reads it)."""
     counts = np.asarray(index.counts)
     offsets = np.asarray(index.word_offsets)
-    vecs = np.asarray(index.entry_vecs)
-    images = np.asarray(index.entry_images).astype(np.int64)
+    vecs, words, images = ivf_mod.entries(index)
+    images = images.astype(np.int64)
     ivf_vecs, ivf_ids = [], []
     for w in range(index.n_words):
         if counts[w] == 0:
@@ -257,7 +247,7 @@ def export_asmk_ivf(index: ivf_mod.Index) -> dict:
             ivf_vecs.append(vecs[offsets[w]: offsets[w] + counts[w]].copy())
             ivf_ids.append(images[offsets[w]: offsets[w] + counts[w]].copy())
     norm = np.zeros(index.n_images)
-    np.add.at(norm, images[: index.n_entries], np.asarray(index.idf, np.float64)[np.asarray(index.entry_words)[: index.n_entries]])
+    np.add.at(norm, images, np.asarray(index.idf, np.float64)[words])
     return {
         "type": "IVF",
         "params": {"use_idf": index.use_idf},

@@ -1,13 +1,16 @@
 """Inverted file: per-word posting lists of aggregated residuals, as a registered PyTree.
 
 Postings are stored word-major: the entries of word ``w`` are ``entry_*[word_offsets[w]:word_offsets[w] +
-counts[w]]``, in insertion (image) order, and the arrays carry a padding tail so that any fixed-size
-window gather stays in bounds. Static shape fields (``n_images``, ``n_entries``, ``max_count``...) are
-PyTree metadata, so jitted functions specialize on them.
+counts[w]]``, in insertion (image) order. The arrays are padded to a multiple of :data:`ENTRY_BLOCK` rows
+(padding rows have image ``PAD_IMAGE``), so that the scorer can scan them in fixed-size blocks. Static shape
+fields (``n_images``, ``n_entries``, ``max_count``...) are PyTree metadata, so jitted functions specialize on them.
 
 Semantics follow asmk 0.1.1: ``idf[w] = log(n_images / counts[w])**2`` refreshed for the words an add
 touches (other words keep their value, empty words keep 1), and the per-image normalization is the
 sum of ``idf`` over the image's entries (the entry count when idf is off).
+
+Building is host-side bookkeeping (a stable radix sort of the new rows by word, bincounts); the arrays then
+live on the JAX device.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .aggregate import Aggregated
+from .aggregate import PAD_IMAGE, Aggregated, aligned_empty
 
 log = logging.getLogger(__name__)
+
+ENTRY_BLOCK = 4096  # posting arrays are padded to a multiple of this many rows
 
 _DATA = ["centroids", "entry_vecs", "entry_words", "entry_images", "word_offsets", "counts", "idf", "norm_factor"]
 _META = ["n_images", "n_entries", "max_count", "imid_offset", "binary", "use_idf", "dim", "codebook_size_param"]
@@ -35,15 +40,15 @@ class Index:
 
     Attributes:
         centroids: ``[K, D] float32`` codebook.
-        entry_vecs: ``[E + pad, W] uint32`` packed bits (binary) or ``[E + pad, D] float32`` unit vectors.
-        entry_words: ``[E + pad] int32`` word of each entry (padding: 0).
-        entry_images: ``[E + pad] int32`` internal image id of each entry (padding: 0).
+        entry_vecs: ``[E_pad, W] uint32`` packed bits (binary) or ``[E_pad, D] float32`` unit vectors.
+        entry_words: ``[E_pad] int32`` word of each entry (padding: 0).
+        entry_images: ``[E_pad] int32`` internal image id of each entry (padding: ``PAD_IMAGE``).
         word_offsets: ``[K + 1] int32`` start of each word's postings.
         counts: ``[K] int32`` postings per word.
         idf: ``[K] float32`` inverse document frequency weights (all ones when ``use_idf`` is off).
         norm_factor: ``[n_images] float32`` per-image normalization (sum of idf over its entries).
         n_images: number of internal image slots (largest internal id + 1).
-        n_entries: number of real entries ``E``.
+        n_entries: number of real entries ``E`` (``E_pad`` is ``E`` rounded up to :data:`ENTRY_BLOCK`).
         max_count: longest posting list.
         imid_offset: internal ids of added images are their ids plus this (asmk's distractor offset);
             query ranks are reported minus it.
@@ -94,54 +99,79 @@ class Index:
         }
 
 
-def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None) -> Index:
-    """An index with no entries over the codebook ``centroids`` (``[K, D] float32``)."""
+def entries(index: Index):
+    """The real postings as host arrays, word-major: ``(vecs [E, W], words [E] int32, images [E] int32)``."""
+    e = index.n_entries
+    return (np.asarray(index.entry_vecs)[:e], np.asarray(index.entry_words)[:e],
+            np.asarray(index.entry_images)[:e])
+
+
+def _word_sort(words: np.ndarray, n_words: int) -> np.ndarray:
+    """Stable permutation sorting ``words`` (a radix sort when the ids fit in 16 bits)."""
+    return np.argsort(words.astype(np.uint16 if n_words <= 1 << 16 else np.int32), kind="stable")
+
+
+def _padded(a: np.ndarray, order, e_pad: int, fill) -> jax.Array:
+    """``a[order]`` (or ``a``) in a new aligned ``e_pad``-row buffer, the tail set to ``fill``, as a JAX array
+    (shared with the buffer on the CPU, so the rows are copied once)."""
+    e = a.shape[0] if order is None else order.shape[0]
+    out = aligned_empty((e_pad,) + a.shape[1:], a.dtype)
+    if order is None:
+        out[:e] = a
+    else:
+        np.take(a, order, axis=0, out=out[:e])
+    out[e:] = fill
+    return jax.device_put(out)
+
+
+def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images: int, imid_offset: int,
+                  binary: bool, use_idf: bool, codebook_size_param=None, order=None) -> Index:
+    """An :class:`Index` from word-major sorted postings (host arrays), padded for the scorer.
+
+    Args:
+        centroids: ``[K, D] float32``.
+        vecs: ``[E, W]`` posting vectors; words, images: ``[E] int`` (words non-decreasing).
+        idf: ``[K]`` word weights; norm_factor: ``[n_images]`` image normalizations.
+        order: optional ``[E]`` permutation: the postings are ``vecs[order]``, ``words[order]``, ``images[order]``.
+    """
     centroids = jnp.asarray(centroids, jnp.float32)
     k, d = centroids.shape
     width = -(-d // 32) if binary else d
-    dtype = jnp.uint32 if binary else jnp.float32
+    dtype = np.uint32 if binary else np.float32
+    vecs = np.asarray(vecs, dtype).reshape(-1, width)
+    words = np.asarray(words, np.int32)
+    images = np.asarray(images, np.int32)
+    e = int(words.shape[0] if order is None else order.shape[0])
+    counts = np.bincount(words, minlength=k).astype(np.int32) if e else np.zeros(k, np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32)
+    e_pad = max(ENTRY_BLOCK, -(-e // ENTRY_BLOCK) * ENTRY_BLOCK)
     return Index(
         centroids=centroids,
-        entry_vecs=jnp.zeros((1, width), dtype),
-        entry_words=jnp.zeros((1,), jnp.int32),
-        entry_images=jnp.zeros((1,), jnp.int32),
-        word_offsets=jnp.zeros((k + 1,), jnp.int32),
-        counts=jnp.zeros((k,), jnp.int32),
-        idf=jnp.ones((k,), jnp.float32),
-        norm_factor=jnp.zeros((0,), jnp.float32),
-        n_images=0, n_entries=0, max_count=0, imid_offset=0,
+        entry_vecs=_padded(vecs, order, e_pad, 0), entry_words=_padded(words, order, e_pad, 0),
+        entry_images=_padded(images, order, e_pad, PAD_IMAGE),
+        word_offsets=jnp.asarray(offsets), counts=jnp.asarray(counts),
+        idf=jnp.asarray(np.asarray(idf, np.float32)), norm_factor=jnp.asarray(np.asarray(norm_factor, np.float32)),
+        n_images=int(n_images), n_entries=e, max_count=int(counts.max()) if e else 0, imid_offset=int(imid_offset),
         binary=bool(binary), use_idf=bool(use_idf), dim=int(d),
         codebook_size_param=k if codebook_size_param is None else codebook_size_param,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("n_words", "n_images", "use_idf"))
-def _assemble(vecs, words, images, new_mask, old_idf, *, n_words: int, n_images: int, use_idf: bool):
-    """Sort entries word-major (stable, so insertion order is kept) and derive counts, offsets, idf, norms.
-
-    Args:
-        vecs: ``[E, W]`` entry vectors; words, images: ``[E] int32``; new_mask: ``[E] bool`` entries of
-            this add; old_idf: ``[K] float32``.
-    """
-    order = jnp.argsort(words, stable=True)
-    words, images, vecs = words[order], images[order], vecs[order]
-    counts = jnp.bincount(words, length=n_words).astype(jnp.int32)
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
-    if use_idf:
-        touched = jnp.bincount(words, weights=new_mask[order].astype(jnp.float32), length=n_words) > 0
-        fresh = jnp.log(n_images / jnp.maximum(counts, 1).astype(jnp.float32)) ** 2
-        idf = jnp.where(touched, fresh, old_idf)
-    else:
-        idf = old_idf
-    norm = jax.ops.segment_sum(idf[words], images, num_segments=n_images)
-    return vecs, words, images, offsets, counts, idf, norm
+def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None) -> Index:
+    """An index with no entries over the codebook ``centroids`` (``[K, D] float32``)."""
+    k, d = np.shape(centroids)
+    width = -(-d // 32) if binary else d
+    return from_postings(centroids, np.zeros((0, width)), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                         idf=np.ones(k, np.float32), norm_factor=np.zeros(0, np.float32), n_images=0,
+                         imid_offset=0, binary=binary, use_idf=use_idf, codebook_size_param=codebook_size_param)
 
 
 def add(index: Index, agg: Aggregated) -> Index:
     """Return ``index`` with the aggregated images ``agg`` appended (asmk's ``IVF.add``).
 
     The new image ids are shifted by ``index.imid_offset`` and must not be below ``index.n_images``
-    (images are added in ascending id order and never twice).
+    (images are added in ascending id order and never twice). ``agg`` rows must be grouped by image in
+    ascending order (their order within an image does not matter).
     """
     width = index.width
     if agg.vecs.ndim != 2 or agg.vecs.shape[1] != width:
@@ -154,31 +184,30 @@ def add(index: Index, agg: Aggregated) -> Index:
             f"image id {int(images.min()) - index.imid_offset} is already in the index "
             f"(it holds internal ids below {index.n_images}); add new images with larger ids"
         )
+    k = index.n_words
     n_images = max(index.n_images, int(images.max()) + 1)
-    e_old = index.n_entries
-    vecs = jnp.concatenate([index.entry_vecs[:e_old], jnp.asarray(agg.vecs)])
-    words = jnp.concatenate([index.entry_words[:e_old], jnp.asarray(agg.words, jnp.int32)])
-    imgs = jnp.concatenate([index.entry_images[:e_old], jnp.asarray(images, jnp.int32)])
-    new_mask = jnp.arange(words.shape[0]) >= e_old
-    vecs, words, imgs, offsets, counts, idf, norm = _assemble(
-        vecs, words, imgs, new_mask, index.idf, n_words=index.n_words, n_images=n_images, use_idf=index.use_idf
-    )
-    max_count = int(jnp.max(counts))
-    pad = max(max_count, 1)
-    log.debug("ivf add: %d entries, %d images, longest posting list %d", words.shape[0], n_images, max_count)
-    return dataclasses.replace(
-        index,
-        entry_vecs=jnp.concatenate([vecs, jnp.zeros((pad, width), vecs.dtype)]),
-        entry_words=jnp.concatenate([words, jnp.zeros((pad,), jnp.int32)]),
-        entry_images=jnp.concatenate([imgs, jnp.zeros((pad,), jnp.int32)]),
-        word_offsets=offsets,
-        counts=counts,
-        idf=idf,
-        norm_factor=norm,
-        n_images=n_images,
-        n_entries=int(words.shape[0]),
-        max_count=max_count,
-    )
+    new_words = np.asarray(agg.words, np.int32)
+    new_images = images.astype(np.int32)
+    order = _word_sort(new_words, k)
+    if index.n_entries:  # merge the two word-major lists (old postings first within a word)
+        old_vecs, old_words, old_images = entries(index)
+        at = np.searchsorted(old_words, new_words[order], side="right")
+        words = np.insert(old_words, at, new_words[order])
+        imgs = np.insert(old_images, at, new_images[order])
+        vecs = np.insert(old_vecs, at, np.asarray(agg.vecs)[order], axis=0)
+        order = None
+    else:  # postings are the new rows in word order: permuted straight into the padded arrays
+        words, imgs, vecs = new_words, new_images, np.asarray(agg.vecs)
+    idf = np.asarray(index.idf, np.float32).copy()
+    counts = np.bincount(words, minlength=k)
+    if index.use_idf:
+        touched = np.flatnonzero(np.bincount(new_words, minlength=k))
+        idf[touched] = np.log(n_images / counts[touched]) ** 2
+    norm = np.bincount(imgs, weights=idf[words], minlength=n_images)
+    log.debug("ivf add: %d entries, %d images", words.shape[0], n_images)
+    return from_postings(index.centroids, vecs, words, imgs, idf=idf, norm_factor=norm, n_images=n_images,
+                         imid_offset=index.imid_offset, binary=index.binary, use_idf=index.use_idf,
+                         codebook_size_param=index.codebook_size_param, order=order)
 
 
 def with_distractors(index: Index) -> Index:

@@ -28,11 +28,11 @@ def test_binarize_and_pack_matches_numpy(dim):
     np.testing.assert_array_equal(np.asarray(agg_mod.binarize_and_pack(jnp.asarray(x))), numpy_pack(x))
 
 
-@pytest.mark.parametrize("grouping", ["table", "sort"])
-def test_aggregate_matches_numpy(small_data, grouping):
+@pytest.mark.parametrize("chunk", [100, 8192])
+def test_aggregate_matches_numpy(small_data, chunk):
     feats, ids, centroids = small_data
     words = jasmk.quantize(jasmk.Codebook.from_centroids(centroids), feats, multiple_assignment=3)
-    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False, chunk_descriptors=100, grouping=grouping)
+    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False, chunk_descriptors=chunk)
     rows = []
     for img in np.unique(ids):
         m = ids == img
@@ -43,8 +43,31 @@ def test_aggregate_matches_numpy(small_data, grouping):
     np.testing.assert_array_equal(agg.images, [r[0] for r in rows])
     np.testing.assert_array_equal(agg.words, [r[1] for r in rows])
     np.testing.assert_allclose(agg.vecs, np.stack([r[2] for r in rows]), atol=2e-6)
-    bagg = agg_mod.aggregate(centroids, feats, words, ids, binary=True, grouping=grouping)
+    bagg = agg_mod.aggregate(centroids, feats, words, ids, binary=True, chunk_descriptors=chunk)
     np.testing.assert_array_equal(bagg.vecs, numpy_pack(np.stack([r[2] for r in rows])))
+    # unsorted rows (what the index and the scorer use): the same rows, grouped by image, in first-seen order
+    raw = agg_mod.aggregate(centroids, feats, words, ids, binary=True, chunk_descriptors=chunk, sort=False)
+    assert (np.diff(raw.images) >= 0).all()
+    for img in np.unique(ids):
+        m = ids == img
+        first_seen = list(dict.fromkeys(words[m].reshape(-1).tolist()))
+        np.testing.assert_array_equal(raw.words[raw.images == img], first_seen)
+    order = np.lexsort((raw.words, raw.images))
+    np.testing.assert_array_equal(raw.vecs[order], bagg.vecs)
+
+
+def test_aggregate_burst_overflow_is_redone(small_data):
+    """A chunk whose repeated (image, word) members exceed the compact buffer is recomputed exactly."""
+    feats, ids, centroids = small_data
+    words = np.zeros((len(feats), 2), np.int32)  # every descriptor in words 0 and 1: all members but two are extra
+    words[:, 1] = 1
+    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=False)
+    for img in np.unique(ids):
+        m = ids == img
+        for w in (0, 1):
+            r = (feats[m] - centroids[w]).sum(0)
+            got = agg.vecs[(agg.images == img) & (agg.words == w)]
+            np.testing.assert_allclose(got[0], r / (np.linalg.norm(r) + 1e-6), atol=2e-6)
 
 
 def test_jax_quantizer_matches_faiss(small_data):
@@ -89,7 +112,7 @@ def test_parse_size():
 
 
 def test_jitted_vmapped_scoring_equals_per_query(small_data):
-    """score_batch (vmap inside jit) equals score_image per query, and the index is a PyTree usable under jit."""
+    """score_dense (one batch) equals score_image per query and a numpy loop; the index is a PyTree under jit."""
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
     leaves, treedef = jax.tree_util.tree_flatten(index)
@@ -103,10 +126,9 @@ def test_jitted_vmapped_scoring_equals_per_query(small_data):
         m = agg.images == img
         k = min(int(m.sum()), q)
         vecs[t, :k], words[t, :k], valid[t, :k] = agg.vecs[m][:k], agg.words[m][:k], True
-    cap = score_mod.default_pair_cap(index, q)
-    batch = score_mod.score_dense(index, vecs, words, valid, 3.0, 0.0, pair_cap=cap)
+    batch = score_mod.score_dense(index, vecs, words, valid, 3.0, 0.0)
     for t in range(3):
-        one = score_mod.score_image(index, vecs[t], words[t], valid[t], 3.0, 0.0, pair_cap=cap)
+        one = score_mod.score_image(index, vecs[t], words[t], valid[t], 3.0, 0.0)
         np.testing.assert_allclose(batch[t], one, atol=1e-6)
     # numpy oracle for one query: explicit loop over query rows and postings
     counts, offs = np.asarray(index.counts), np.asarray(index.word_offsets)
@@ -123,15 +145,26 @@ def test_jitted_vmapped_scoring_equals_per_query(small_data):
     np.testing.assert_allclose(batch[1], ref, atol=1e-6)
 
 
-def test_pair_cap_too_small_drops_pairs(small_data):
-    """pair_cap is a hard static bound: a smaller cap loses scores (so the API must size it)."""
+@pytest.mark.parametrize("binary", [True, False])
+def test_scores_do_not_depend_on_batching(small_data, binary):
+    """Flat rows in any order, any batch size and any scan block give the same scores (and empty slots 0)."""
     feats, ids, centroids = small_data
-    index = jasmk.build_index(feats, ids, codebook=centroids)
-    agg = jasmk.aggregate_images(centroids, feats[ids == 0], ids[ids == 0], binary=True, multiple_assignment=5)
-    full = score_mod.score_image(index, agg.vecs, agg.words, np.ones(len(agg.words), bool), 3.0, 0.0,
-                                 pair_cap=score_mod.default_pair_cap(index, len(agg.words)))
-    cut = score_mod.score_image(index, agg.vecs, agg.words, np.ones(len(agg.words), bool), 3.0, 0.0, pair_cap=8)
-    assert float(jnp.abs(full - cut).max()) > 0
+    index = jasmk.build_index(feats, ids, codebook=centroids, binary=binary, use_idf=True)
+    agg = jasmk.aggregate_images(centroids, feats, ids, binary=binary, multiple_assignment=5, sort=False)
+    ref = np.stack([np.asarray(score_mod.score_image(index, agg.vecs[agg.images == i], agg.words[agg.images == i],
+                                                     np.ones(int((agg.images == i).sum()), bool), 2.0, 0.05))
+                    for i in range(index.n_images)])
+    perm = np.random.default_rng(0).permutation(len(agg.words))
+    for b, block in [(32, 64), (32, 4096), (64, 512)]:
+        slots = np.concatenate([agg.images, np.full(7, b)])[np.concatenate([perm, len(perm) + np.arange(7)])]
+        vecs = np.concatenate([agg.vecs, agg.vecs[:7]])[np.concatenate([perm, len(perm) + np.arange(7)])]
+        words = np.concatenate([agg.words, agg.words[:7]])[np.concatenate([perm, len(perm) + np.arange(7)])]
+        got = np.asarray(score_mod.score_rows(index, vecs, words, slots.astype(np.int32), 2.0, 0.05, n_queries=b,
+                                              block=block))
+        np.testing.assert_allclose(got[: index.n_images], ref, atol=1e-6)
+        assert np.all(got[index.n_images:] == 0)  # slots with no rows score 0
+    with pytest.raises(ValueError, match="block"):
+        score_mod.score_rows(index, vecs, words, slots.astype(np.int32), 2.0, 0.05, n_queries=4, block=3000)
 
 
 def test_bad_input_errors(small_data):
@@ -255,7 +288,8 @@ def test_compat_quantizes_the_indexed_set_once(monkeypatch, small_data):
 
 
 def test_scores_close_to_float64_oracle_with_many_query_rows():
-    """Scores summed over ~1300 query rows stay within 1e-7 of a float64 numpy re-derivation."""
+    """Scores summed over ~1300 query rows and ~1000 postings per image stay within 1e-7 of a float64 numpy
+    re-derivation."""
     rng = np.random.default_rng(1)
     k, n_img, per = 2048, 300, 1000
     feats = rng.standard_normal((n_img * per, 32), dtype=np.float32)
@@ -263,9 +297,7 @@ def test_scores_close_to_float64_oracle_with_many_query_rows():
     cent = rng.standard_normal((k, 32), dtype=np.float32)
     index = jasmk.build_index(feats, ids, codebook=cent, word_ids=rng.integers(0, k, (len(feats), 1)), binary=False)
     q = jasmk.aggregate_images(cent, feats[ids == 0], ids[ids == 0], binary=False, multiple_assignment=5)
-    cap = int(np.asarray(index.counts)[q.words].sum())
-    got = np.asarray(score_mod.score_image(index, q.vecs, q.words, np.ones(len(q.words), bool), 1.0, -1.0,
-                                           pair_cap=cap))
+    got = np.asarray(score_mod.score_image(index, q.vecs, q.words, np.ones(len(q.words), bool), 1.0, -1.0))
     counts, offs = np.asarray(index.counts), np.asarray(index.word_offsets)
     ev, ei = np.asarray(index.entry_vecs).astype(np.float64), np.asarray(index.entry_images)
     idf, norm = np.asarray(index.idf).astype(np.float64), np.asarray(index.norm_factor).astype(np.float64)
@@ -295,8 +327,8 @@ def test_aggregation_is_bit_exact_with_asmk_kernel():
 
         for binary in (True, False):
             ref_vecs, ref_words, ref_imgs = kern_pkg.ASMKKernel(_Cdb, binary=binary).aggregate(feats, words, ids)
-            for grouping in ("table", "sort"):
-                agg = agg_mod.aggregate(cent, feats, words, ids, binary=binary, grouping=grouping)
+            for chunk in (150, 8192):
+                agg = agg_mod.aggregate(cent, feats, words, ids, binary=binary, chunk_descriptors=chunk)
                 np.testing.assert_array_equal(agg.words, ref_words)
                 np.testing.assert_array_equal(agg.images, ref_imgs)
                 if binary:
