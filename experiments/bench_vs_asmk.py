@@ -1,16 +1,21 @@
 """Time jasmk against asmk 0.1.1 in one run, on the same data and the same centroids.
 
-    python experiments/bench_vs_asmk.py --images 2000 --per-image 1000 --dim 128 --codebook 64k
+    python experiments/bench_vs_asmk.py --images 2000 --per-image 1000 --dim 128 --codebook 64k --scenes 400
 
 Three views are timed:
-  * quantize: the exact nearest-centroid search (faiss flat L2, as asmk; and jasmk's jitted JAX search).
-    Both libraries spend the same matrix product here, so it is shown on its own.
-  * engine: everything after quantization, given the same word assignments: aggregation + inverted
-    file (build) and aggregation + scoring + ranking (query: every image queries the whole database).
-  * end to end: asmk's ``build_ivf`` / ``query_ivf`` against ``jasmk.build_index`` / ``jasmk.query``
-    (``--e2e``; long at full size since both quantize 2 x N descriptors against K centroids).
-The ranks of the two libraries are compared (top ``--check-topk``), and the index sizes are printed.
-Each timing is the best of ``--repeat`` runs (after one warm-up for jasmk's jit compilation).
+  * quantize: the exact nearest-centroid search. asmk calls faiss ``IndexFlatL2.search``; jasmk's default
+    quantizer makes the same faiss call, so this cost is shared and printed on its own (``--jax-quantize`` also
+    times jasmk's jitted JAX search).
+  * engine: everything after quantization, given the same word assignments: aggregation + inverted file
+    (build) and aggregation + scoring + ranking of every image against the whole database (query).
+    asmk runs its own kernel and IVF code (``ASMKKernel.aggregate`` + ``IVF.add``; per image
+    ``aggregate_image`` + ``IVF.search``, as ``query_ivf`` does), jasmk ``aggregate`` + ``ivf.add`` and
+    ``jasmk.query(word_ids=...)``.
+  * end to end (``--e2e``): asmk's ``build_ivf`` / ``query_ivf`` against ``jasmk.build_index`` / ``jasmk.query``,
+    quantization included (long at full size: both quantize 2 x N descriptors against K centroids).
+The ranks of the two libraries are compared over the top ``--check-topk`` (positions that differ must be ties in
+asmk's own scores), and the index sizes are printed. asmk's engine steps run ``--repeat`` times, jasmk's
+``--repeat-jasmk`` times after one warm-up run for jit compilation; the best run counts (the median is shown too).
 """
 
 import argparse
@@ -27,6 +32,8 @@ import jasmk
 from jasmk import aggregate as agg_mod
 from jasmk import ivf as ivf_mod
 
+log = logging.getLogger("bench")
+
 
 def make_data(rng, *, n_images, per_image, dim, n_scenes):
     """Images of shared scenes: each image sees a noisy subset of its scene's points."""
@@ -39,14 +46,17 @@ def make_data(rng, *, n_images, per_image, dim, n_scenes):
     return feats, np.repeat(np.arange(n_images), per_image)
 
 
-def best_of(fn, repeat):
+def timed(fn, repeat, warmup=False):
+    """``(best seconds, median seconds, last result)`` over ``repeat`` runs (plus an untimed warm-up run)."""
+    if warmup:
+        fn()
     times, out = [], None
-    for _ in range(repeat):
+    for _ in range(max(1, repeat)):
         gc.collect()
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return min(times), out
+    return min(times), float(np.median(times)), out
 
 
 def asmk_method_with(centroids, *, binary, ma_build, ma_query, topk):
@@ -88,7 +98,7 @@ def asmk_engine_query(built, feats, words, ids, topk):
 
 
 def jasmk_engine_build(centroids, feats, words, ids, *, binary):
-    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=binary)
+    agg = agg_mod.aggregate(centroids, feats, words, ids, binary=binary, sort=False)
     index = ivf_mod.add(ivf_mod.empty(centroids, binary=binary, use_idf=False), agg)
     index.entry_vecs.block_until_ready()
     return index
@@ -96,7 +106,6 @@ def jasmk_engine_build(centroids, feats, words, ids, *, binary):
 
 def rank_agreement(ranks, scores, ref_ranks, ref_scores, tie_tol=1e-5):
     """Fraction of rank positions equal to asmk's, or tied in asmk's own scores; max score difference."""
-    ref = {}
     same = 0
     for q in range(ranks.shape[0]):
         ref = dict(zip(ref_ranks[q].tolist(), ref_scores[q].tolist()))
@@ -113,21 +122,21 @@ def main(argv=None):
     ap.add_argument("--per-image", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--codebook", default="64k")
-    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--scenes", type=int, default=400)
     ap.add_argument("--binary", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ma-build", type=int, default=1)
     ap.add_argument("--ma-query", type=int, default=5)
     ap.add_argument("--topk", type=int, default=100, help="results kept per query (both libraries)")
     ap.add_argument("--check-topk", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs of asmk's engine steps")
+    ap.add_argument("--repeat-jasmk", type=int, default=5, help="timed runs of jasmk's engine steps")
     ap.add_argument("--e2e", action="store_true", help="also time full build_ivf/query_ivf vs build_index/query")
-    ap.add_argument("--jax-quantize", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time jasmk's jitted JAX quantizer")
+    ap.add_argument("--jax-quantize", action="store_true", help="also time jasmk's jitted JAX quantizer")
     ap.add_argument("--cache-dir", default=None,
                     help="keep the faiss word assignments here and reuse them in later runs of the same setup")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     rng = np.random.default_rng(args.seed)
     k = jasmk.parse_size(args.codebook)
@@ -136,18 +145,18 @@ def main(argv=None):
     centroids = feats[rng.choice(len(feats), k, replace=False)] + 0.1 * rng.standard_normal((k, args.dim),
                                                                                             dtype=np.float32)
     cb = jasmk.Codebook.from_centroids(centroids)
-    print(f"data: {args.images} images x {args.per_image} x {args.dim}-d = {len(feats)} descriptors; "
-          f"codebook {k} words; binary={args.binary}; MA build {args.ma_build}, query {args.ma_query}; "
-          f"topk {args.topk}", flush=True)
+    log.info("data: %d images x %d x %d-d = %d descriptors; codebook %d words; binary=%s; MA build %d, query %d; "
+             "topk %d", args.images, args.per_image, args.dim, len(feats), k, args.binary, args.ma_build,
+             args.ma_query, args.topk)
     rows = []
 
-    # quantization (shared cost)
+    # quantization (shared cost: the same faiss call in both libraries)
     def faiss_words(ma):
         tag = f"{args.images}_{args.per_image}_{args.dim}_{k}_{args.scenes}_{args.seed}_ma{ma}.npy"
         path = os.path.join(args.cache_dir, tag) if args.cache_dir else None
         if path and os.path.exists(path):
             return float("nan"), np.load(path)
-        t, words = best_of(lambda: jasmk.quantize(cb, feats, multiple_assignment=ma, method="faiss"), 1)
+        t, _, words = timed(lambda: jasmk.quantize(cb, feats, multiple_assignment=ma, method="faiss"), 1)
         if path:
             os.makedirs(args.cache_dir, exist_ok=True)
             np.save(path, words)
@@ -155,62 +164,68 @@ def main(argv=None):
 
     t_fq, words_db = faiss_words(args.ma_build)
     t_fq5, words_q = faiss_words(args.ma_query)
-    print(f"quantize MA={args.ma_build}: faiss {t_fq:.1f}s; MA={args.ma_query}: faiss {t_fq5:.1f}s", flush=True)
+    log.info("quantize (faiss IndexFlatL2, both libraries): MA=%d %.1fs, MA=%d %.1fs (nan: from --cache-dir)",
+             args.ma_build, t_fq, args.ma_query, t_fq5)
+    rows.append((f"quantize MA {args.ma_build} / MA {args.ma_query} (faiss, shared)", f"{t_fq:.1f} / {t_fq5:.1f}",
+                 f"{t_fq:.1f} / {t_fq5:.1f}", "1x"))
     if args.jax_quantize:
         jasmk.quantize(cb, feats[:8192], multiple_assignment=args.ma_query, method="jax")  # compile
-        t_jq5, words_jq = best_of(lambda: jasmk.quantize(cb, feats, multiple_assignment=args.ma_query, method="jax"),
-                                  1)
-        print(f"quantize MA={args.ma_query}: jax {t_jq5:.1f}s (same first word as faiss for "
-              f"{100 * np.mean(words_jq[:, 0] == words_q[:, 0]):.3f}%)", flush=True)
-        rows.append(("quantize MA query (faiss / jax)", t_fq5, t_jq5))
+        t_jq5, _, words_jq = timed(lambda: jasmk.quantize(cb, feats, multiple_assignment=args.ma_query,
+                                                          method="jax"), 1)
+        log.info("quantize MA=%d: jax %.1fs (same first word as faiss for %.3f%%)", args.ma_query, t_jq5,
+                 100 * np.mean(words_jq[:, 0] == words_q[:, 0]))
+        rows.append((f"quantize MA {args.ma_query}: faiss / jasmk JAX search", f"{t_fq5:.1f}", f"{t_jq5:.1f}",
+                     f"{t_fq5 / t_jq5:.2f}x"))
 
     # engine: build
     method = asmk_method_with(centroids, binary=args.binary, ma_build=args.ma_build, ma_query=args.ma_query,
                               topk=args.topk)
-    t_ab, built = best_of(lambda: asmk_engine_build(method, feats, words_db, ids), args.repeat)
-    print(f"asmk engine build: {t_ab:.1f}s", flush=True)
-    jasmk_engine_build(centroids, feats, words_db, ids, binary=args.binary)  # warm-up (jit)
-    t_jb, index = best_of(lambda: jasmk_engine_build(centroids, feats, words_db, ids, binary=args.binary),
-                          args.repeat)
-    print(f"jasmk engine build: {t_jb:.2f}s", flush=True)
-    rows.append(("engine build (aggregate + ivf)", t_ab, t_jb))
+    t_ab, _, built = timed(lambda: asmk_engine_build(method, feats, words_db, ids), args.repeat)
+    log.info("asmk engine build: %.2fs", t_ab)
+    t_jb, m_jb, index = timed(lambda: jasmk_engine_build(centroids, feats, words_db, ids, binary=args.binary),
+                              args.repeat_jasmk, warmup=True)
+    log.info("jasmk engine build: best %.3fs, median %.3fs", t_jb, m_jb)
+    rows.append(("engine build: aggregate + inverted file", f"{t_ab:.2f}", f"{t_jb:.3f} ({m_jb:.3f})",
+                 f"{t_ab / t_jb:.1f}x ({t_ab / m_jb:.1f}x)"))
 
     # engine: query every image against the database
-    t_aq, (a_ranks, a_scores) = best_of(lambda: asmk_engine_query(built, feats, words_q, ids, args.topk), args.repeat)
-    print(f"asmk engine query: {t_aq:.1f}s", flush=True)
+    t_aq, _, (a_ranks, a_scores) = timed(lambda: asmk_engine_query(built, feats, words_q, ids, args.topk),
+                                         args.repeat)
+    log.info("asmk engine query: %.1fs", t_aq)
 
     def jq():
         return jasmk.query(index, feats, ids, multiple_assignment=args.ma_query, topk=args.topk, word_ids=words_q)
 
-    jq()  # warm-up (jit)
-    t_jqe, res = best_of(jq, args.repeat)
-    print(f"jasmk engine query: {t_jqe:.2f}s", flush=True)
-    rows.append((f"engine query ({args.images} queries)", t_aq, t_jqe))
+    t_jq, m_jq, res = timed(jq, args.repeat_jasmk, warmup=True)
+    log.info("jasmk engine query: best %.2fs, median %.2fs", t_jq, m_jq)
+    rows.append((f"engine query: {args.images} queries, aggregate + score + rank", f"{t_aq:.1f}",
+                 f"{t_jq:.2f} ({m_jq:.2f})", f"{t_aq / t_jq:.1f}x ({t_aq / m_jq:.1f}x)"))
     c = min(args.check_topk, args.topk)
     agree, maxdiff = rank_agreement(res.ranks[:, :c], res.scores[:, :c], a_ranks[:, :c], a_scores[:, :c])
 
     if args.e2e:
-        t_a, a_built = best_of(lambda: method.build_ivf(feats, ids.copy()), 1)
-        t_j, j_index = best_of(lambda: jasmk.build_index(feats, ids, codebook=cb, binary=args.binary,
-                                                         multiple_assignment=args.ma_build), 1)
-        rows.append(("end-to-end build_ivf / build_index", t_a, t_j))
-        t_a, _ = best_of(lambda: a_built.query_ivf(feats, ids), 1)
-        t_j, _ = best_of(lambda: jasmk.query(j_index, feats, ids, multiple_assignment=args.ma_query,
-                                             topk=args.topk), 1)
-        rows.append(("end-to-end query_ivf / query", t_a, t_j))
+        t_a, _, a_built = timed(lambda: method.build_ivf(feats, ids.copy()), 1)
+        t_j, _, j_index = timed(lambda: jasmk.build_index(feats, ids, codebook=cb, binary=args.binary,
+                                                          multiple_assignment=args.ma_build), 1)
+        rows.append(("end to end: build_ivf / build_index", f"{t_a:.1f}", f"{t_j:.1f}", f"{t_a / t_j:.2f}x"))
+        t_a, _, _ = timed(lambda: a_built.query_ivf(feats, ids), 1)
+        t_j, _, _ = timed(lambda: jasmk.query(j_index, feats, ids, multiple_assignment=args.ma_query,
+                                              topk=args.topk), 1)
+        rows.append(("end to end: query_ivf / query", f"{t_a:.1f}", f"{t_j:.1f}", f"{t_a / t_j:.2f}x"))
 
     asmk_bytes = len(pickle.dumps(built.inverted_file.state_dict(), protocol=4))
+    e = index.n_entries
     jasmk_bytes = sum(int(np.asarray(x).nbytes) for x in
-                      (index.entry_vecs, index.entry_words, index.entry_images, index.word_offsets, index.counts,
-                       index.idf, index.norm_factor))
-    print()
-    print(f"{'stage':40s} {'asmk [s]':>10s} {'jasmk [s]':>10s} {'speed-up':>9s}")
-    for name, ta, tj in rows:
-        print(f"{name:40s} {ta:10.2f} {tj:10.2f} {ta / tj:8.1f}x")
-    print(f"{'index size (asmk pickle / jasmk arrays)':40s} {asmk_bytes / 2**20:9.1f}M {jasmk_bytes / 2**20:9.1f}M "
-          f"{asmk_bytes / jasmk_bytes:8.2f}x")
-    print(f"rank agreement with asmk over top-{c}: {100 * agree:.3f}% (ties counted as agreeing); "
-          f"max score difference {maxdiff:.2e}")
+                      (index.entry_vecs[:e], index.entry_words[:e], index.entry_images[:e], index.word_offsets,
+                       index.counts, index.idf, index.norm_factor))
+    log.info("")
+    log.info("%-58s %12s %18s %16s", "stage [seconds]", "asmk 0.1.1", "jasmk best (med)", "speed-up")
+    for name, ta, tj, ratio in rows:
+        log.info("%-58s %12s %18s %16s", name, ta, tj, ratio)
+    log.info("%-58s %11.1fM %17.1fM %15.2fx", "index size: asmk IVF pickle / jasmk arrays", asmk_bytes / 2**20,
+             jasmk_bytes / 2**20, asmk_bytes / jasmk_bytes)
+    log.info("rank agreement with asmk over top-%d: %.3f%% (ties counted as agreeing); max score difference %.2e",
+             c, 100 * agree, maxdiff)
     return 0
 
 

@@ -23,7 +23,7 @@ from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: 
 
 log = logging.getLogger(__name__)
 
-# Bytes of the per-batch query word table (see jasmk.score): bounds the query batch size.
+# Bytes of the per-batch query word table (see jasmk.score): bounds the batch size.
 _TABLE_BYTES = 64 * 2**20
 _MAX_BATCH = 64
 
@@ -131,16 +131,17 @@ def _bucket(n: int, minimum: int = 64) -> int:
 
 def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
     """Query images scored together: the largest power of two <= 64 whose word table
-    (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB, and no more than the queries there are."""
+    (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB and whose score accumulator (at least
+    ``n_images x B`` floats) fits in 256 MiB, and no more than the queries there are."""
     b = 1
-    while b * 2 <= min(_MAX_BATCH, max(n_queries, 1)):
-        nb = b * 2
+    while b < _MAX_BATCH:
+        nb = 2 * b
         if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > _TABLE_BYTES:
             break
+        if index.n_images * nb * 4 > score_mod.ACC_BYTES:
+            break
         b = nb
-    if b < n_queries:
-        return b
-    return 1 << max(0, (int(n_queries) - 1).bit_length())  # one batch: round up to a power of two
+    return min(b, 1 << max(0, (int(n_queries) - 1).bit_length()))  # powers of two: few compiled shapes
 
 
 def _query_batches(index: ivf_mod.Index, agg: agg_mod.Aggregated):

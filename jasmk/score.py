@@ -52,7 +52,16 @@ def _real_kernel(u, alpha, threshold):
     return jnp.where(u >= threshold, powered, 0.0)
 
 
-PARTIAL_SUMS = 8
+PARTIAL_SUMS = 8  # most partial sums per score
+ACC_BYTES = 256 * 2**20  # the accumulator of partial sums stays within this (down to one sum per score)
+
+
+def partial_sums(index: Index, n_queries: int) -> int:
+    """Partial sums per score: ``PARTIAL_SUMS``, halved while ``groups x n_images x B`` floats exceed 256 MiB."""
+    g = PARTIAL_SUMS
+    while g > 1 and g * max(index.n_images, 1) * n_queries * 4 > ACC_BYTES:
+        g //= 2
+    return g
 
 
 def _db_normalization(index: Index):
@@ -70,7 +79,7 @@ def default_block(index: Index, n_queries: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("n_queries", "block", "groups"))
 def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_queries: int, block: int | None = None,
-               groups: int = PARTIAL_SUMS):
+               groups: int | None = None):
     """Dense scores of a batch of ``n_queries`` query images given as flat aggregated rows.
 
     Args:
@@ -84,7 +93,7 @@ def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_qu
         block: static postings per scan step (a power of two dividing the padded posting arrays; default
             :func:`default_block`).
         groups: static number of partial sums per score (postings split by word modulo ``groups``), added at
-            the end: float32 error shrinks about ``groups`` times.
+            the end: float32 error shrinks about ``groups`` times (default :func:`partial_sums`).
 
     Returns:
         ``[B, n_images] float32`` scores (internal image order); a query slot without rows scores 0.
@@ -94,6 +103,7 @@ def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_qu
     r = q_words.shape[0]
     e_pad, width = index.entry_vecs.shape
     block = default_block(index, b) if block is None else int(block)
+    groups = partial_sums(index, b) if groups is None else max(1, int(groups))
     if e_pad % block:
         raise ValueError(f"block {block} does not divide the {e_pad} padded postings")
     alpha = jnp.asarray(alpha, jnp.float32)

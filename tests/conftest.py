@@ -4,6 +4,18 @@ import numpy as np
 import pytest
 
 
+def load_experiment(name):
+    """Import ``experiments/<name>.py`` as a module (the experiments are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def asmk_params(*, size, binary=True, use_idf=False, ma_build=1, ma_query=5, alpha=3.0, threshold=0.0, topk=None):
     """asmk 0.1.1 params dict (CPU index)."""
     return {

@@ -1,5 +1,7 @@
 """Unit checks of the core pieces against numpy re-derivations, and the input errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,3 +337,21 @@ def test_aggregation_is_bit_exact_with_asmk_kernel():
                     np.testing.assert_array_equal(agg.vecs, ref_vecs)
                 else:
                     np.testing.assert_allclose(agg.vecs, ref_vecs, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_size_respects_memory_budgets(small_data):
+    """The query batch is a power of two, at most the queries there are, and keeps table and accumulator bounded."""
+    from jasmk import api
+
+    feats, ids, centroids = small_data
+    for binary in (True, False):
+        index = jasmk.build_index(feats, ids, codebook=centroids, binary=binary)
+        for n_q, rows in [(1, 10), (3, 10), (1000, 5000), (1000, 50)]:
+            b = api.batch_size(index, n_q, rows)
+            assert b & (b - 1) == 0 and 1 <= b <= max(1, 1 << (n_q - 1).bit_length()) and b <= 64
+            assert (min(index.n_words, b * rows) + 1) * b * index.width * 4 <= 64 * 2**20
+        assert api.batch_size(index, 3, 10) == 4
+    big = dataclasses.replace(index, n_images=10**7)  # only the static size matters here
+    b = api.batch_size(big, 1000, 10)
+    assert b == 4 and score_mod.partial_sums(big, b) * big.n_images * b * 4 <= 256 * 2**20
+    assert score_mod.partial_sums(index, 64) == score_mod.PARTIAL_SUMS

@@ -1,21 +1,16 @@
 """The offline real-photo demo (RootSIFT on scikit-image's bundled photos): retrieval far above chance."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
+
+from conftest import load_experiment
 
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("skimage")
 
 
 def _demo():
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo_photos.py"
-    spec = importlib.util.spec_from_file_location("demo_photos", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("demo_photos")
 
 
 def numpy_ap(ranking, positives):

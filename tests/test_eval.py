@@ -154,14 +154,9 @@ def test_bad_input():
 
 
 def _import_reproduce_how():
-    import importlib.util
-    import pathlib
+    from conftest import load_experiment
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "reproduce_how.py"
-    spec = importlib.util.spec_from_file_location("reproduce_how", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("reproduce_how")
 
 
 def test_reproduce_how_reads_the_published_layout(tmp_path, capsys):
