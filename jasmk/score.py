@@ -30,14 +30,6 @@ import jax.numpy as jnp
 from .ivf import Index
 
 
-def similarity(q, db, *, binary: bool):
-    """Per-row similarity of ``q`` and ``db`` (both ``[..., W]``): ``[...] float32``."""
-    if binary:
-        diff = jax.lax.population_count(jnp.bitwise_xor(q, db)).astype(jnp.int32).sum(-1)
-        return 1.0 - 2.0 * diff.astype(jnp.float32) / float(32 * q.shape[-1])
-    return jnp.sum(q * db, axis=-1)
-
-
 def selective_kernel(sim, *, alpha, threshold):
     """``sim**alpha`` where ``sim >= threshold``, else 0 (any shape, float32)."""
     keep = sim >= threshold
