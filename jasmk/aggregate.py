@@ -104,7 +104,8 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     words = word_ids.reshape(m)
     valid = ((image_ids[:, None] != PAD_IMAGE) & (word_ids >= 0)).reshape(m)
     safe_words = jnp.clip(words, 0, k - 1)
-    cell = jnp.where(valid, jnp.repeat(image_ids, ma) * k + safe_words, n_cells)
+    pair_slots = jnp.repeat(image_ids, ma)
+    cell = jnp.where(valid, pair_slots * k + safe_words, n_cells)
     pair = jnp.arange(m, dtype=jnp.int32)
     first = jnp.full((n_cells,), m, jnp.int32).at[cell].min(pair, mode="drop")[jnp.minimum(cell, n_cells - 1)]
     is_row = valid & (first == pair)
@@ -126,7 +127,7 @@ def aggregate_padded(centroids, vecs, word_ids, image_ids, *, binary: bool, n_sl
     acc = residual(firsts)
     acc = acc.at[jnp.where(extra < m, group[jnp.minimum(owner, m - 1)], extra_cap)].add(residual(extra), mode="drop")
     out = out.at[firsts].set(finish(acc), mode="drop")
-    slots = jnp.where(is_row, jnp.repeat(image_ids, ma), PAD_IMAGE)
+    slots = jnp.where(is_row, pair_slots, PAD_IMAGE)
     return out, jnp.where(is_row, words, 0), slots, n_extra
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .aggregate import PAD_IMAGE, Aggregated, aligned_empty
+from .aggregate import PAD_IMAGE, Aggregated, aligned_empty, packed_width
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images:
     """
     centroids = jnp.asarray(centroids, jnp.float32)
     k, d = centroids.shape
-    width = -(-d // 32) if binary else d
+    width = packed_width(d) if binary else d
     dtype = np.uint32 if binary else np.float32
     vecs = np.asarray(vecs, dtype).reshape(-1, width)
     words = np.asarray(words, np.int32)
@@ -160,7 +160,7 @@ def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images:
 def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None) -> Index:
     """An index with no entries over the codebook ``centroids`` (``[K, D] float32``)."""
     k, d = np.shape(centroids)
-    width = -(-d // 32) if binary else d
+    width = packed_width(d) if binary else d
     return from_postings(centroids, np.zeros((0, width)), np.zeros(0, np.int32), np.zeros(0, np.int32),
                          idf=np.ones(k, np.float32), norm_factor=np.zeros(0, np.float32), n_images=0,
                          imid_offset=0, binary=binary, use_idf=use_idf, codebook_size_param=codebook_size_param)
@@ -191,8 +191,9 @@ def add(index: Index, agg: Aggregated) -> Index:
     order = _word_sort(new_words, k)
     if index.n_entries:  # merge the two word-major lists (old postings first within a word)
         old_vecs, old_words, old_images = entries(index)
-        at = np.searchsorted(old_words, new_words[order], side="right")
-        words = np.insert(old_words, at, new_words[order])
+        sorted_words = new_words[order]
+        at = np.searchsorted(old_words, sorted_words, side="right")
+        words = np.insert(old_words, at, sorted_words)
         imgs = np.insert(old_images, at, new_images[order])
         vecs = np.insert(old_vecs, at, np.asarray(agg.vecs)[order], axis=0)
         order = None

@@ -40,7 +40,7 @@ def _real_kernel(u, alpha, threshold):
     """:func:`selective_kernel` with multiplications for ``alpha`` in 1, 2, 3 (``alpha`` traced)."""
     branch = jnp.where(alpha == 1.0, 0, jnp.where(alpha == 2.0, 1, jnp.where(alpha == 3.0, 2, 3)))
     powered = jax.lax.switch(branch, [lambda v: v, lambda v: v * v, lambda v: v * v * v,
-                                      lambda v: jnp.power(jnp.where(v >= threshold, v, 1.0), alpha)], u)
+                                      lambda v: selective_kernel(v, alpha=alpha, threshold=threshold)], u)
     return jnp.where(u >= threshold, powered, 0.0)
 
 
@@ -91,7 +91,7 @@ def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_qu
         ``[B, n_images] float32`` scores (internal image order); a query slot without rows scores 0.
     """
     b = int(n_queries)
-    k = index.n_words
+    k, n = index.n_words, index.n_images
     r = q_words.shape[0]
     e_pad, width = index.entry_vecs.shape
     block = default_block(index, b) if block is None else int(block)
@@ -133,7 +133,6 @@ def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_qu
     blocks = (index.entry_vecs.reshape(e_pad // block, block, width),
               index.entry_words.reshape(e_pad // block, block),
               index.entry_images.reshape(e_pad // block, block))
-    n = index.n_images
     acc, _ = jax.lax.scan(step, jnp.zeros((groups * n, b), jnp.float32), blocks)
     acc = acc.reshape(groups, n, b).sum(axis=0)
     qnorm = jax.ops.segment_sum(idf_q, slots, num_segments=b + 1)[:b]
