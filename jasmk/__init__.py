@@ -11,7 +11,8 @@ Main entry points::
 import logging
 
 from .aggregate import Aggregated
-from .api import QueryResult, add_images, aggregate_images, build_index, query, query_padded, score_matrix
+from .api import (QueryResult, add_images, aggregate_images, build_index, query, query_aggregated, query_padded,
+                  score_matrix, score_matrix_aggregated)
 from .codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
 from .ivf import Index
 
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregated", "Codebook", "Index", "QueryResult", "add_images", "aggregate_images", "build_index",
-    "parse_size", "quantize", "quantize_jax", "query", "query_padded", "score_matrix", "train_codebook",
+    "parse_size", "quantize", "quantize_jax", "query", "query_aggregated", "query_padded", "score_matrix", "score_matrix_aggregated", "train_codebook",
 ]

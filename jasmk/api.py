@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import aggregate as agg_mod
+from . import engine as engine_mod
 from . import ivf as ivf_mod
 from . import score as score_mod
 from . import validate
@@ -23,9 +24,6 @@ from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: 
 
 log = logging.getLogger(__name__)
 
-# Bytes of the per-batch query word table (see jasmk.score): bounds the batch size.
-_TABLE_BYTES = 64 * 2**20
-_MAX_BATCH = 64
 
 
 class QueryResult(typing.NamedTuple):
@@ -121,72 +119,18 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
     return ivf_mod.add(index, agg)
 
 
-def _bucket(n: int, minimum: int = 64) -> int:
-    """A size >= n from a short ladder (4 steps per octave), so that jitted shapes repeat."""
-    n = max(int(n), minimum)
-    top = 1 << (n - 1).bit_length()
-    step = max(top // 8, 1)
-    return -(-n // step) * step
-
-
-def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
-    """Query images scored together: the largest power of two <= 64 whose word table
-    (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB and whose score accumulator (at least
-    ``n_images x B`` floats) fits in 256 MiB, and no more than the queries there are."""
-    b = 1
-    while b < _MAX_BATCH:
-        nb = 2 * b
-        if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > _TABLE_BYTES:
-            break
-        if index.n_images * nb * 4 > score_mod.ACC_BYTES:
-            break
-        b = nb
-    return min(b, 1 << max(0, (int(n_queries) - 1).bit_length()))  # powers of two: few compiled shapes
-
-
-def _query_batches(index: ivf_mod.Index, agg: agg_mod.Aggregated):
-    """Yield ``(image ids [b'], vecs [R, W], words [R], slots [R], B)`` batches of flat query rows.
-
-    ``agg`` rows are grouped by image; each batch holds up to ``B`` images (slot = position in the batch,
-    ``B`` on padding rows) and ``R`` is rounded up on a short ladder so that compilations repeat."""
-    bounds = np.flatnonzero(np.diff(agg.images)) + 1
-    starts = np.concatenate([[0], bounds]).astype(np.int64)
-    stops = np.concatenate([bounds, [agg.images.shape[0]]]).astype(np.int64)
-    n_q = starts.size
-    b = batch_size(index, n_q, int((stops - starts).max()))
-    slot_of_row = np.repeat(np.arange(n_q), stops - starts)
-    width = agg.vecs.shape[1]
-    for i in range(0, n_q, b):
-        j = min(i + b, n_q)
-        s, e = starts[i], stops[j - 1]
-        r = int(e - s)
-        cap = _bucket(r)
-        vecs = np.zeros((cap, width), agg.vecs.dtype)
-        vecs[:r] = agg.vecs[s:e]
-        words = np.zeros(cap, np.int32)
-        words[:r] = agg.words[s:e]
-        slots = np.full(cap, b, np.int32)
-        slots[:r] = slot_of_row[s:e] - i
-        yield agg.images[starts[i:j]], vecs, words, slots, b
-
-
-def _run_batches(index, agg, fn, convert, progress: bool, desc: str):
-    """Dispatch ``fn`` on each query batch, converting each result while the next one runs."""
-    out, pending = [], None
+def _run_batches(index, agg, fn, progress: bool, desc: str):
+    """``fn(batch)`` for each :class:`~jasmk.engine.Batch` of the query images in ``agg``, with a progress bar."""
+    out = []
     with _progress(int(np.unique(agg.images).size), desc, progress) as bar:
-        for imgs, vecs, words, slots, b in _query_batches(index, agg):
-            res = fn(vecs, words, slots, b)
-            if pending is not None:
-                out.append(convert(*pending))
-                bar.update(len(pending[0]))
-            pending = (imgs, res)
-        if pending is not None:
-            out.append(convert(*pending))
-            bar.update(len(pending[0]))
+        for batch in engine_mod.batches(index, agg):
+            out.append(fn(batch))
+            bar.update(len(batch.ids))
     return out
 
 
-def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk):
+def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, engine="auto"):
+    engine_mod.check_engine(engine)
     if index.n_entries == 0:
         raise ValueError("the index is empty: build it with images first")
     alpha = validate.finite_number(alpha, "alpha")
@@ -198,7 +142,7 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk)
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss",
-          word_ids=None, progress: bool = False) -> QueryResult:
+          word_ids=None, progress: bool = False, engine: str = "auto") -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -210,55 +154,84 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
         topk: number of results per query (None: all database image slots).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
         progress: show a progress bar on stderr.
+        engine: ``"auto"`` (per batch and segment, the cheaper of the dense scan and the sparse kernels),
+            ``"dense"``, ``"sparse"``, ``"sparse-xla"`` or ``"sparse-cpu"`` (see :mod:`jasmk.engine`).
 
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
     """
-    alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk)
+    _check_query_params(index, alpha, similarity_threshold, topk, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False)
+    return query_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold, topk=topk,
+                            progress=progress, engine=engine)
 
-    def fn(vecs, words, slots, b):
-        return score_mod.score_rows_ranked(index, vecs, words, slots, jnp.float32(alpha), jnp.float32(thr),
-                                           n_queries=b, topk=topk)
 
-    def convert(imgs, res):
-        r, s = res
-        return imgs, np.asarray(r, np.int64)[: len(imgs)], np.asarray(s)[: len(imgs)]
+def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
+                     similarity_threshold: float = 0.0, topk: int | None = None, progress: bool = False,
+                     engine: str = "auto") -> QueryResult:
+    """:func:`query` for query images already aggregated (:func:`aggregate_images`, or rows kept from an
+    earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word)."""
+    alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk, engine)
+    _check_aggregated(index, agg)
 
-    parts = _run_batches(index, agg, fn, convert, progress, "query")
-    ids, ranks, scores = zip(*parts)
+    def fn(batch):
+        return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, engine=engine)
+
+    ids, ranks, scores = zip(*_run_batches(index, agg, fn, progress, "query"))
     return QueryResult(np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores))
+
+
+def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated) -> None:
+    if agg.vecs.ndim != 2 or agg.vecs.shape[1] != index.width or agg.vecs.dtype != (
+            np.uint32 if index.binary else np.float32):
+        raise ValueError(f"aggregated query rows must be [R, {index.width}] "
+                         f"{'uint32' if index.binary else 'float32'}, got {agg.vecs.shape} {agg.vecs.dtype}")
+    if agg.words.shape[0] == 0:
+        raise ValueError("no aggregated query rows")
+    if agg.words.min() < 0 or agg.words.max() >= index.n_words:
+        raise ValueError(f"aggregated query words must lie in [0, {index.n_words})")
+    if (np.diff(agg.images) < 0).any():
+        raise ValueError("aggregated query rows must be grouped by image in ascending id order")
 
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
                  similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, engine: str = "auto") -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending); column ``j`` is the database image with
     internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
-    Retriever builds from asmk's ranks and scores.
+    Retriever builds from asmk's ranks and scores. ``engine`` as in :func:`query`.
     """
-    alpha, thr = _check_query_params(index, alpha, similarity_threshold, None)
+    _check_query_params(index, alpha, similarity_threshold, None, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False)
+    return score_matrix_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold,
+                                   progress=progress, engine=engine)
 
-    def fn(vecs, words, slots, b):
-        return score_mod.score_rows(index, vecs, words, slots, jnp.float32(alpha), jnp.float32(thr), n_queries=b)
 
-    rows = _run_batches(index, agg, fn, lambda imgs, res: np.asarray(res)[: len(imgs)], progress, "score matrix")
+def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
+                            similarity_threshold: float = 0.0, progress: bool = False,
+                            engine: str = "auto") -> np.ndarray:
+    """:func:`score_matrix` for query images already aggregated (as :func:`query_aggregated`)."""
+    alpha, thr = _check_query_params(index, alpha, similarity_threshold, None, engine)
+    _check_aggregated(index, agg)
+    rows = _run_batches(index, agg, lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, engine=engine),
+                        progress, "score matrix")
     return np.concatenate(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk"))
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "max_pairs"))
 def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
-                 similarity_threshold=0.0, topk: int | None = None):
+                 similarity_threshold=0.0, topk: int | None = None, max_pairs: int | None = None):
     """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable).
 
-    Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit.
+    Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit, over
+    every segment of the index (the segment structure is part of the compiled program: an add that creates or
+    merges segments compiles it again).
 
     Args:
         index: the inverted file.
@@ -266,10 +239,15 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
         valid: ``[B, N] bool`` real descriptor rows.
         multiple_assignment: words per query descriptor (static).
         alpha, similarity_threshold: selective kernel (traced).
-        topk: results per query (static; None: all image slots).
+        topk: results per query (static; None: every image slot of every segment, padding slots last with
+            score -inf and rank -1).
+        max_pairs: static bound on the (query row, posting) pairs a batch touches in one segment. None: every
+            segment is scanned densely. Given: the sparse kernel runs for segments where the batch touches at
+            most that many pairs and the dense scan for the others (chosen inside the program, same scores).
 
     Returns:
-        ``(ranks [B, k] int32, scores [B, k] float32)`` as in :func:`~jasmk.score.score_batch`.
+        ``(ranks [B, k] int32, scores [B, k] float32)``: best first, ranks in ids minus ``index.imid_offset``,
+        equal scores in ascending id order.
     """
     b, n, d = feats.shape
     ma = multiple_assignment
@@ -278,5 +256,22 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
     slots = jnp.where(valid, jnp.arange(b, dtype=jnp.int32)[:, None], agg_mod.PAD_IMAGE).reshape(b * n)
     agg, agg_words, agg_slots, _ = agg_mod.aggregate_padded(index.centroids, flat, words, slots,
                                                             binary=index.binary, n_slots=b)
-    return score_mod.score_rows_ranked(index, agg, agg_words, agg_slots, alpha, similarity_threshold, n_queries=b,
-                                       topk=topk)
+    q_scale = score_mod.query_scale(index.idf, agg_words, agg_slots, b)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    thr = jnp.asarray(similarity_threshold, jnp.float32)
+    ids, scores = [], []
+    for seg in index.segments:
+        args = (seg, index.idf, agg, agg_words, agg_slots, q_scale, alpha, thr)
+        if max_pairs is None:
+            s = score_mod.dense_segment(*args, n_queries=b)
+        else:
+            s = score_mod.sparse_or_dense(*args, n_queries=b, pairs_cap=ivf_mod.capacity(max_pairs, minimum=1024))
+        k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
+        i, t = score_mod.segment_top_k(s, seg, k=k)
+        ids.append(i)
+        scores.append(t)
+    ids, scores = jnp.concatenate(ids, axis=1), jnp.concatenate(scores, axis=1)
+    k = ids.shape[1] if topk is None else min(int(topk), ids.shape[1])
+    scores, pos = jax.lax.top_k(scores, k)  # ties: the lower position, i.e. the lower id, first
+    ranks = jnp.take_along_axis(ids, pos, axis=1) - index.imid_offset
+    return jnp.where(scores > score_mod.NEG_INF, ranks, -1), scores

@@ -1,4 +1,4 @@
-"""ASMK scoring of query images against an :class:`~jasmk.ivf.Index`.
+"""ASMK scoring of a batch of query images against one :class:`~jasmk.ivf.Segment` (jitted XLA kernels).
 
 For a query image with aggregated rows ``(q_w, v_w)``, the score of database image ``j`` is
 
@@ -8,13 +8,20 @@ with ``sim = 1 - 2 * hamming / bits`` (binary, ``bits = 32 * W``) or a dot produ
 kernel ``sigma(u) = u**alpha`` for ``u >= threshold`` else 0. The query normalization sums idf over all
 query rows, also those whose word has no postings (as asmk does).
 
-How it is computed: a batch of ``B`` query images is scattered into a word table ``T [U + 1, B, W]`` (``U`` the
-distinct words of the batch; row ``U`` is all zeros for the words the batch lacks) with their idf weights
-``Wt [U + 1, B]``. One pass over the inverted file, in blocks of ``block`` postings, then reads for each posting
-``x`` (word ``w``, image ``j``) the ``B`` query vectors of its word, computes ``B`` similarities at once and adds
-``Wt[w] * sigma(sim)`` to row ``j`` of the ``[n_images, B]`` score accumulator. Every operation is dense and
-vectorized over the batch; the cost is ``n_postings * B`` similarity evaluations per batch, whatever the
-overlap of words, and the memory is the table plus the accumulator.
+Two kernels compute the same sums for one segment and a batch of ``B`` query images given as flat rows:
+
+* :func:`dense_segment` scans every posting of the segment in blocks (``lax.scan``): a word table
+  ``T [U + 1, B, W]`` holds the batch's rows by word, each posting reads the ``B`` rows of its word and adds
+  ``B`` kernel values to its image. Cost ``postings x B``, whatever the batch's words: good for small
+  codebooks and all-vs-all on small sets.
+* :func:`sparse_segment` touches only the postings of the batch's words: each query row ``r`` expands into
+  the ``count[word(r)]`` postings of its word (a ``repeat`` to a static ``pairs_cap``), gathers them, and adds
+  one kernel value per (row, posting) pair. Cost ``sum_r count[word(r)]``.
+
+Both accumulate into ``groups`` partial sums per score (postings split by ``word % groups``, summed at the
+end: the float32 error shrinks about ``groups`` times), and for a fixed (query, image) the contributions arrive
+in the order of the query's rows; with rows sorted by word, as :mod:`jasmk.engine` passes them, the two kernels
+(and the CPU kernel of :mod:`jasmk.cpu_kernel`) give bit-identical scores on the CPU backend.
 
 For ASMK* the kernel is read from a ``bits + 1`` entry table (the similarity takes only those values); for
 ASMK the common integer exponents ``alpha = 1, 2, 3`` are multiplications and other values use ``pow``.
@@ -26,8 +33,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .ivf import Index
+from .ivf import Segment
+
+NEG_INF = float("-inf")
 
 
 def selective_kernel(sim, *, alpha, threshold):
@@ -44,66 +54,84 @@ def _real_kernel(u, alpha, threshold):
     return jnp.where(u >= threshold, powered, 0.0)
 
 
-PARTIAL_SUMS = 8  # most partial sums per score
-ACC_BYTES = 256 * 2**20  # the accumulator of partial sums stays within this (down to one sum per score)
+@functools.partial(jax.jit, static_argnames=("bits",))
+def kernel_table(alpha, threshold, *, bits: int):
+    """``[bits + 1] float32``: the selective kernel of ``1 - 2 h / bits`` for every Hamming distance ``h``."""
+    u = 1.0 - 2.0 * jnp.arange(bits + 1, dtype=jnp.float32) / float(bits)
+    return selective_kernel(u, alpha=jnp.asarray(alpha, jnp.float32), threshold=jnp.asarray(threshold, jnp.float32))
 
 
-def partial_sums(index: Index, n_queries: int) -> int:
-    """Partial sums per score: ``PARTIAL_SUMS``, halved while ``groups x n_images x B`` floats exceed 256 MiB."""
-    g = PARTIAL_SUMS
-    while g > 1 and g * max(index.n_images, 1) * n_queries * 4 > ACC_BYTES:
-        g //= 2
-    return g
+PARTIAL_SUMS = 8  # partial sums per score (postings split by word % 8), whatever the batch or segment size
+ACC_BYTES = 256 * 2**20  # the accumulator of partial sums of one batch and segment stays within this
 
 
-def _db_normalization(index: Index):
-    """``[n_images] float32`` ``1 / sqrt(norm_factor)`` (0 for image slots without entries)."""
-    norm = index.norm_factor
-    return jnp.where(norm > 0, jax.lax.rsqrt(jnp.where(norm > 0, norm, 1.0)), 0.0)
+def query_scale(idf, q_words, q_slots, n_queries: int):
+    """``[B] float32`` query normalization ``1 / sqrt(sum of idf over each query's rows)``, traceable (rows
+    whose slot is not in ``0..B-1`` are padding). :func:`jasmk.engine.query_scale` is the host twin."""
+    valid = (q_slots >= 0) & (q_slots < n_queries)
+    w = jnp.where(valid, idf[jnp.where(valid, q_words, 0)], 0.0)
+    qnorm = jax.ops.segment_sum(w, jnp.where(valid, q_slots, n_queries), num_segments=n_queries + 1)[:n_queries]
+    return jnp.where(qnorm > 0, jax.lax.rsqrt(jnp.where(qnorm > 0, qnorm, 1.0)), 0.0)
 
 
-def default_block(index: Index, n_queries: int) -> int:
+def default_block(seg: Segment, n_queries: int) -> int:
     """Postings per scan step: keeps the per-step temporaries (``block * B * W`` words) near 4 MiB."""
-    per_posting = max(1, n_queries * index.width * 4)
+    per_posting = max(1, n_queries * int(seg.vecs.shape[1]) * 4)
     block = 1 << max(6, min(12, (4 * 2**20 // per_posting).bit_length() - 1))
-    return min(block, index.entry_vecs.shape[0])
+    return min(block, int(seg.vecs.shape[0]))
+
+
+def _finish(acc, seg: Segment, q_scale, groups: int, n_queries: int):
+    """``[B, I]`` normalized scores from the ``[groups * I, B]`` partial sums; padding image slots get -inf."""
+    i_cap = seg.norm_factor.shape[0]
+    parts = acc.reshape(groups, i_cap, n_queries)
+    total = parts[0]
+    for g in range(1, groups):  # in order, as the CPU kernel adds them (a reduce may pair them differently)
+        total = total + parts[g]
+    scores = (total.T * seg.scale[None, :]) * q_scale[:, None]
+    return jnp.where(jnp.arange(i_cap)[None, :] < seg.n_images, scores, NEG_INF)
 
 
 @functools.partial(jax.jit, static_argnames=("n_queries", "block", "groups"))
-def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_queries: int, block: int | None = None,
-               groups: int | None = None):
-    """Dense scores of a batch of ``n_queries`` query images given as flat aggregated rows.
+def dense_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
+                  block: int | None = None, groups: int | None = None):
+    """Scores of a batch of ``n_queries`` query images against every posting of ``seg`` (dense scan).
 
     Args:
-        index: the inverted file.
-        q_vecs: ``[R, W]`` aggregated query rows (same kind as ``index.entry_vecs``).
+        seg: the segment.
+        idf: ``[K] float32`` word weights of the index.
+        q_vecs: ``[R, W]`` aggregated query rows (same kind as ``seg.vecs``).
         q_words: ``[R] int32`` word of each row.
-        q_slots: ``[R] int32`` query image (``0..n_queries-1``) of each row; any other value marks padding.
+        q_slots: ``[R] int32`` query image (``0..B-1``) of each row; any other value marks padding.
             A (query, word) pair must appear at most once (as aggregation guarantees).
+        q_scale: ``[B] float32`` query normalization (:func:`query_scale`).
         alpha, threshold: selective-kernel exponent and threshold (traced scalars).
         n_queries: static batch size ``B``.
-        block: static postings per scan step (a power of two dividing the padded posting arrays; default
+        block: static postings per scan step (a power of two dividing the segment capacity; default
             :func:`default_block`).
-        groups: static number of partial sums per score (postings split by word modulo ``groups``), added at
-            the end: float32 error shrinks about ``groups`` times (default :func:`partial_sums`).
+        groups: static number of partial sums per score (default :data:`PARTIAL_SUMS`; the engine always uses
+            that, so that a score does not depend on the batch it is computed in).
 
     Returns:
-        ``[B, n_images] float32`` scores (internal image order); a query slot without rows scores 0.
+        ``[B, I] float32`` scores of the segment's image slots (``I`` its image capacity; slots past its
+        ``n_images`` are -inf); a query slot without rows scores 0.
     """
     b = int(n_queries)
-    k, n = index.n_words, index.n_images
+    k = idf.shape[0]
     r = q_words.shape[0]
-    e_pad, width = index.entry_vecs.shape
-    block = default_block(index, b) if block is None else int(block)
-    groups = partial_sums(index, b) if groups is None else max(1, int(groups))
-    if e_pad % block:
-        raise ValueError(f"block {block} does not divide the {e_pad} padded postings")
+    cap, width = seg.vecs.shape
+    i_cap = seg.norm_factor.shape[0]
+    binary = seg.vecs.dtype == jnp.uint32
+    block = default_block(seg, b) if block is None else int(block)
+    groups = PARTIAL_SUMS if groups is None else max(1, int(groups))
+    if cap % block:
+        raise ValueError(f"block {block} does not divide the {cap} postings of the segment")
     alpha = jnp.asarray(alpha, jnp.float32)
     threshold = jnp.asarray(threshold, jnp.float32)
     valid = (q_slots >= 0) & (q_slots < b)
     slots = jnp.where(valid, q_slots, b)
     words = jnp.where(valid, q_words, 0).astype(jnp.int32)
-    idf_q = jnp.where(valid, index.idf[words], 0.0)
+    idf_q = jnp.where(valid, idf[words], 0.0)
     # word -> row of the batch table (u_cap: all-zero row for words the batch lacks)
     u_cap = min(k, max(r, 1))
     present = jnp.zeros((k + 1,), jnp.int32).at[jnp.where(valid, words, k)].set(1)[:k]
@@ -111,90 +139,106 @@ def score_rows(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_qu
     row = jnp.where(valid, lookup[words], u_cap + 1)
     table = jnp.zeros((u_cap + 1, b, width), q_vecs.dtype).at[row, slots].set(q_vecs, mode="drop")
     weight = jnp.zeros((u_cap + 1, b), jnp.float32).at[row, slots].set(idf_q, mode="drop")
-    if index.binary:
-        bits = 32 * width
-        u = 1.0 - 2.0 * jnp.arange(bits + 1, dtype=jnp.float32) / float(bits)
-        kernel_table = selective_kernel(u, alpha=alpha, threshold=threshold)
+    if binary:
+        ktable = kernel_table(alpha, threshold, bits=32 * width)
 
     def step(acc, blk):
         x, w, img = blk  # [C, W], [C], [C]
         t = lookup[w]
         q = table[t]  # [C, B, W]
-        if index.binary:
+        if binary:
             h = jax.lax.population_count(q ^ x[:, None, :]).astype(jnp.int32).sum(-1)
-            contrib = kernel_table[h]
+            contrib = ktable[h]
         else:
-            contrib = _real_kernel(jnp.einsum("cbd,cd->cb", q, x), alpha, threshold)
-        # partial sums by word (w % groups): fewer float32 adds per sum, and images with the same postings
-        # (duplicates) still get bit-equal scores
-        dest = jnp.where(img < n, (w % groups) * n + img, groups * n)  # padding postings: out of range, dropped
-        return acc.at[dest].add(contrib * weight[t], mode="drop"), None
+            # a multiply and a sum over D (not a dot): the same float32 operations in the same order for any
+            # batch size and in the sparse kernel, and never TF32 on a GPU
+            contrib = _real_kernel(jnp.sum(q * x[:, None, :], axis=-1), alpha, threshold)
+        dest = jnp.where(img < i_cap, (w % groups) * i_cap + img, groups * i_cap)  # padding: dropped
+        # the barrier keeps XLA from fusing the product into the scatter as a multiply-add (one rounding instead
+        # of two would make the dense scan disagree with the other kernels in the last bit)
+        return acc.at[dest].add(jax.lax.optimization_barrier(contrib * weight[t]), mode="drop"), None
 
-    blocks = (index.entry_vecs.reshape(e_pad // block, block, width),
-              index.entry_words.reshape(e_pad // block, block),
-              index.entry_images.reshape(e_pad // block, block))
-    acc, _ = jax.lax.scan(step, jnp.zeros((groups * n, b), jnp.float32), blocks)
-    acc = acc.reshape(groups, n, b).sum(axis=0)
-    qnorm = jax.ops.segment_sum(idf_q, slots, num_segments=b + 1)[:b]
-    qscale = jnp.where(qnorm > 0, jax.lax.rsqrt(jnp.where(qnorm > 0, qnorm, 1.0)), 0.0)
-    return acc.T * _db_normalization(index)[None, :] * qscale[:, None]
+    blocks = (seg.vecs.reshape(cap // block, block, width), seg.words.reshape(cap // block, block),
+              seg.images.reshape(cap // block, block))
+    acc, _ = jax.lax.scan(step, jnp.zeros((groups * i_cap, b), jnp.float32), blocks)
+    return _finish(acc, seg, q_scale, groups, b)
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
-def score_dense(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, block: int | None = None):
-    """Dense scores of a batch of queries given as padded per-query rows.
-
-    Args:
-        index: the inverted file.
-        q_vecs: ``[B, Q, W]`` aggregated query rows (same kind as ``index.entry_vecs``).
-        q_words: ``[B, Q] int32`` word of each query row.
-        q_valid: ``[B, Q] bool`` real rows (False for padding).
-        alpha, threshold: selective-kernel exponent and threshold (traced scalars).
-
-    Returns:
-        ``[B, n_images] float32`` scores (internal image order).
-    """
-    b, q = q_words.shape
-    slots = jnp.where(q_valid, jnp.arange(b, dtype=jnp.int32)[:, None], b).reshape(b * q)
-    return score_rows(index, q_vecs.reshape(b * q, -1), q_words.reshape(b * q), slots, alpha, threshold,
-                      n_queries=b, block=block)
-
-
-@jax.jit
-def score_image(index: Index, q_vecs, q_words, q_valid, alpha, threshold):
-    """Scores of one query image (``q_vecs [Q, W]``, ``q_words [Q]``, ``q_valid [Q]``): ``[n_images] float32``."""
-    return score_dense(index, q_vecs[None], q_words[None], q_valid[None], alpha, threshold)[0]
-
-
-def top_k(scores, index: Index, topk: int | None):
-    """Rank ``[B, n_images]`` scores: ``(ranks [B, k] int32, scores [B, k] float32)``, best first.
-
-    Ranks are internal ids minus ``index.imid_offset``; equal scores keep ascending id order.
-    """
-    k = index.n_images if topk is None else min(int(topk), index.n_images)
-    top_scores, ranks = jax.lax.top_k(scores, k)
-    return ranks.astype(jnp.int32) - index.imid_offset, top_scores
+def _sparse_acc(seg: Segment, idf, q_vecs, q_words, q_slots, alpha, threshold, *, n_queries: int,
+                pairs_cap: int, groups: int):
+    """Partial sums ``[groups * I, B]`` over the (row, posting) pairs of the batch, and the pair count."""
+    b = int(n_queries)
+    r, width = q_vecs.shape
+    i_cap = seg.norm_factor.shape[0]
+    binary = seg.vecs.dtype == jnp.uint32
+    valid = (q_slots >= 0) & (q_slots < b)
+    words = jnp.where(valid, q_words, 0).astype(jnp.int32)
+    start = seg.offsets[words]
+    count = jnp.where(valid, seg.offsets[words + 1] - start, 0)
+    ends = jnp.cumsum(count)
+    total = ends[-1] if r else jnp.int32(0)
+    row = jnp.repeat(jnp.arange(r, dtype=jnp.int32), count, total_repeat_length=pairs_cap)
+    p = jnp.arange(pairs_cap, dtype=jnp.int32)
+    ok = p < total
+    pos = jnp.where(ok, start[row] + p - (ends[row] - count[row]), 0)
+    x = seg.vecs[pos]
+    img = seg.images[pos]
+    q = q_vecs[row]
+    if binary:
+        h = jax.lax.population_count(q ^ x).astype(jnp.int32).sum(-1)
+        contrib = kernel_table(alpha, threshold, bits=32 * width)[h]
+    else:
+        dots = jnp.sum(q * x, axis=-1)
+        contrib = _real_kernel(dots, jnp.asarray(alpha, jnp.float32), jnp.asarray(threshold, jnp.float32))
+    w_row = words[row]
+    dest = jnp.where(ok, ((w_row % groups) * i_cap + img) * b + q_slots[row], groups * i_cap * b)
+    prod = jax.lax.optimization_barrier(contrib * idf[w_row])  # no fused multiply-add (see dense_segment)
+    acc = jnp.zeros((groups * i_cap * b,), jnp.float32).at[dest].add(prod, mode="drop")
+    return acc.reshape(groups * i_cap, b), total
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "block"))
-def score_batch(index: Index, q_vecs, q_words, q_valid, alpha, threshold, *, topk: int | None,
-                block: int | None = None):
-    """A batch of queries (:func:`score_dense`), ranked.
+@functools.partial(jax.jit, static_argnames=("n_queries", "pairs_cap", "groups"))
+def sparse_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
+                   pairs_cap: int, groups: int | None = None):
+    """Scores of a batch against ``seg``, touching only the postings of the batch's words.
 
-    Args:
-        q_vecs: ``[B, Q, W]``; q_words: ``[B, Q] int32``; q_valid: ``[B, Q] bool``.
-        topk: keep the best ``topk`` images per query (None: rank all ``n_images``).
+    Arguments as :func:`dense_segment`, plus ``pairs_cap``: static bound on the (row, posting) pairs, ``sum_r
+    count[word(r)]`` (the caller computes it on the host and rounds it up on :func:`jasmk.ivf.capacity`'s
+    ladder). Pairs past ``pairs_cap`` are dropped: the caller must not pass fewer (:func:`sparse_or_dense`
+    is the form with an overflow rule).
 
     Returns:
-        ``(ranks [B, k] int32, scores [B, k] float32)`` best first, ranks in internal ids minus
-        ``index.imid_offset``; equal scores keep ascending id order.
+        ``[B, I] float32`` scores, as :func:`dense_segment`.
     """
-    return top_k(score_dense(index, q_vecs, q_words, q_valid, alpha, threshold, block=block), index, topk)
+    b = int(n_queries)
+    groups = PARTIAL_SUMS if groups is None else max(1, int(groups))
+    acc, _ = _sparse_acc(seg, idf, q_vecs, q_words, q_slots, alpha, threshold, n_queries=b, pairs_cap=pairs_cap,
+                         groups=groups)
+    return _finish(acc, seg, q_scale, groups, b)
 
 
-@functools.partial(jax.jit, static_argnames=("n_queries", "topk", "block"))
-def score_rows_ranked(index: Index, q_vecs, q_words, q_slots, alpha, threshold, *, n_queries: int,
-                      topk: int | None, block: int | None = None):
-    """:func:`score_rows`, ranked as :func:`score_batch`."""
-    scores = score_rows(index, q_vecs, q_words, q_slots, alpha, threshold, n_queries=n_queries, block=block)
-    return top_k(scores, index, topk)
+def sparse_or_dense(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
+                    pairs_cap: int):
+    """Traceable scores of a batch against ``seg`` for code inside ``jit`` / ``vmap`` (where the touched-pair
+    count is data): the sparse kernel when the batch touches at most ``pairs_cap`` (row, posting) pairs, else
+    the dense scan (``lax.cond``: both are compiled, one runs). The result is the same either way."""
+    b = int(n_queries)
+    groups = PARTIAL_SUMS
+    valid = (q_slots >= 0) & (q_slots < b)
+    words = jnp.where(valid, q_words, 0)
+    touched = jnp.sum(jnp.where(valid, seg.offsets[words + 1] - seg.offsets[words], 0))
+    args = (seg, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold)
+    return jax.lax.cond(
+        touched <= pairs_cap,
+        lambda a: sparse_segment(*a, n_queries=b, pairs_cap=pairs_cap, groups=groups),
+        lambda a: dense_segment(*a, n_queries=b, groups=groups),
+        args,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def segment_top_k(scores, seg: Segment, *, k: int):
+    """Best ``k`` image slots of a segment's ``[B, I]`` scores: ``(internal ids [B, k] int32, scores [B, k])``;
+    equal scores keep ascending ids (padding slots, -inf, come last)."""
+    top, idx = jax.lax.top_k(scores, k)
+    return idx.astype(jnp.int32) + seg.image_start, top

@@ -9,6 +9,8 @@ import pytest
 
 import jasmk
 from jasmk import aggregate as agg_mod
+from jasmk import engine as engine_mod
+from jasmk import ivf
 from jasmk import score as score_mod
 from conftest import asmk_params, asmk_with_centroids
 
@@ -113,60 +115,76 @@ def test_parse_size():
             jasmk.parse_size(bad)
 
 
-def test_jitted_vmapped_scoring_equals_per_query(small_data):
-    """score_dense (one batch) equals score_image per query and a numpy loop; the index is a PyTree under jit."""
+def _oracle_scores(index, q_vecs, q_words, alpha, threshold, binary):
+    """float64 numpy re-derivation of one query's scores over every image slot, by an explicit loop over the
+    query rows and each word's postings (taken from the word-major entries)."""
+    vecs, words, images = ivf.entries(index)
+    idf = np.asarray(index.idf, np.float64)
+    norm = index.norm_factor.astype(np.float64)
+    ref = np.zeros(int(index.n_images))
+    for v, w in zip(q_vecs, q_words):
+        e = np.flatnonzero(words == w)
+        if binary:
+            ham = np.array([sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(v, vecs[i])) for i in e])
+            sim = 1 - 2 * ham / (32 * len(v))
+        else:
+            sim = vecs[e].astype(np.float64) @ v.astype(np.float64)
+        keep = sim >= threshold
+        k = np.where(keep, np.power(np.where(keep, sim, 1.0), alpha), 0.0)
+        np.add.at(ref, images[e], k * idf[w])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = np.where(norm > 0, ref / np.sqrt(norm), 0.0)
+    return ref / np.sqrt(idf[q_words].sum())
+
+
+@pytest.mark.parametrize("engine", ["dense", "sparse-xla", "sparse-cpu"])
+def test_each_engine_matches_a_numpy_loop(small_data, engine, monkeypatch):
+    """Every kernel, on an index of several segments, gives the scores of an explicit float64 loop."""
+    monkeypatch.setattr(ivf, "MAX_SEGMENT_IMAGES", 7)
     feats, ids, centroids = small_data
-    index = jasmk.build_index(feats, ids, codebook=centroids)
-    leaves, treedef = jax.tree_util.tree_flatten(index)
-    assert jax.tree_util.tree_unflatten(treedef, leaves).n_images == index.n_images
+    index = jasmk.build_index(feats[ids < 9], ids[ids < 9], codebook=centroids, use_idf=True)
+    for lo, hi in [(9, 10), (10, 11), (11, 24)]:
+        m = (ids >= lo) & (ids < hi)
+        index = jasmk.add_images(index, feats[m], ids[m])
+    assert len(index.segments) >= 4
     agg = jasmk.aggregate_images(centroids, feats, ids, binary=True, multiple_assignment=5)
-    q = 64
-    vecs = np.zeros((3, q, agg.vecs.shape[1]), np.uint32)
-    words = np.zeros((3, q), np.int32)
-    valid = np.zeros((3, q), bool)
-    for t, img in enumerate([0, 5, 9]):
-        m = agg.images == img
-        k = min(int(m.sum()), q)
-        vecs[t, :k], words[t, :k], valid[t, :k] = agg.vecs[m][:k], agg.words[m][:k], True
-    batch = score_mod.score_dense(index, vecs, words, valid, 3.0, 0.0)
-    for t in range(3):
-        one = score_mod.score_image(index, vecs[t], words[t], valid[t], 3.0, 0.0)
-        np.testing.assert_allclose(batch[t], one, atol=1e-6)
-    # numpy oracle for one query: explicit loop over query rows and postings
-    counts, offs = np.asarray(index.counts), np.asarray(index.word_offsets)
-    ev, ei = np.asarray(index.entry_vecs), np.asarray(index.entry_images)
-    idf, norm = np.asarray(index.idf), np.asarray(index.norm_factor)
-    ref = np.zeros(index.n_images)
-    for v, w in zip(vecs[1][valid[1]], words[1][valid[1]]):
-        for e in range(offs[w], offs[w] + counts[w]):
-            ham = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(v, ev[e]))
-            s = 1 - 2 * ham / (32 * len(v))
-            if s >= 0:
-                ref[ei[e]] += s**3 * idf[w] / np.sqrt(norm[ei[e]])
-    ref /= np.sqrt(idf[words[1][valid[1]]].sum())
-    np.testing.assert_allclose(batch[1], ref, atol=1e-6)
+    S = jasmk.score_matrix(index, feats, ids, engine=engine)
+    for q in (0, 5, 9, 23):
+        m = agg.images == q
+        ref = _oracle_scores(index, agg.vecs[m], agg.words[m], 3.0, 0.0, True)
+        np.testing.assert_allclose(S[q], ref, atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize("binary", [True, False])
-def test_scores_do_not_depend_on_batching(small_data, binary):
-    """Flat rows in any order, any batch size and any scan block give the same scores (and empty slots 0)."""
+def test_scores_do_not_depend_on_batching_or_engine(small_data, binary, monkeypatch):
+    """A query scored alone ranks exactly as inside any batch, with every engine; the kernels agree to the bit
+    for ASMK* (same summation order everywhere) and within float32 rounding for ASMK."""
+    monkeypatch.setattr(ivf, "MAX_SEGMENT_IMAGES", 10)
     feats, ids, centroids = small_data
-    index = jasmk.build_index(feats, ids, codebook=centroids, binary=binary, use_idf=True)
+    index = jasmk.build_index(feats[ids < 12], ids[ids < 12], codebook=centroids, binary=binary, use_idf=True)
+    index = jasmk.add_images(index, feats[ids >= 12], ids[ids >= 12])
     agg = jasmk.aggregate_images(centroids, feats, ids, binary=binary, multiple_assignment=5, sort=False)
-    ref = np.stack([np.asarray(score_mod.score_image(index, agg.vecs[agg.images == i], agg.words[agg.images == i],
-                                                     np.ones(int((agg.images == i).sum()), bool), 2.0, 0.05))
-                    for i in range(index.n_images)])
-    perm = np.random.default_rng(0).permutation(len(agg.words))
-    for b, block in [(32, 64), (32, 4096), (64, 512)]:
-        slots = np.concatenate([agg.images, np.full(7, b)])[np.concatenate([perm, len(perm) + np.arange(7)])]
-        vecs = np.concatenate([agg.vecs, agg.vecs[:7]])[np.concatenate([perm, len(perm) + np.arange(7)])]
-        words = np.concatenate([agg.words, agg.words[:7]])[np.concatenate([perm, len(perm) + np.arange(7)])]
-        got = np.asarray(score_mod.score_rows(index, vecs, words, slots.astype(np.int32), 2.0, 0.05, n_queries=b,
-                                              block=block))
-        np.testing.assert_allclose(got[: index.n_images], ref, atol=1e-6)
-        assert np.all(got[index.n_images:] == 0)  # slots with no rows score 0
-    with pytest.raises(ValueError, match="block"):
-        score_mod.score_rows(index, vecs, words, slots.astype(np.int32), 2.0, 0.05, n_queries=4, block=3000)
+    engines = ["dense", "sparse-xla", "auto"] + (["sparse-cpu"] if binary else [])
+    ref = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine="dense")
+    for engine in engines:
+        together = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine=engine)
+        if binary:
+            np.testing.assert_array_equal(together.scores, ref.scores)
+            np.testing.assert_array_equal(together.ranks, ref.ranks)
+        else:
+            np.testing.assert_allclose(together.scores, ref.scores, atol=1e-6, rtol=0)
+        for q in (0, 7, 23):
+            m = agg.images == q
+            alone = jasmk.query_aggregated(index, jasmk.Aggregated(agg.vecs[m], agg.words[m], agg.images[m]),
+                                           alpha=2.0, similarity_threshold=0.05, engine=engine)
+            np.testing.assert_array_equal(alone.scores[0], together.scores[q])
+            np.testing.assert_array_equal(alone.ranks[0], together.ranks[q])
+    # rows of a query in another order (a permutation within each image) give the same bits
+    perm = np.concatenate([np.flatnonzero(agg.images == i)[::-1] for i in range(24)])
+    shuffled = jasmk.Aggregated(agg.vecs[perm], agg.words[perm], agg.images[perm])
+    again = jasmk.query_aggregated(index, shuffled, alpha=2.0, similarity_threshold=0.05, engine=engines[-1])
+    np.testing.assert_array_equal(again.scores, jasmk.query_aggregated(
+        index, agg, alpha=2.0, similarity_threshold=0.05, engine=engines[-1]).scores)
 
 
 def test_bad_input_errors(small_data):
@@ -291,7 +309,7 @@ def test_compat_quantizes_the_indexed_set_once(monkeypatch, small_data):
 
 def test_scores_close_to_float64_oracle_with_many_query_rows():
     """Scores summed over ~1300 query rows and ~1000 postings per image stay within 1e-7 of a float64 numpy
-    re-derivation."""
+    re-derivation (8 partial sums per score), with both real-valued kernels."""
     rng = np.random.default_rng(1)
     k, n_img, per = 2048, 300, 1000
     feats = rng.standard_normal((n_img * per, 32), dtype=np.float32)
@@ -299,17 +317,17 @@ def test_scores_close_to_float64_oracle_with_many_query_rows():
     cent = rng.standard_normal((k, 32), dtype=np.float32)
     index = jasmk.build_index(feats, ids, codebook=cent, word_ids=rng.integers(0, k, (len(feats), 1)), binary=False)
     q = jasmk.aggregate_images(cent, feats[ids == 0], ids[ids == 0], binary=False, multiple_assignment=5)
-    got = np.asarray(score_mod.score_image(index, q.vecs, q.words, np.ones(len(q.words), bool), 1.0, -1.0))
-    counts, offs = np.asarray(index.counts), np.asarray(index.word_offsets)
-    ev, ei = np.asarray(index.entry_vecs).astype(np.float64), np.asarray(index.entry_images)
-    idf, norm = np.asarray(index.idf).astype(np.float64), np.asarray(index.norm_factor).astype(np.float64)
-    ref = np.zeros(index.n_images)
+    vecs, words, images = ivf.entries(index)
+    idf, norm = np.asarray(index.idf).astype(np.float64), index.norm_factor.astype(np.float64)
+    ref = np.zeros(int(index.n_images))
     for v, w in zip(q.vecs.astype(np.float64), q.words):
-        e = np.arange(offs[w], offs[w] + counts[w])
-        np.add.at(ref, ei[e], (ev[e] @ v) * idf[w])
+        e = np.flatnonzero(words == w)
+        np.add.at(ref, images[e], (vecs[e].astype(np.float64) @ v) * idf[w])
     ref = ref / np.sqrt(norm) / np.sqrt(idf[q.words].sum())
     assert len(q.words) > 1000
-    np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+    for engine in ("dense", "sparse-xla"):
+        got = jasmk.score_matrix_aggregated(index, q, alpha=1.0, similarity_threshold=-1.0, engine=engine)[0]
+        np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
 
 
 def test_aggregation_is_bit_exact_with_asmk_kernel():
@@ -340,18 +358,19 @@ def test_aggregation_is_bit_exact_with_asmk_kernel():
 
 
 def test_batch_size_respects_memory_budgets(small_data):
-    """The query batch is a power of two, at most the queries there are, and keeps table and accumulator bounded."""
-    from jasmk import api
-
+    """The query batch is a power of two, at most the queries there are, and keeps the dense word table and the
+    accumulator of the largest segment bounded."""
     feats, ids, centroids = small_data
     for binary in (True, False):
         index = jasmk.build_index(feats, ids, codebook=centroids, binary=binary)
         for n_q, rows in [(1, 10), (3, 10), (1000, 5000), (1000, 50)]:
-            b = api.batch_size(index, n_q, rows)
+            b = engine_mod.batch_size(index, n_q, rows)
             assert b & (b - 1) == 0 and 1 <= b <= max(1, 1 << (n_q - 1).bit_length()) and b <= 64
             assert (min(index.n_words, b * rows) + 1) * b * index.width * 4 <= 64 * 2**20
-        assert api.batch_size(index, 3, 10) == 4
-    big = dataclasses.replace(index, n_images=10**7)  # only the static size matters here
-    b = api.batch_size(big, 1000, 10)
-    assert b == 4 and score_mod.partial_sums(big, b) * big.n_images * b * 4 <= 256 * 2**20
-    assert score_mod.partial_sums(index, 64) == score_mod.PARTIAL_SUMS
+        assert engine_mod.batch_size(index, 3, 10) == 4
+    seg = index.segments[0]
+    big = dataclasses.replace(index, segments=(dataclasses.replace(
+        seg, norm_factor=np.zeros(ivf.MAX_SEGMENT_IMAGES, np.float32)),))  # only the image capacity matters
+    b = engine_mod.batch_size(big, 1000, 10)
+    assert score_mod.PARTIAL_SUMS * ivf.MAX_SEGMENT_IMAGES * b * 4 <= score_mod.ACC_BYTES
+    assert score_mod.PARTIAL_SUMS * ivf.MAX_SEGMENT_IMAGES * 2 * b * 4 > score_mod.ACC_BYTES
