@@ -194,7 +194,8 @@ def main(argv=None):
             for a in singles:  # compile (once per shape on the capacity ladders) and warm up
                 jasmk.query_aggregated(index, a, topk=100, engine=eng)
             t0 = time.perf_counter()
-            res1 = [jasmk.query_aggregated(index, a, topk=100, engine=eng) for a in singles]
+            for a in singles:
+                jasmk.query_aggregated(index, a, topk=100, engine=eng)
             t1 = 1e3 * (time.perf_counter() - t0) / len(singles)
             jasmk.query_aggregated(index, qagg, topk=100, engine=eng)  # compile
             tb, resb = timed(lambda: jasmk.query_aggregated(index, qagg, topk=100, engine=eng), 2)
@@ -209,7 +210,6 @@ def main(argv=None):
                 agree = tot = 0
                 for j, (r, s) in enumerate(ref):
                     ours = resb.ranks[j]
-                    refd = dict(zip(r.tolist(), s.tolist()))
                     for p, (x, y) in enumerate(zip(ours, r)):
                         tot += 1
                         agree += x == y or abs(resb.scores[j, p] - s[p]) <= 1e-6  # same image or a tie
@@ -268,9 +268,7 @@ def main(argv=None):
         row["chunked_ratio"] = t_chunk / t_build
         log.info("build in 10 adds: %.2fs, %.2fx one build", t_chunk, t_chunk / t_build)
         table.append(row)
-        del index, grown, cur
-        if not args.no_asmk:
-            del a_ivf
+        index = grown = cur = a_ivf = None  # free this size's arrays before the next
         gc.collect()
     log.info("")
     log.info("| images | postings | asmk ms/query | jasmk auto, one at a time | jasmk auto, batch of 64 | "

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import uuid
+import zipfile
 
 import numpy as np
 
@@ -21,35 +24,186 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
-def _load_feats(path, *, need_ids: bool):
+# ---------------------------------------------------------------------------------------------------------
+# reading feature and score files (headers checked before anything is allocated)
+
+
+def _read_npy_header(handle, where):
+    """``(shape, dtype)`` from the ``.npy`` header at the start of ``handle``."""
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = fmt.read_array_header_2_0(handle)
+    else:
+        raise CliError(f"{where}: unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise CliError(f"{where} holds Python objects (dtype {dtype}); only numeric arrays are read")
+    return shape, dtype
+
+
+def _check_claim(where, shape, dtype, available):
+    claimed = math.prod(int(n) for n in shape) * dtype.itemsize
+    if claimed > available:
+        raise CliError(f"{where}: its header claims a {dtype} array of shape {tuple(shape)} ({claimed} bytes) "
+                       f"but only {available} bytes follow: truncated or damaged file")
+
+
+def _check_array_file(path):
+    """Check the headers of a ``.npy`` or ``.npz`` file against the bytes it really holds."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CliError(f"cannot read {path}: the file is empty")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+        handle.seek(0)
+        if magic == b"\x93NUMPY":
+            shape, dtype = _read_npy_header(handle, path)
+            _check_claim(path, shape, dtype, size - handle.tell())
+            return
+    if not zipfile.is_zipfile(path):
+        raise CliError(f"cannot read {path}: not a .npy or .npz file")
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            where = f"{path}:{info.filename}"
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size > info.compress_size:
+                raise CliError(f"{where}: the archive claims more bytes than it stores")
+            with archive.open(info) as member:
+                shape, dtype = _read_npy_header(member, where)
+                _check_claim(where, shape, dtype, info.file_size - member.tell())
+
+
+def _load_arrays(path, keys=None):
+    """``(array, None)`` from a ``.npy``, or ``({name: array} for those of keys present, all names)`` from an
+    ``.npz`` (all arrays if ``keys`` is None)."""
+    if not path:
+        raise CliError("an input path is empty")
     if not os.path.exists(path):
         raise CliError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise CliError(f"{path} is a directory, not a .npy/.npz file")
     try:
+        _check_array_file(path)
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        if isinstance(data, np.ndarray):
+            return data, None
+        with data:
+            names = list(data.files) if keys is None else [k for k in keys if k in data.files]
+            return {k: data[k] for k in names}, list(data.files)
+    except CliError:
+        raise
+    except MemoryError:
+        raise CliError(f"cannot read {path}: out of memory") from None
+    except Exception as exc:  # OSError, ValueError, EOFError, zipfile.BadZipFile, ...
         raise CliError(f"cannot read {path}: {exc}") from None
-    if isinstance(data, np.ndarray):
+
+
+def _load_feats(path, *, need_ids: bool):
+    data, files = _load_arrays(path, keys=("feats", "ids"))
+    if files is None:
         if need_ids:
             raise CliError(f"{path} is a plain array: give an .npz with 'feats' and 'ids'")
         return data, None
-    keys = set(data.files)
+    keys = set(files)
     if "feats" not in keys or (need_ids and "ids" not in keys):
         raise CliError(f"{path} must hold 'feats'{' and ids' if need_ids else ''} arrays, it has {sorted(keys)}")
-    return data["feats"], (data["ids"] if "ids" in keys else None)
+    return data["feats"], data.get("ids")
 
 
 def _load_codebook(path):
     from . import checkpoint
 
     if path.endswith(".pkl"):
-        return checkpoint.load_asmk_codebook(path)
+        return checkpoint.load_asmk_codebook(path)  # restricted unpickler: never runs code
     return checkpoint.load_codebook(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output checks (before any work) and atomic writes
+
+
+def _same_path(a, b) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path, folder) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_not_input(out, inputs):
+    for inp in inputs:
+        if inp and os.path.exists(inp) and _same_path(out, inp):
+            raise CliError(f"refusing to write --out {out}: it is an input of this command")
+
+
+def _check_out_checkpoint(out, *, kind, inputs):
+    """Fail before any work if the checkpoint ``out`` would replace an input or anything not of ``kind``."""
+    from . import checkpoint
+
+    if not out:
+        raise CliError("--out is empty")
+    _check_not_input(out, inputs)
+    for inp in inputs:
+        if inp and os.path.exists(inp) and _inside(inp, out):
+            raise CliError(f"refusing to write --out {out}: the input {inp} lies inside it")
+    checkpoint.check_save_target(out, kind=kind)
+
+
+def _check_out_file(out, *, inputs):
+    """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint."""
+    from . import checkpoint
+
+    if not out:
+        raise CliError("--out is empty")
+    if os.path.isdir(out):
+        raise CliError(f"refusing to write --out {out}: it is an existing directory")
+    _check_not_input(out, inputs)
+    inside = checkpoint.enclosing_checkpoint(out)
+    if inside is not None:
+        raise CliError(f"refusing to write --out {out}: it is inside the jasmk checkpoint {inside}")
+
+
+def _atomic_save(path, write, *, suffix=""):
+    """Write ``path`` through ``write(tmp_path)``: a temporary file in the same folder, then ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}{suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_with(save):
+    """``write(tmp)`` for :func:`_atomic_save` from ``save(handle)``."""
+    def write(tmp):
+        with open(tmp, "xb") as handle:
+            save(handle)
+    return write
+
+
+# ---------------------------------------------------------------------------------------------------------
+# commands
 
 
 def _cmd_codebook(args):
     import jasmk
     from . import checkpoint
 
+    _check_out_checkpoint(args.out, kind="codebook", inputs=[args.feats])
     feats, _ = _load_feats(args.feats, need_ids=False)
     cb = jasmk.train_codebook(feats, size=args.size, niter=args.niter, seed=args.seed)
     checkpoint.save_codebook(args.out, cb)
@@ -60,6 +214,7 @@ def _cmd_index(args):
     import jasmk
     from . import checkpoint
 
+    _check_out_checkpoint(args.out, kind="index", inputs=[args.feats, args.codebook])
     feats, ids = _load_feats(args.feats, need_ids=True)
     index = jasmk.build_index(feats, ids, codebook=_load_codebook(args.codebook), binary=args.binary,
                               use_idf=args.use_idf, multiple_assignment=args.ma)
@@ -76,10 +231,11 @@ def _cmd_query(args):
     import jasmk
     from . import checkpoint
 
+    _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     res = jasmk.query(index, feats, ids, topk=args.topk, **_query_kwargs(args))
-    _atomic_save(args.out, lambda f: np.savez(f, ids=res.ids, ranks=res.ranks, scores=res.scores))
+    _atomic_save(args.out, _write_with(lambda f: np.savez(f, ids=res.ids, ranks=res.ranks, scores=res.scores)))
     log.info("ranks of %d queries saved to %s", len(res.ids), args.out)
 
 
@@ -87,38 +243,31 @@ def _cmd_score_matrix(args):
     import jasmk
     from . import checkpoint
 
+    _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     scores = jasmk.score_matrix(index, feats, ids, **_query_kwargs(args))
-    _atomic_save(args.out, lambda f: np.save(f, scores))
+    _atomic_save(args.out, _write_with(lambda f: np.save(f, scores)))
     log.info("score matrix %s saved to %s", scores.shape, args.out)
 
 
 def _cmd_pairs(args):
     from . import pairs
 
-    if not os.path.exists(args.scores):
-        raise CliError(f"no such file: {args.scores}")
-    scores = np.load(args.scores, allow_pickle=False)
+    _check_out_file(args.out, inputs=[args.scores, args.names])
+    scores, files = _load_arrays(args.scores, keys=())
+    if files is not None:
+        raise CliError(f"{args.scores} must be a .npy score matrix, not an .npz")
     na, k = pairs.parse_scene_graph(args.scene_graph)
     names = None
     if args.names:
         with open(args.names) as handle:
             names = [line.strip() for line in handle if line.strip()]
     p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
-    pairs.save_pairs(args.out, p, names=names)
+    # save_pairs picks the format from the suffix: keep it on the temporary name
+    _atomic_save(args.out, lambda tmp: pairs.save_pairs(tmp, p, names=names),
+                 suffix=".npy" if args.out.endswith(".npy") else ".txt")
     log.info("%d pairs (%d key images) saved to %s", len(p), len(keys), args.out)
-
-
-def _atomic_save(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +322,14 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (CliError, ValueError, OSError) as exc:
+        log.debug("failed", exc_info=True)
         parser.exit(2, f"jasmk: error: {exc}\n")
+    except MemoryError as exc:
+        log.debug("failed", exc_info=True)
+        parser.exit(2, f"jasmk: error: out of memory{f': {exc}' if str(exc) else ''}\n")
+    except Exception as exc:  # anything else is still reported as one line, never a traceback
+        log.debug("failed", exc_info=True)
+        parser.exit(2, f"jasmk: error: {type(exc).__name__}: {exc}\n")
     return 0
 
 

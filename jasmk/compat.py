@@ -36,8 +36,14 @@ _BINARY_SHORTCUTS = {"bin": True, "nobin": False, True: True, False: False}
 
 
 def _load_pickle(path):
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+    """Read an asmk cache or distractor pickle with the restricted unpickler (loading never runs code).
+
+    Raises:
+        ValueError: a damaged, empty or hostile file, or a directory.
+    """
+    from . import safepickle
+
+    return safepickle.load(path)
 
 
 def _save_pickle(path, data):

@@ -3,9 +3,10 @@
 XLA on the CPU spends most of the sparse path's time in gathers and scatters per (query row, posting) pair.
 This kernel walks the batch's distinct words in ascending order; for each word it reads each posting of the
 word once and compares it with every query row of the batch that holds the word (popcount of XOR, kernel
-table, idf weight), adding into a ``[groups, I, B]`` float32 accumulator. The arithmetic is the one of
-:mod:`jasmk.score` in the same order (rows sorted by word, partial sums by ``word % groups``, the same kernel
-table and normalization arrays), so its scores are bit-identical to the XLA kernels' on the CPU backend.
+table, idf weight), adding into one float64 sum per (image, query), which is rounded to float32 once at the
+end. The contributions and the normalization are the float32 values of :mod:`jasmk.score`; only the sums are
+more precise than the XLA kernels' 8 float32 partial sums, so the scores agree with theirs to about 1e-7 and a
+score never depends on the batch it is computed in (nor on the order of its rows).
 
 numba is optional at import time: :func:`available` says whether the kernel can run; the engine falls back to
 the XLA sparse kernel without it.
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Compile (once per process; numba caches to disk) and return ``(accumulate, finish)``."""
+    """Compile (once per process; numba caches to disk) and return the scoring kernel."""
     import numba
     from numba import types
     from numba.extending import intrinsic
@@ -38,40 +39,37 @@ def _kernels():
         return sig, codegen
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def accumulate(vecs, images, offsets, uwords, ustart, q_vecs, q_slots, q_weight, ktable, groups, acc):
+    def score(vecs, images, offsets, uwords, ustart, q_vecs, q_slots, q_weight, ktable, scale, q_scale, n_images,
+              out):
+        # out [b, I]; one float64 sum per (image, query) in a [I, b] buffer
         width = vecs.shape[1]
-        weighted = np.empty_like(ktable)  # kernel x idf of the current word, stored: no fused multiply-add
+        b = out.shape[0]
+        i_cap = out.shape[1]
+        acc = np.zeros((i_cap, b), np.float64)
+        weighted = np.empty(ktable.shape[0], np.float64)
         for u in range(uwords.shape[0]):
             w = uwords[u]
-            g = w % groups
             r0 = ustart[u]
             r1 = ustart[u + 1]
             if offsets[w + 1] == offsets[w]:
                 continue
-            for t in range(ktable.shape[0]):
-                weighted[t] = ktable[t] * q_weight[r0]
+            for t in range(ktable.shape[0]):  # kernel x idf of this word, rounded to float32 as the XLA kernels do
+                weighted[t] = np.float32(ktable[t] * q_weight[r0])
             for p in range(offsets[w], offsets[w + 1]):
                 img = images[p]
                 for r in range(r0, r1):
                     h = 0
                     for j in range(width):
                         h += popcount32(q_vecs[r, j] ^ vecs[p, j])
-                    acc[g, img, q_slots[r]] += weighted[h]
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def finish(acc, scale, q_scale, n_images, out):
-        groups, i_cap, b = acc.shape
+                    acc[img, q_slots[r]] += weighted[h]
         for i in range(i_cap):
             for q in range(b):
                 if i < n_images:
-                    t = acc[0, i, q]
-                    for g in range(1, groups):
-                        t += acc[g, i, q]
-                    out[q, i] = (t * scale[i]) * q_scale[q]
+                    out[q, i] = (np.float32(acc[i, q]) * scale[i]) * q_scale[q]
                 else:
                     out[q, i] = -np.inf
 
-    return accumulate, finish
+    return score
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,37 +83,38 @@ def available() -> bool:
         return False
 
 
-CACHE_BYTES = 1 << 20  # the accumulator of one kernel call stays within this (cache-resident)
+CACHE_BYTES = 1 << 20  # the accumulator of one pass stays within this (cache-resident)
 
 
 def _word_runs(words: np.ndarray):
     """``(distinct words [U] int32, row ranges [U + 1] int64)`` of rows sorted by word."""
+    if words.shape[0] == 0:
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
     bounds = np.flatnonzero(np.diff(words)) + 1
     ustart = np.concatenate([[0], bounds, [words.shape[0]]]).astype(np.int64)
     return words[ustart[:-1]].astype(np.int32), ustart
 
 
-def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, n_queries: int,
-                  groups: int) -> np.ndarray:
+def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, n_queries: int) -> np.ndarray:
     """Scores of a batch against one segment (host arrays of :class:`jasmk.ivf.HostSegment`).
 
-    The batch is cut into sub-batches of query slots whose ``[groups, I, b]`` accumulator fits in
-    :data:`CACHE_BYTES` (the accumulator's random writes dominate otherwise); each sub-batch is one pass over
-    the postings of its words.
+    The accumulator's random writes dominate the cost once it leaves the cache, so the batch is cut into
+    sub-batches of queries whose ``[I, b]`` float64 accumulator fits in :data:`CACHE_BYTES` (one query at a
+    time for the largest segments); each sub-batch is one pass over the postings of its words.
 
     Args:
         hseg: host views of the segment.
         q_vecs: ``[R, W] uint32`` query rows sorted by word (stable); q_words: ``[R] int32`` their words;
             q_slots: ``[R] int32`` their query slot; q_weight: ``[R] float32`` idf of their word.
         ktable: ``[bits + 1] float32`` kernel table; q_scale: ``[B] float32`` query normalization.
-        n_queries: ``B``; groups: partial sums per score.
+        n_queries: ``B``.
 
     Returns:
         ``[B, I] float32`` scores (-inf on the padding image slots), as :func:`jasmk.score.dense_segment`.
     """
-    accumulate, finish = _kernels()
+    score = _kernels()
     i_cap = hseg.norm_factor.shape[0]
-    sub = int(max(1, min(n_queries, CACHE_BYTES // (groups * i_cap * 4))))
+    sub = int(max(1, min(n_queries, CACHE_BYTES // (i_cap * 8))))
     out = np.empty((n_queries, i_cap), np.float32)
     for s0 in range(0, n_queries, sub):
         s1 = min(n_queries, s0 + sub)
@@ -124,10 +123,7 @@ def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, 
             qv, qw, qs, qwt = q_vecs[m], q_words[m], q_slots[m] - s0, q_weight[m]
         else:
             qv, qw, qs, qwt = q_vecs, q_words, q_slots, q_weight
-        acc = np.zeros((groups, i_cap, s1 - s0), np.float32)
-        if qw.shape[0]:
-            uwords, ustart = _word_runs(qw)
-            accumulate(hseg.vecs, hseg.images, hseg.offsets, uwords, ustart, qv, qs, qwt, ktable, np.int32(groups),
-                       acc)
-        finish(acc, hseg.scale, q_scale[s0:s1], np.int64(hseg.n_images), out[s0:s1])
+        uwords, ustart = _word_runs(qw)
+        score(hseg.vecs, hseg.images, hseg.offsets, uwords, ustart, qv, qs, qwt, ktable, hseg.scale, q_scale[s0:s1],
+              np.int64(hseg.n_images), out[s0:s1])
     return out

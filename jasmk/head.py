@@ -11,6 +11,7 @@ variables; torch is needed only for that (``pip install jasmk[torch]``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 
@@ -237,10 +238,17 @@ def load_mast3r_checkpoint(path):
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("reading MASt3R checkpoints needs torch: pip install 'jasmk[torch]'") from exc
+    safe_globals = getattr(getattr(torch, "serialization", None), "safe_globals", None)
+    if safe_globals is None:
+        raise ValueError(f"torch {torch.__version__} cannot load checkpoints without running their code "
+                         "(torch.serialization.safe_globals is missing): install torch >= 2.5 to read "
+                         f"{path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        # weights only: tensors, containers and MASt3R's argparse.Namespace of arguments; nothing else runs
+        with safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # OSError, EOFError, RuntimeError, pickle.UnpicklingError (refused globals)...
+        raise ValueError(f"cannot read checkpoint {path} as weights only: {exc}") from exc
     if not isinstance(ckpt, dict) or "args" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a MASt3R retrieval checkpoint (needs 'args' and 'model')")
     args, state = ckpt["args"], ckpt["model"]

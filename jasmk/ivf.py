@@ -147,7 +147,7 @@ def host(seg: Segment) -> HostSegment:
     return cached
 
 
-_DATA = ["centroids", "counts", "idf", "segments", "n_images"]
+_DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
 _META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param"]
 
 
@@ -161,7 +161,8 @@ class Index:
         counts: ``[K] int32`` postings per word (over all segments).
         idf: ``[K] float32`` inverse document frequency weights (all ones when ``use_idf`` is off).
         segments: tuple of :class:`Segment`, in image order, tiling ``[0, n_images)``.
-        n_images: ``[] int32`` number of internal image slots (largest internal id + 1).
+        image_slots: ``[] int32`` number of internal image slots (largest internal id + 1), data rather than a
+            static field so that adds do not recompile jitted code; :attr:`n_images` is the host int.
         imid_offset: internal ids of added images are their ids plus this (asmk's distractor offset);
             query ranks are reported minus it.
         binary: ASMK* (packed sign bits) or ASMK (real vectors).
@@ -174,7 +175,7 @@ class Index:
     counts: jax.Array
     idf: jax.Array
     segments: tuple
-    n_images: jax.Array
+    image_slots: jax.Array
     imid_offset: int
     binary: bool
     use_idf: bool
@@ -184,6 +185,11 @@ class Index:
     @property
     def n_words(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        """Internal image slots (largest internal id + 1), a host int."""
+        return int(self.image_slots)
 
     @property
     def width(self) -> int:
@@ -397,7 +403,7 @@ def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images:
                                      norm_factor=norm_factor[s:e], n_words=k))
     counts = np.bincount(words, minlength=k).astype(np.int32) if words.size else np.zeros(k, np.int32)
     return Index(centroids=centroids, counts=counts, idf=np.asarray(idf, np.float32), segments=tuple(segments),
-                 n_images=_scalar(n_images), imid_offset=int(imid_offset), binary=bool(binary),
+                 image_slots=_scalar(n_images), imid_offset=int(imid_offset), binary=bool(binary),
                  use_idf=bool(use_idf), dim=int(d),
                  codebook_size_param=k if codebook_size_param is None else codebook_size_param)
 
@@ -453,7 +459,7 @@ def add(index: Index, agg: Aggregated) -> Index:
         segments = _compact(segments, k)
     log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
     return dataclasses.replace(index, counts=counts.astype(np.int32), idf=idf, segments=tuple(segments),
-                               n_images=_scalar(n_images))
+                               image_slots=_scalar(n_images))
 
 
 def _renormalized(seg: Segment, idf: np.ndarray) -> Segment:
@@ -567,6 +573,6 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
     if not np.array_equal(total, counts):
         raise _problem(where, "counts do not match the postings")
     return Index(centroids=centroids, counts=counts.astype(np.int32), idf=idf.astype(np.float32),
-                 segments=tuple(segments), n_images=_scalar(n_images),
+                 segments=tuple(segments), image_slots=_scalar(n_images),
                  imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
                  codebook_size_param=fields.get("codebook_size_param"))

@@ -62,12 +62,14 @@ def test_bad_checkpoints_raise_value_error(tmp_path, small_data):
         checkpoint.load_codebook(tmp_path / "idx")
     with pytest.raises(ValueError, match="no jasmk checkpoint"):
         checkpoint.load_index(tmp_path / "nothing")
-    (tmp_path / "idx" / "meta.json").write_text("{ not json")
+    live = checkpoint._version_dir  # the folder holding the live arrays/ and meta.json
+    with open(os.path.join(live(tmp_path / "idx"), "meta.json"), "w") as handle:
+        handle.write("{ not json")
     with pytest.raises(ValueError, match="corrupt checkpoint meta"):
         checkpoint.load_index(tmp_path / "idx")
     import shutil
 
-    shutil.rmtree(tmp_path / "cb" / "arrays")
+    shutil.rmtree(os.path.join(live(tmp_path / "cb"), "arrays"))
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         checkpoint.load_codebook(tmp_path / "cb")
     with pytest.raises(ValueError, match="JSON"):

@@ -12,7 +12,7 @@ from jasmk import aggregate as agg_mod
 from jasmk import engine as engine_mod
 from jasmk import ivf
 from jasmk import score as score_mod
-from conftest import asmk_params, asmk_with_centroids
+from conftest import asmk_params, assert_same_ranking
 
 
 def numpy_pack(x):
@@ -157,8 +157,9 @@ def test_each_engine_matches_a_numpy_loop(small_data, engine, monkeypatch):
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_scores_do_not_depend_on_batching_or_engine(small_data, binary, monkeypatch):
-    """A query scored alone ranks exactly as inside any batch, with every engine; the kernels agree to the bit
-    for ASMK* (same summation order everywhere) and within float32 rounding for ASMK."""
+    """A query scored alone ranks exactly as inside any batch, with every engine (for ASMK* also with auto); the
+    two XLA kernels agree to the bit for ASMK* (same summation order), the CPU kernel (float64 sums) and the
+    real-valued kernels (dot products reduced in different shapes) within float32 rounding."""
     monkeypatch.setattr(ivf, "MAX_SEGMENT_IMAGES", 10)
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats[ids < 12], ids[ids < 12], codebook=centroids, binary=binary, use_idf=True)
@@ -168,11 +169,13 @@ def test_scores_do_not_depend_on_batching_or_engine(small_data, binary, monkeypa
     ref = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine="dense")
     for engine in engines:
         together = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine=engine)
-        if binary:
+        if engine in ("dense", "sparse-xla") and binary:
             np.testing.assert_array_equal(together.scores, ref.scores)
             np.testing.assert_array_equal(together.ranks, ref.ranks)
         else:
-            np.testing.assert_allclose(together.scores, ref.scores, atol=1e-6, rtol=0)
+            assert_same_ranking(together.ranks, together.scores, ref.ranks, ref.scores, atol=3e-7, tie_tol=3e-7)
+        if engine == "auto" and not binary:
+            continue  # the cost model may pick another kernel for one query than for the batch
         for q in (0, 7, 23):
             m = agg.images == q
             alone = jasmk.query_aggregated(index, jasmk.Aggregated(agg.vecs[m], agg.words[m], agg.images[m]),
