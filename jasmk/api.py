@@ -18,6 +18,7 @@ import numpy as np
 from . import aggregate as agg_mod
 from . import engine as engine_mod
 from . import ivf as ivf_mod
+from . import memory
 from . import score as score_mod
 from . import validate
 from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
@@ -134,6 +135,8 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk,
     if index.n_entries == 0:
         raise ValueError("the index is empty: build it with images first")
     alpha = validate.finite_number(alpha, "alpha")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0 (a negative power of a zero similarity is infinite), got {alpha}")
     thr = validate.finite_number(similarity_threshold, "similarity_threshold")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
@@ -175,6 +178,10 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word)."""
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk, engine)
     _check_aggregated(index, agg)
+    n_q = int(np.unique(agg.images).size)
+    k = index.n_images if topk is None else min(int(topk), index.n_images)
+    memory.require(2 * n_q * k * 12, f"ranks and scores of {n_q} queries x {k} images",
+                   hint="pass a smaller topk (topk=None ranks every image slot)")
 
     def fn(batch):
         return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, engine=engine)
@@ -219,14 +226,56 @@ def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, al
     """:func:`score_matrix` for query images already aggregated (as :func:`query_aggregated`)."""
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, None, engine)
     _check_aggregated(index, agg)
+    n_q = int(np.unique(agg.images).size)
+    memory.require(2 * n_q * index.n_images * 4, f"a dense {n_q} x {index.n_images} score matrix",
+                   hint="use jasmk.query(..., topk=k) for the best k per query, or query fewer images at a time")
     rows = _run_batches(index, agg, lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, engine=engine),
                         progress, "score matrix")
     return np.concatenate(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "max_pairs"))
 def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
                  similarity_threshold=0.0, topk: int | None = None, max_pairs: int | None = None):
+    """Fully jitted query of a batch of padded descriptor arrays (vmappable); see :func:`_query_padded`.
+
+    Shapes and static parameters are checked here, also while tracing under ``jit`` / ``vmap``; values (NaN or
+    inf descriptors, alpha, the threshold) are checked when they are concrete arrays (a traced value cannot
+    raise: check them before the transformation, or use :func:`jax.experimental.checkify`).
+    """
+    traced_index = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(index))
+    if not traced_index and index.n_entries == 0:
+        raise ValueError("the index is empty: build it with images first")
+    shape = getattr(feats, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"feats must be [B, N, D], got shape {shape}")
+    b, n, d = shape
+    if b < 1 or n < 1:
+        raise ValueError(f"feats must hold at least one image and one row, got shape {tuple(shape)}")
+    if d != index.dim:
+        raise ValueError(f"feats have dimension {d} but the codebook has dimension {index.dim}")
+    if getattr(valid, "shape", None) != (b, n):
+        raise ValueError(f"valid must be [B, N] = {(b, n)}, got shape {getattr(valid, 'shape', None)}")
+    validate.multiple_assignment(multiple_assignment, index.n_words)
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
+        raise ValueError(f"topk must be a positive int or None, got {topk!r}")
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))
+                                  or max_pairs < 1):
+        raise ValueError(f"max_pairs must be a positive int or None, got {max_pairs!r}")
+    if not isinstance(feats, jax.core.Tracer):
+        validate.descriptors(np.asarray(feats).reshape(b * n, d)[np.asarray(valid).reshape(-1)], dim=index.dim,
+                             allow_empty=True)
+    for value, name in ((alpha, "alpha"), (similarity_threshold, "similarity_threshold")):
+        if not isinstance(value, jax.core.Tracer):
+            v = validate.finite_number(np.asarray(value).item() if np.ndim(value) == 0 else value, name)
+            if name == "alpha" and v < 0:
+                raise ValueError(f"alpha must be >= 0, got {v}")
+    return _query_padded(index, feats, valid, multiple_assignment=int(multiple_assignment), alpha=alpha,
+                         similarity_threshold=similarity_threshold, topk=topk, max_pairs=max_pairs)
+
+
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "max_pairs"))
+def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
+                  similarity_threshold=0.0, topk: int | None = None, max_pairs: int | None = None):
     """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable).
 
     Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit, over

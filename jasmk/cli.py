@@ -315,10 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _persistent_compilation_cache() -> None:
+    """Keep XLA's compiled programs on disk between CLI runs (``JAX_COMPILATION_CACHE_DIR`` wins; default
+    ``~/.cache/jasmk/xla``), so that each run does not compile the same kernels again."""
+    import jax
+
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jasmk", "xla")
+    try:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception as exc:  # an old jax without these options: run without the cache
+        log.debug("no persistent compilation cache: %s", exc)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="jasmk: %(message)s")
+    _persistent_compilation_cache()
     try:
         args.func(args)
     except (CliError, ValueError, OSError) as exc:

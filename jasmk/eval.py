@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import memory
+
 log = logging.getLogger(__name__)
 
 # (positive keys, ignored keys) of each protocol.
@@ -165,6 +167,15 @@ def mean_average_precision(ranks, positive, junk, *, kappas=(1, 5, 10)):
     return float(np.mean(ap[has])), ap, prs[has].mean(axis=0), prs
 
 
+def gnd_ids(values, name: str) -> np.ndarray:
+    """``[n] int64`` image ids of one gnd list; floats must be whole numbers (never truncated silently)."""
+    a = np.asarray(values).reshape(-1)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if not (np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and (a == np.round(a)).all()):
+            raise ValueError(f"{name} must hold integer image ids, got {a[:5].tolist()} (dtype {a.dtype})")
+    return a.astype(np.int64)
+
+
 def masks_from_gnd(gnd, n_db: int, *, positives, ignore):
     """Dense masks ``(positive [n_query, n_db] bool, junk [n_query, n_db] bool)`` from gnd dicts.
 
@@ -175,6 +186,8 @@ def masks_from_gnd(gnd, n_db: int, *, positives, ignore):
     """
     if not isinstance(gnd, (list, tuple)) or not all(isinstance(g, dict) for g in gnd):
         raise ValueError("gnd must be a list of dicts with 'easy', 'hard' and 'junk' id lists")
+    memory.require(2 * len(gnd) * int(n_db), f"ground-truth masks of {len(gnd)} queries x {n_db} images",
+                   hint="database ids are mask columns (max id + 1): renumber the database densely from 0")
     pos = np.zeros((len(gnd), n_db), bool)
     jnk = np.zeros((len(gnd), n_db), bool)
     for q, g in enumerate(gnd):
@@ -182,7 +195,7 @@ def masks_from_gnd(gnd, n_db: int, *, positives, ignore):
             for key in keys:
                 if key not in g and key != "junk":
                     raise ValueError(f"gnd[{q}] has no '{key}' list (keys: {sorted(g)})")
-                ids = np.asarray(g.get(key, []), dtype=np.int64).reshape(-1)
+                ids = gnd_ids(g.get(key, []), f"gnd[{q}]['{key}']")
                 if ids.size and (ids.min() < 0 or ids.max() >= n_db):
                     raise ValueError(f"gnd[{q}]['{key}'] holds ids outside [0, {n_db})")
                 out[q, ids] = True
@@ -244,7 +257,7 @@ def evaluate_revisited(ranks=None, gnd=None, *, scores=None, ks=(1, 5, 10), n_db
         for g in gnd:
             for k in ("easy", "hard", "junk"):
                 if isinstance(g, dict):
-                    seen.append(np.asarray(g.get(k, []), np.int64).reshape(-1).max(initial=-1))
+                    seen.append(gnd_ids(g.get(k, []), f"gnd['{k}']").max(initial=-1))
         n_db = int(max(seen)) + 1
     out = {}
     for name, (pos_keys, ign_keys) in PROTOCOLS.items():

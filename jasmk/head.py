@@ -31,10 +31,11 @@ def parse_hdims(hdims) -> tuple[int, ...]:
         return ()
     if isinstance(hdims, str):
         try:
-            return tuple(int(h) for h in hdims.split("_"))
+            dims = tuple(int(h) for h in hdims.split("_"))
         except ValueError:
             raise ValueError(f"hdims must look like '1024_1024' or '', got {hdims!r}") from None
-    dims = tuple(int(h) for h in hdims)
+    else:
+        dims = tuple(int(h) for h in hdims)
     if any(h < 1 for h in dims):
         raise ValueError(f"hdims must be positive, got {hdims!r}")
     return dims

@@ -30,6 +30,7 @@ import logging
 import jax
 import numpy as np
 
+from . import memory
 from .aggregate import PAD_IMAGE, Aggregated, aligned_empty, packed_width
 
 log = logging.getLogger(__name__)
@@ -441,6 +442,9 @@ def add(index: Index, agg: Aggregated) -> Index:
         raise ValueError("aggregated rows must be grouped by image in ascending id order")
     k = index.n_words
     n_images = int(images.max()) + 1
+    # image slots are max id + 1: a stray huge id would allocate per-slot arrays for every id below it
+    memory.require((n_images - old_n) * 16 + new_words_bytes(agg), f"adding images up to id {n_images - 1}",
+                   hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
     added = np.bincount(new_words, minlength=k)
@@ -460,6 +464,12 @@ def add(index: Index, agg: Aggregated) -> Index:
     log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
     return dataclasses.replace(index, counts=counts.astype(np.int32), idf=idf, segments=tuple(segments),
                                image_slots=_scalar(n_images))
+
+
+def new_words_bytes(agg: Aggregated) -> int:
+    """Host bytes an add of ``agg`` allocates for its new segment (postings copied once, plus sort indices)."""
+    rows = int(agg.words.shape[0])
+    return rows * (int(np.asarray(agg.vecs).itemsize) * int(agg.vecs.shape[1]) + 4 + 4 + 8)
 
 
 def _renormalized(seg: Segment, idf: np.ndarray) -> Segment:

@@ -117,7 +117,9 @@ def retrieval_pairs(scores, *, na: int, k: int, seed: int = 0, knn_excludes_self
     if na > n:
         raise ValueError(f"Na={na} key images asked for, but there are only {n} images")
     dist = 1.0 - s
-    keys = farthest_point_sampling(dist, na, seed=seed)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    keys = farthest_point_sampling(dist, na, seed=int(seed))
     parts = []
     if na > 0:
         a, b = np.triu_indices(na, 1)

@@ -51,6 +51,8 @@ def image_ids(ids, n: int, *, name: str = "image ids") -> np.ndarray:
             a = a.astype(np.int64)
         else:
             raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
+    if a.size and a.dtype.kind == "u" and a.max() >= 2**31 - 1:
+        raise ValueError(f"{name} must be below 2**31 - 1, got {a.max()}")
     a = a.astype(np.int64)
     if a.size and a.min() < 0:
         raise ValueError(f"{name} must be non-negative, got {a.min()}")

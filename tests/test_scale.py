@@ -214,3 +214,59 @@ def test_engine_argument_is_checked(small_data):
         jasmk.query(index, feats, ids, engine="gpu-magic")
     assert engine.pairs_capacity(3000) == 4096 and engine.pairs_capacity(5000) == 8192
     assert ivf.capacity(4097, multiple=ivf.ENTRY_BLOCK) % ivf.ENTRY_BLOCK == 0
+
+
+def test_memory_is_checked_before_allocating(small_data, monkeypatch):
+    """A stray huge image id, a dense score matrix or a full ranking beyond the available memory fail early with
+    a ValueError saying how much is needed and what to do, before anything big is allocated."""
+    from jasmk import memory
+
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    monkeypatch.setattr(memory, "MIN_CHECKED", 0)
+    with pytest.raises(ValueError, match="renumber"):
+        jasmk.build_index(feats, np.where(ids == 23, 10**9, ids), codebook=centroids)
+    with pytest.raises(ValueError, match=r"score matrix needs 4.5 KiB .* only 1000.0 B"):
+        jasmk.score_matrix(index, feats, ids)
+    with pytest.raises(ValueError, match="smaller topk"):
+        jasmk.query(index, feats, ids, topk=None)
+    assert jasmk.query(index, feats[ids < 2], ids[ids < 2], topk=3).ranks.shape == (2, 3)  # small: fine
+    monkeypatch.setenv("JASMK_MEMORY_CHECK", "0")
+    assert jasmk.score_matrix(index, feats[ids < 2], ids[ids < 2]).shape == (2, 24)
+
+
+def test_query_padded_and_small_inputs_are_checked(small_data):
+    """query_padded validates shapes and parameters (also under vmap) and concrete values; smaller entry points
+    reject what would otherwise be silently wrong."""
+    from jasmk import eval as jeval
+    from jasmk import head, pairs
+
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    good = np.zeros((2, 8, 32), np.float32)
+    valid = np.ones((2, 8), bool)
+    nan = good.copy()
+    nan[1, 3, 0] = np.nan
+    cases = [
+        (lambda: jasmk.query_padded(index, nan, valid), "NaN or inf"),
+        (lambda: jasmk.query_padded(index, good, valid, multiple_assignment=0), "multiple_assignment"),
+        (lambda: jasmk.query_padded(index, good[:, :, :5], valid), "dimension 5"),
+        (lambda: jasmk.query_padded(index, good[:0], valid[:0]), "at least one image"),
+        (lambda: jasmk.query_padded(index, good, valid[:, :3]), "valid must be"),
+        (lambda: jasmk.query_padded(index, good, valid, alpha=-1.0), "alpha"),
+        (lambda: jasmk.query_padded(index, good, valid, max_pairs=0), "max_pairs"),
+        (lambda: jax.vmap(lambda f, v: jasmk.query_padded(index, f, v))(good[:, None, :, :5], valid[:, None]),
+         "dimension 5"),
+        (lambda: jasmk.query(index, feats, ids, alpha=-2.0), "alpha"),
+        (lambda: jasmk.build_index(feats, np.full(len(ids), 2**63 + 5, np.uint64), codebook=centroids), "2\\*\\*31"),
+        (lambda: jeval.evaluate_revisited(np.zeros((1, 3), int), [{"easy": [0.5], "hard": []}]), "integer image ids"),
+        (lambda: pairs.retrieval_pairs(np.eye(5, dtype=np.float32), na=2, k=2, seed="x"), "seed"),
+        (lambda: head.parse_hdims("-5"), "positive"),
+        (lambda: head.parse_hdims("0"), "positive"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+    ranks, _ = jax.vmap(lambda f, v: jasmk.query_padded(index, f, v, topk=3))(good[:, None], valid[:, None])
+    assert ranks.shape == (2, 1, 3)
