@@ -256,6 +256,9 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
     if getattr(valid, "shape", None) != (b, n):
         raise ValueError(f"valid must be [B, N] = {(b, n)}, got shape {getattr(valid, 'shape', None)}")
     validate.multiple_assignment(multiple_assignment, index.n_words)
+    if n * int(multiple_assignment) > score_mod.MAX_TERMS:
+        raise ValueError(f"{n} rows x multiple assignment {multiple_assignment} exceed the {score_mod.MAX_TERMS} "
+                         "aggregated rows per image that the fixed-point sums hold; query fewer rows per image")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))

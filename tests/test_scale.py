@@ -270,3 +270,42 @@ def test_query_padded_and_small_inputs_are_checked(small_data):
             fn()
     ranks, _ = jax.vmap(lambda f, v: jasmk.query_padded(index, f, v, topk=3))(good[:, None], valid[:, None])
     assert ranks.shape == (2, 1, 3)
+
+
+def test_fixed_point_sums_do_not_depend_on_order():
+    """The XLA kernels' fixed-point limbs: exact digit decomposition, sums independent of the order of the
+    updates (what makes GPU scatter-adds deterministic), within 1e-7 of float64."""
+    from jasmk import score as score_mod
+
+    rng = np.random.default_rng(3)
+    c = (rng.standard_normal(5000) * rng.choice([1e-6, 1e-2, 1.0, 150.0], 5000)).astype(np.float32)
+    limbs = np.asarray(score_mod.to_limbs(c)).astype(np.int64)
+    assert limbs[:, :3].min() >= 0 and limbs[:, :3].max() < 2**16
+    digits = sum(limbs[:, k] * 2 ** (16 * k) for k in range(4))
+    np.testing.assert_array_equal(digits, np.floor(c.astype(np.float64) * 2.0**40).astype(np.int64))
+    sums = set()
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(c.size)
+        acc = jax.numpy.zeros((1, 4), jax.numpy.int32).at[np.zeros(c.size, int)].add(score_mod.to_limbs(c[order]))
+        sums.add(float(score_mod.from_limbs(acc)[0]))
+    assert len(sums) == 1
+    np.testing.assert_allclose(sums.pop(), c.astype(np.float64).sum(), rtol=1e-7, atol=1e-9)
+
+
+def test_xla_kernels_ignore_row_order(small_data):
+    """Rows of a batch in any order (so the scatters apply their updates in another order) give the same bits
+    from both XLA kernels."""
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids, use_idf=True)
+    agg = jasmk.aggregate_images(centroids, feats, ids, binary=True, multiple_assignment=5, sort=False)
+    batch = next(engine.batches(index, agg))
+    perm = np.random.default_rng(0).permutation(batch.n_rows)
+    shuffled = engine.Batch(batch.ids, batch.vecs.copy(), batch.words.copy(), batch.slots.copy(), batch.n_rows,
+                            batch.max_rows, batch.n_queries, batch.q_scale)
+    for a in ("vecs", "words", "slots"):
+        getattr(shuffled, a)[: batch.n_rows] = getattr(batch, a)[: batch.n_rows][perm]
+    for kind in ("dense", "sparse-xla"):
+        a = [np.asarray(o) for _, o in engine.score_segments(index, batch, 3.0, 0.0, engine=kind)]
+        b = [np.asarray(o) for _, o in engine.score_segments(index, shuffled, 3.0, 0.0, engine=kind)]
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
