@@ -132,6 +132,8 @@ def _run_batches(index, agg, fn, progress: bool, desc: str):
 
 def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, engine="auto"):
     engine_mod.check_engine(engine)
+    if engine == "sparse-cpu" and not index.binary:
+        raise ValueError("engine 'sparse-cpu' scores ASMK* (binary) indexes only; use 'sparse-xla' or 'dense'")
     if index.n_entries == 0:
         raise ValueError("the index is empty: build it with images first")
     alpha = validate.finite_number(alpha, "alpha")

@@ -1,12 +1,12 @@
 """Compiled CPU kernel (numba) for the sparse ASMK* path: shared posting reads, one pass per batch.
 
 XLA on the CPU spends most of the sparse path's time in gathers and scatters per (query row, posting) pair.
-This kernel walks the batch's distinct words in ascending order; for each word it reads each posting of the
-word once and compares it with every query row of the batch that holds the word (popcount of XOR, kernel
-table, idf weight), adding into one float64 sum per (image, query), which is rounded to float32 once at the
-end. The contributions and the normalization are the float32 values of :mod:`jasmk.score`; the sums differ
-from the XLA kernels' fixed-point sums only in their last rounding, so the scores agree with theirs to about
-1e-7, and a score never depends on the batch it is computed in (nor on the order of its rows).
+This kernel walks the batch's distinct words in ascending order; for each word and each query row holding it,
+it runs over the word's postings (popcount of XOR, kernel table, idf weight), which stay in L1 for the word's
+few rows. It computes the same float32 terms as the XLA kernels of :mod:`jasmk.score` and adds them in the
+same fixed point (``floor(term * 2**40)``, here one int64 per (image, query) instead of four int32 limbs), then
+rebuilds the float32 sum from the same 16-bit digits in the same order: its scores are bit-identical to the XLA
+kernels', whatever the batch, the row order or the kernel chosen for another segment.
 
 numba is optional at import time: :func:`available` says whether the kernel can run; the engine falls back to
 the XLA sparse kernel without it.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import numpy as np
 
@@ -38,6 +39,8 @@ def _kernels():
 
         return sig, codegen
 
+    two40 = 2.0**40
+
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def score(vecs, images, offsets, uwords, ustart, q_vecs, q_slots, q_weight, ktable, scale, q_scale, n_images,
               out):
@@ -45,27 +48,31 @@ def _kernels():
         width = vecs.shape[1]
         b = out.shape[0]
         i_cap = out.shape[1]
-        acc = np.zeros((i_cap, b), np.float64)
-        weighted = np.empty(ktable.shape[0], np.float64)
+        acc = np.zeros((i_cap, b), np.int64)
         for u in range(uwords.shape[0]):
             w = uwords[u]
-            r0 = ustart[u]
-            r1 = ustart[u + 1]
-            if offsets[w + 1] == offsets[w]:
+            p0 = offsets[w]
+            p1 = offsets[w + 1]
+            if p1 == p0:
                 continue
-            for t in range(ktable.shape[0]):  # kernel x idf of this word, rounded to float32 as the XLA kernels do
-                weighted[t] = np.float32(ktable[t] * q_weight[r0])
-            for p in range(offsets[w], offsets[w + 1]):
-                img = images[p]
-                for r in range(r0, r1):
+            weight = q_weight[ustart[u]]
+            for r in range(ustart[u], ustart[u + 1]):  # one query row against the word's postings (in L1)
+                q = q_slots[r]
+                for p in range(p0, p1):
                     h = 0
                     for j in range(width):
                         h += popcount32(q_vecs[r, j] ^ vecs[p, j])
-                    acc[img, q_slots[r]] += weighted[h]
+                    # the XLA kernels' float32 term, in their fixed point (2**-40): integer sums, exact
+                    acc[images[p], q] += np.int64(math.floor(np.float64(np.float32(ktable[h] * weight)) * two40))
         for i in range(i_cap):
             for q in range(b):
                 if i < n_images:
-                    out[q, i] = (np.float32(acc[i, q]) * scale[i]) * q_scale[q]
+                    v = acc[i, q]  # rebuilt as jasmk.score.from_limbs does: canonical 16-bit digits, high first
+                    t = np.float32(v >> 48) * np.float32(2.0**8)
+                    t = t + np.float32((v >> 32) & 0xFFFF) * np.float32(2.0**-8)
+                    t = t + np.float32((v >> 16) & 0xFFFF) * np.float32(2.0**-24)
+                    t = t + np.float32(v & 0xFFFF) * np.float32(2.0**-40)
+                    out[q, i] = (t * scale[i]) * q_scale[q]
                 else:
                     out[q, i] = -np.inf
 

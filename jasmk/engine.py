@@ -11,9 +11,9 @@ offsets), and picks a kernel from a cost model with per-backend constants:
 
 On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (it won at every size measured,
 and one kernel for every batch keeps each score independent of its batch). ``engine=`` forces one
-(``"sparse"``: the best sparse kernel for the backend). The two XLA kernels sum in fixed point (order-free, so
-they give the same bits as each other and on any backend); the CPU kernel sums in float64 and agrees with them
-to about 1e-7. Rows are sorted by word (stable) before scoring, which groups the CPU kernel's shared reads.
+(``"sparse"``: the best sparse kernel for the backend). All kernels sum the same float32 terms in order-free
+fixed point, so they give the same bits for ASMK* (on any backend). Rows are sorted by word (stable) before
+scoring, which groups the CPU kernel's shared reads.
 Each segment's scores are ranked on their own (``lax.top_k``) and the per-segment lists are merged with a stable
 sort (segments are in image order, so equal scores keep ascending ids); the score
 matrix is assembled by columns.
@@ -35,6 +35,7 @@ import numpy as np
 
 from . import cpu_kernel
 from . import ivf as ivf_mod
+from . import memory
 from . import score as score_mod
 from .aggregate import Aggregated
 
@@ -158,8 +159,7 @@ def _choose(seg: ivf_mod.Segment, batch: Batch, pairs: int, engine: str, binary:
     be = backend()
     cpu_ok = be == "cpu" and binary and cpu_kernel.available()
     if engine in ("sparse", "auto") and cpu_ok:
-        # on the CPU the compiled kernel beats both XLA kernels at every size measured; choosing it always also
-        # keeps a score independent of the batch it is computed in (its sums differ from theirs by ~1e-7)
+        # on the CPU the compiled kernel beat both XLA kernels at every size measured
         return "sparse-cpu"
     if batch.max_rows > score_mod.MAX_TERMS:
         if cpu_ok and engine in ("auto", "sparse", "sparse-cpu"):
@@ -235,6 +235,9 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
                 cpu_rows = (batch.vecs[:r], words, batch.slots[:r], idf[words])
             out = cpu_kernel.score_segment(h, *cpu_rows, ktable, batch.q_scale, n_queries=batch.n_queries)
         elif kind == "sparse-xla":
+            memory.require(3 * pairs_capacity(pairs) * (index.width + 4) * 4, f"the sparse kernel's {pairs} pairs",
+                           hint="use engine='dense' or 'auto', or fewer query images per call",
+                           device=backend() != "cpu")
             out = score_mod.sparse_segment(ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
                                            alpha32, thr32, n_queries=batch.n_queries,
                                            pairs_cap=pairs_capacity(pairs))

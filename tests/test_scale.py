@@ -309,3 +309,14 @@ def test_xla_kernels_ignore_row_order(small_data):
         b = [np.asarray(o) for _, o in engine.score_segments(index, shuffled, 3.0, 0.0, engine=kind)]
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+def test_eval_refuses_masks_beyond_memory(monkeypatch):
+    """One ground-truth id of 10**9 would need [n_query, 10**9] masks: refused up front, naming the fix."""
+    from jasmk import eval as jeval
+    from jasmk import memory
+
+    monkeypatch.setattr(memory, "host_available", lambda: 2**30)
+    gnd = [{"easy": [0, 10**9], "hard": [], "junk": []}, {"easy": [1], "hard": [2], "junk": []}]
+    with pytest.raises(ValueError, match="renumber the database"):
+        jeval.evaluate_revisited(np.array([[0, 1, 2], [1, 2, 0]]), gnd)
