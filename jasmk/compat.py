@@ -52,6 +52,9 @@ def _save_pickle(path, data):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; a cache is as readable as any file written
         with os.fdopen(fd, "wb") as handle:
             pickle.dump(data, handle)
             handle.flush()
