@@ -48,8 +48,8 @@ ENGINES = ("auto", "dense", "sparse", "sparse-xla", "sparse-cpu")
 # (dense-posting + dense-pair * B) per posting, sparse kernels cost per (row, posting) pair, each per 2 packed
 # words of code (64 bits) or 2 floats; "fixed": per call.
 COSTS = {
-    "cpu": {"dense-posting": 25e-9, "dense-pair": 3.5e-9, "dense-fixed": 1e-4,
-            "sparse-xla": 50e-9, "sparse-xla-fixed": 1e-3},
+    "cpu": {"dense-posting": 25e-9, "dense-pair": 12e-9, "dense-fixed": 1e-4,
+            "sparse-xla": 150e-9, "sparse-xla-fixed": 1e-3},
     "gpu": {"dense-posting": 0.05e-9, "dense-pair": 0.02e-9, "dense-fixed": 1e-4,
             "sparse-xla": 0.3e-9, "sparse-xla-fixed": 1e-4},
 }
