@@ -224,6 +224,11 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
     alpha32, thr32 = np.float32(alpha), np.float32(threshold)
     ktable = None
     cpu_rows = None
+
+    def xla_args(seg):
+        return (ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
+                alpha32, thr32)
+
     for seg in index.segments:
         h = ivf_mod.host(seg)
         pairs = int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
@@ -238,12 +243,10 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
             memory.require(3 * pairs_capacity(pairs) * (index.width + 4) * 4, f"the sparse kernel's {pairs} pairs",
                            hint="use engine='dense' or 'auto', or fewer query images per call",
                            device=backend() != "cpu")
-            out = score_mod.sparse_segment(ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
-                                           alpha32, thr32, n_queries=batch.n_queries,
+            out = score_mod.sparse_segment(*xla_args(seg), n_queries=batch.n_queries,
                                            pairs_cap=pairs_capacity(pairs))
         else:
-            out = score_mod.dense_segment(ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
-                                          alpha32, thr32, n_queries=batch.n_queries)
+            out = score_mod.dense_segment(*xla_args(seg), n_queries=batch.n_queries)
         log.debug("segment of %d postings, %d pairs: %s", seg.capacity, pairs, kind)
         yield seg, out
 

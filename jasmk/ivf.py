@@ -142,8 +142,8 @@ def host(seg: Segment) -> HostSegment:
     cached = seg.__dict__.get("_host")
     if cached is None:
         cached = HostSegment(np.asarray(seg.vecs), np.asarray(seg.words), np.asarray(seg.images),
-                             np.asarray(seg.offsets), np.asarray(seg.norm_factor), np.asarray(seg.scale), int(seg.image_start),
-                             int(seg.n_images))
+                             np.asarray(seg.offsets), np.asarray(seg.norm_factor), np.asarray(seg.scale),
+                             int(seg.image_start), int(seg.n_images))
         object.__setattr__(seg, "_host", cached)
     return cached
 
@@ -443,7 +443,7 @@ def add(index: Index, agg: Aggregated) -> Index:
     k = index.n_words
     n_images = int(images.max()) + 1
     # image slots are max id + 1: a stray huge id would allocate per-slot arrays for every id below it
-    memory.require((n_images - old_n) * 16 + new_words_bytes(agg), f"adding images up to id {n_images - 1}",
+    memory.require((n_images - old_n) * 16 + _add_bytes(agg), f"adding images up to id {n_images - 1}",
                    hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
@@ -466,7 +466,7 @@ def add(index: Index, agg: Aggregated) -> Index:
                                image_slots=_scalar(n_images))
 
 
-def new_words_bytes(agg: Aggregated) -> int:
+def _add_bytes(agg: Aggregated) -> int:
     """Host bytes an add of ``agg`` allocates for its new segment (postings copied once, plus sort indices)."""
     rows = int(agg.words.shape[0])
     return rows * (int(np.asarray(agg.vecs).itemsize) * int(agg.vecs.shape[1]) + 4 + 4 + 8)
@@ -478,10 +478,7 @@ def _renormalized(seg: Segment, idf: np.ndarray) -> Segment:
     e = int(h.offsets[-1])
     norm = np.zeros(h.norm_factor.shape[0], np.float32)
     norm[: h.n_images] = np.bincount(h.images[:e], weights=idf[h.words[:e]], minlength=h.n_images)[: h.n_images]
-    scale = inverse_sqrt(norm)
-    out = dataclasses.replace(seg, norm_factor=norm, scale=scale)
-    object.__setattr__(out, "_host", dataclasses.replace(h, norm_factor=norm, scale=scale))
-    return out
+    return _segment_from(h.vecs, h.words, h.images, h.offsets, norm, h.image_start, h.n_images)
 
 
 def compact(index: Index) -> Index:
