@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 
@@ -61,12 +60,14 @@ def _missing(path: str, url: str | None) -> InputError:
 
 
 def load_pickle(path: str, keys, what: str, url: str | None = None) -> dict:
-    """Unpickle ``path`` (a file the user downloaded and trusts) and check it holds ``keys``."""
+    """Unpickle ``path`` with jasmk's restricted unpickler (numpy arrays and plain containers only: a downloaded
+    file runs no code) and check it holds ``keys``."""
+    from jasmk import safepickle
+
     if not os.path.isfile(path):
         raise _missing(path, url)
     try:
-        with open(path, "rb") as handle:
-            data = pickle.load(handle)
+        data = safepickle.load(path)
     except Exception as err:  # noqa: BLE001  (any unpickling failure means a bad file)
         raise InputError(f"reproduce_how: cannot read {what} from {path}: {err}") from None
     if not isinstance(data, dict):
