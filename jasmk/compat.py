@@ -9,6 +9,11 @@ values, same codebook and IVF pickle formats, so MASt3R's ``Retriever`` works af
     asmk = asmk.train_codebook(None, cache_path="codebook.pkl")
     dataset = asmk.build_ivf(feats, ids)
     metadata, images, ranks, scores = dataset.query_ivf(feats, ids)
+
+``params["index"]["gpu_id"]`` is honoured as asmk does for faiss: None quantizes with faiss on the CPU; an int
+quantizes with jitted JAX on that GPU (at full float32 precision), or with faiss on the CPU where JAX has no
+GPU (as MASt3R's own fallback for faiss-cpu does). Constructing an ``ASMKMethod`` and loading a codebook touch
+no JAX device, and JAX is told not to preallocate the GPU memory that torch (MASt3R's backbone) needs.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import numpy as np
 
 from . import api
 from . import ivf as ivf_mod
-from . import validate
-from .codebook import Codebook, quantize, train_codebook
+from . import runtime, validate
+from .codebook import Codebook, have_faiss, quantize, train_codebook
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,31 @@ def _only_keys(d, allowed, name):
         raise ValueError(f"unknown {name} parameter(s) {sorted(extra)}; allowed: {sorted(allowed)}")
 
 
+def _gpu_id(params):
+    """``params["index"]["gpu_id"]``: None (CPU) or a GPU number."""
+    index = params.get("index") if isinstance(params, dict) else None
+    if index is None:
+        return None
+    if not isinstance(index, dict):
+        raise ValueError(f"index params must be a dict like {{'gpu_id': 0}}, got {index!r}")
+    _only_keys(index, {"gpu_id"}, "index")
+    gpu = index.get("gpu_id")
+    if gpu is not None and (isinstance(gpu, (bool, np.bool_)) or not isinstance(gpu, (int, np.integer)) or gpu < 0):
+        raise ValueError(f"index gpu_id must be None or a GPU number >= 0, got {gpu!r}")
+    return None if gpu is None else int(gpu)
+
+
+def _quantize(codebook, vecs, ma, gpu_id):
+    """asmk's quantization: faiss on the CPU (gpu_id None), else JAX on that GPU (faiss if JAX has none)."""
+    if gpu_id is None:
+        if have_faiss():
+            return quantize(codebook, vecs, multiple_assignment=ma, method="faiss")
+        import jax
+
+        return quantize(codebook, vecs, multiple_assignment=ma, method="jax", device=jax.devices("cpu")[0])
+    return quantize(codebook, vecs, multiple_assignment=ma, method="auto", device=gpu_id)
+
+
 def codebook_state(codebook: Codebook) -> dict:
     """asmk's codebook pickle content for ``codebook``."""
     return {"type": "Codebook", "params": {"size": codebook.size_param},
@@ -126,6 +156,8 @@ class ASMKMethod:
         """Start from params only (see the class doc)."""
         if not isinstance(params, dict):
             raise ValueError(f"params must be a dict, got {type(params).__name__}")
+        _gpu_id(params)
+        runtime.share_gpu_with_torch()
         return cls(params, {})
 
     def train_codebook(self, *columns, cache_path=None, step_params=None):
@@ -171,7 +203,8 @@ class ASMKMethod:
             raise ValueError("the inverted file is already built")
         step_params = step_params or self.params.get("build_ivf")
         query_ma = ((self.params.get("query_ivf") or {}).get("quantize") or {}).get("multiple_assignment", 1)
-        return IvfBuilder(step_params, self.codebook, cache_path=cache_path, prefetch_multiple_assignment=query_ma)
+        return IvfBuilder(step_params, self.codebook, cache_path=cache_path, prefetch_multiple_assignment=query_ma,
+                          gpu_id=_gpu_id(self.params))
 
     def add_ivf_builder(self, ivf_builder):
         """Finish building with ``ivf_builder`` (saving it to its cache path, if any)."""
@@ -206,6 +239,10 @@ class ASMKMethod:
             if _fingerprint(columns[0]) == self._word_cache[0]:
                 word_ids = self._word_cache[1][:, :ma]
                 log.debug("query descriptors are the indexed ones: reusing their quantization")
+        if word_ids is None:
+            qvecs = validate.descriptors(columns[0], dim=self.codebook.dim)
+            word_ids = _quantize(self.codebook, qvecs, validate.multiple_assignment(ma, self.codebook.size),
+                                 _gpu_id(self.params))
         result = api.query(self.inverted_file, columns[0], columns[1], multiple_assignment=ma, alpha=sim["alpha"],
                            similarity_threshold=sim["similarity_threshold"], topk=search.get("topk"),
                            word_ids=word_ids)
@@ -216,7 +253,8 @@ class ASMKMethod:
 class IvfBuilder:
     """Adds images to a jasmk inverted file with asmk's ``build_ivf`` params."""
 
-    def __init__(self, step_params, codebook: Codebook, *, cache_path=None, prefetch_multiple_assignment=1):
+    def __init__(self, step_params, codebook: Codebook, *, cache_path=None, prefetch_multiple_assignment=1,
+                 gpu_id=None):
         kernel = _section(step_params, "kernel", "build_ivf")
         ivf_params = _section(step_params, "ivf", "build_ivf")
         q = _section(step_params, "quantize", "build_ivf")
@@ -231,6 +269,7 @@ class IvfBuilder:
         self.binary = _BINARY_SHORTCUTS[kernel["binary"]]
         self.multiple_assignment = q.get("multiple_assignment", 1)
         self.prefetch_multiple_assignment = prefetch_multiple_assignment
+        self.gpu_id = gpu_id
         self.word_cache = None
         time0 = time.time()
         if cache_path and os.path.exists(cache_path):
@@ -265,7 +304,7 @@ class IvfBuilder:
         ma_q = self.prefetch_multiple_assignment
         # quantize once with the query's MA when larger: the nearest `ma` words are its first columns
         wide = isinstance(ma_q, int) and ma < ma_q <= self.codebook.size
-        words = quantize(self.codebook, vecs, multiple_assignment=ma_q if wide else ma)
+        words = _quantize(self.codebook, vecs, ma_q if wide else ma, self.gpu_id)
         self.word_cache = (_fingerprint(columns[0]), words)
         self.ivf = api.add_images(self.ivf, vecs, columns[1], multiple_assignment=ma, word_ids=words[:, :ma])
         self.metadata["index_time"] += time.time() - time0

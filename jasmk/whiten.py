@@ -45,7 +45,8 @@ def learn_pca_whitening(x, *, shrinkage: float = 1.0):
 
 @jax.jit
 def whiten(x, m, p):
-    """Apply whitening: ``(x - m) @ p`` computed in ``p``'s dtype, returned in ``x``'s dtype.
+    """Apply whitening: ``(x - m) @ p`` computed in ``p``'s dtype at full precision (no TF32 on GPUs), returned
+    in ``x``'s dtype.
 
     Args:
         x: ``[..., D]`` descriptors.
@@ -53,4 +54,4 @@ def whiten(x, m, p):
         p: ``[D, D]`` projection.
     """
     dtype = jnp.result_type(m, p)
-    return ((x.astype(dtype) - m.reshape(-1)) @ p).astype(x.dtype)
+    return jnp.matmul(x.astype(dtype) - m.reshape(-1), p, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)

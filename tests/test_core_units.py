@@ -209,7 +209,7 @@ def test_bad_input_errors(small_data):
         (lambda: jasmk.build_index(feats, ids - 5, codebook=centroids), "non-negative"),
         (lambda: jasmk.build_index(feats, ids, codebook=centroids, multiple_assignment=0), "multiple_assignment"),
         (lambda: jasmk.build_index(feats, ids, codebook=None), "codebook is required"),
-        (lambda: jasmk.build_index(feats, ids, codebook=centroids, quantizer="hnsw"), "quantizer"),
+        (lambda: jasmk.build_index(feats, ids, codebook=centroids, quantizer="kmeans"), "quantizer"),
         (lambda: jasmk.query(index, feats, ids, topk=0), "topk"),
         (lambda: jasmk.query(index, feats, ids, alpha=float("nan")), "alpha"),
         (lambda: jasmk.train_codebook(feats[:10], size=64), "only 10 descriptors"),
