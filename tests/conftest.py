@@ -89,3 +89,7 @@ def small_data():
     feats, ids = clustered_data(rng, n_images=24, per_image=60, dim=32)
     cb = jasmk.train_codebook(feats, size=64)
     return feats, ids, np.asarray(cb.centroids)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU that JAX can use (skipped elsewhere)")
