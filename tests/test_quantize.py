@@ -243,3 +243,18 @@ def test_without_faiss_quantization_uses_jax_and_training_says_what_to_install()
                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
     assert "IMPORTERROR" in out.stdout and "pip install faiss-cpu" in out.stdout
+
+
+@pytest.mark.parametrize("max_pairs", [None, 5000])
+def test_real_valued_query_program_has_no_reduced_precision_dot(max_pairs):
+    """The whole jitted query (quantize, aggregate, score) of real-valued ASMK: every dot at HIGHEST."""
+    from jasmk import api
+
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((300, 16)).astype(np.float32)
+    index = jasmk.build_index(f, np.repeat(np.arange(10), 30), codebook=rng.standard_normal((32, 16)).astype(np.float32),
+                              binary=False)
+    jp = jax.make_jaxpr(lambda i, a, b: api._query_padded(i, a, b, topk=3, max_pairs=max_pairs))(
+        index, f[:60].reshape(2, 30, 16), np.ones((2, 30), bool))
+    dots = _dots(jp.jaxpr)
+    assert dots and all(_highest(e) for e in dots)
