@@ -6,7 +6,11 @@ L2 norm of the projected features, taken before post-whitening. Whitening statis
 ``"whitening"`` variable collection, apart from the trainable ``"params"``, so optimizers never touch them.
 
 ``load_mast3r_checkpoint`` converts a MASt3R retrieval checkpoint (torch ``.pth``) into a config and Flax
-variables; torch is needed only for that (``pip install jasmk[torch]``).
+variables (host arrays: loading touches no device); torch is needed only for that (``pip install jasmk[torch]``).
+``mast3r_codebook_path`` finds the ASMK codebook MASt3R keeps beside the checkpoint.
+
+Every matrix product of the head runs at ``jax.lax.Precision.HIGHEST``: JAX's default float32 matmul on NVIDIA
+GPUs is TF32 (10-bit mantissa), which MASt3R's torch head does not use.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import os
 
 import flax.linen as nn
 import jax
@@ -23,6 +29,31 @@ import numpy as np
 from . import select, whiten
 
 log = logging.getLogger(__name__)
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def resolve_nfeat(nfeat, n: int) -> int:
+    """Local features kept out of ``n``, by MASt3R's ``how_select_local`` rule.
+
+    ``nfeat < 0`` is a fraction: ``int(-nfeat * n)`` (``nfeat`` must be >= -1); otherwise ``int(nfeat)`` (so
+    ``0 <= nfeat < 1`` keeps none, as in MASt3R). Never more than ``n``.
+    """
+    if isinstance(nfeat, (bool, np.bool_)):
+        raise ValueError(f"nfeat must be a number, got {nfeat!r}")
+    try:
+        v = float(nfeat)
+    except (TypeError, ValueError):
+        raise ValueError(f"nfeat must be a number, got {nfeat!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"nfeat must be finite, got {nfeat!r}")
+    if v < 0:
+        if v < -1:
+            raise ValueError(f"a fractional nfeat must lie in [-1, 0), got {nfeat}")
+        k = int(-v * n)
+    else:
+        k = int(v)
+    return min(k, int(n))
 
 
 def parse_hdims(hdims) -> tuple[int, ...]:
@@ -50,9 +81,10 @@ class HeadConfig:
         hdims: projector dims; ``()`` for no projector.
         residual: add the (pre-whitened) input to the projector output (needs ``hdims[-1] == backbone_dim``).
         prewhiten: whiten backbone features first.
-        postwhiten: whiten projected features last (needs a projector).
+        postwhiten: whiten projected features last.
         featweights: attention kind; only ``"l2norm"``.
-        nfeat: local features kept by ``forward_local`` (count, or fraction in [-1, 0)).
+        nfeat: local features kept by ``forward_local``: ``int(nfeat)`` for ``nfeat >= 0`` (0 <= nfeat < 1 keeps
+            none, as in MASt3R), a fraction ``int(-nfeat * N)`` of the ``N`` tokens for ``-1 <= nfeat < 0``.
     """
 
     backbone_dim: int
@@ -72,9 +104,7 @@ class HeadConfig:
         if self.residual and (not self.hdims or self.hdims[-1] != self.backbone_dim):
             raise ValueError(f"a residual projector needs hdims[-1] == backbone_dim ({self.backbone_dim}), "
                              f"got hdims {self.hdims}")
-        if self.postwhiten and not self.hdims:
-            raise ValueError("postwhiten needs a projector (non-empty hdims)")
-        select.resolve_nfeat(self.nfeat, 1 << 30)  # validates the value
+        resolve_nfeat(self.nfeat, 1 << 30)  # validates the value
 
     @property
     def dim(self) -> int:
@@ -104,7 +134,7 @@ class RetrievalHead(nn.Module):
         cfg = self.config
         self.prewhiten = Whitener(cfg.backbone_dim) if cfg.prewhiten else None
         self.postwhiten = Whitener(cfg.dim) if cfg.postwhiten else None
-        self.linears = [nn.Dense(h, name=f"linear_{i}") for i, h in enumerate(cfg.hdims)]
+        self.linears = [nn.Dense(h, precision=HIGHEST, name=f"linear_{i}") for i, h in enumerate(cfg.hdims)]
         self.norms = [nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=f"norm_{i}") for i in range(len(cfg.hdims) - 1)]
 
     def project(self, x):
@@ -129,9 +159,15 @@ class RetrievalHead(nn.Module):
         return feat, attn
 
     def forward_local(self, x):
-        """The ``nfeat`` local features of largest attention: ``(feat [..., k, dim], attn [..., k], idx [..., k])``."""
+        """The ``nfeat`` local features of largest attention (:func:`resolve_nfeat`), by decreasing attention:
+        ``(feat [..., k, dim] float32, attn [..., k] float32, idx [..., k] int32)``."""
         feat, attn = self.features_and_attention(x)
-        return select.how_select_local(feat, attn, nfeat=self.config.nfeat)
+        k = resolve_nfeat(self.config.nfeat, feat.shape[-2])
+        if k == 0:
+            lead = feat.shape[:-2]
+            return (jnp.zeros(lead + (0, feat.shape[-1]), feat.dtype), jnp.zeros(lead + (0,), attn.dtype),
+                    jnp.zeros(lead + (0,), jnp.int32))
+        return select.how_select_local(feat, attn, nfeat=k)
 
     def forward_global(self, x):
         """Weighted SPoC global descriptor ``[..., dim]``."""
@@ -149,18 +185,41 @@ def init_head(config: HeadConfig, *, seed: int = 0):
 
 
 def check_features(x, config: HeadConfig):
-    """Return backbone features as a float32 array after checking their shape and values (host-side)."""
-    a = np.asarray(x)
-    if a.ndim < 2 or a.shape[-1] != config.backbone_dim:
-        raise ValueError(f"backbone features must be [..., N, {config.backbone_dim}], got shape {a.shape}")
+    """Return backbone features ``[..., N, C]`` as a float32 JAX array after checking their shape and values.
+
+    A JAX array is checked where it lies (one scalar comes back to the host, the features stay on their device);
+    anything else goes through numpy.
+    """
+    if isinstance(x, jax.Array):
+        shape, a = tuple(x.shape), x
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"backbone features must be floating point, got dtype {a.dtype}")
+    else:
+        a = np.asarray(x)
+        shape = a.shape
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"backbone features must be numeric, got dtype {a.dtype}")
+    if len(shape) < 2 or shape[-1] != config.backbone_dim:
+        raise ValueError(f"backbone features must be [..., N, {config.backbone_dim}], got shape {shape}")
+    if isinstance(a, jax.Array):
+        if not bool(jnp.isfinite(a).all()):
+            raise ValueError("backbone features contain NaN or inf values")
+        return a.astype(jnp.float32)
     if not np.isfinite(a).all():
         raise ValueError("backbone features contain NaN or inf values")
     return jnp.asarray(a, jnp.float32)
 
 
 def extract_local(variables, config: HeadConfig, feats):
-    """Checked ``forward_local`` on backbone features ``[..., N, C]``."""
-    return RetrievalHead(config).apply(variables, check_features(feats, config), method=RetrievalHead.forward_local)
+    """Checked ``forward_local`` on backbone features ``[..., N, C]``.
+
+    Returns:
+        ``(feat [..., k, dim] float32, attn [..., k] float32, idx [..., k] int64)``: ``feat`` and ``attn`` are JAX
+        arrays; ``idx`` (token indices of the kept features) is a host numpy array in torch's index dtype, int64.
+    """
+    feat, attn, idx = RetrievalHead(config).apply(variables, check_features(feats, config),
+                                                  method=RetrievalHead.forward_local)
+    return feat, attn, np.asarray(idx).astype(np.int64)
 
 
 def extract_global(variables, config: HeadConfig, feats):
@@ -172,29 +231,68 @@ def extract_global(variables, config: HeadConfig, feats):
 # MASt3R checkpoint import
 
 
+def _getter(args):
+    if isinstance(args, dict):
+        return lambda k, d=None: args.get(k, d)
+    return lambda k, d=None: getattr(args, k, d)
+
+
 def config_from_args(args) -> HeadConfig:
-    """A :class:`HeadConfig` from MASt3R's checkpoint ``args`` (an argparse Namespace or a dict)."""
-    get = (lambda k, d=None: args.get(k, d)) if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    """A :class:`HeadConfig` from MASt3R's checkpoint ``args`` (an argparse Namespace or a dict).
+
+    ``backbone_dim`` must be among the args (MASt3R takes it from the backbone; :func:`load_mast3r_checkpoint`
+    reads it off the weights). ``prewhiten`` / ``postwhiten`` are MASt3R's re-learning frequencies: ``None`` for
+    no whitening. As in MASt3R's ``RetrievalModel``, a post-whitening other than ``-1`` needs a projector.
+    """
+    get = _getter(args)
     backbone_dim = get("backbone_dim")
+    hdims = parse_hdims(get("hdims", "") or "")
+    postwhiten = get("postwhiten")
+    if postwhiten is not None and postwhiten != -1 and not hdims:
+        raise ValueError(f"postwhiten={postwhiten!r} needs a projector (non-empty hdims), as in MASt3R's "
+                         "RetrievalModel (only postwhiten=-1 goes without one)")
     return HeadConfig(
         backbone_dim=int(backbone_dim) if backbone_dim is not None else -1,
-        hdims=parse_hdims(get("hdims", "")),
+        hdims=hdims,
         residual=bool(get("residual", False)),
         prewhiten=get("prewhiten") is not None,
-        postwhiten=get("postwhiten") is not None,
-        featweights=get("featweights", "l2norm"),
-        nfeat=get("nfeat", 300),
+        postwhiten=postwhiten is not None,
+        featweights=get("featweights", "l2norm") or "l2norm",
+        nfeat=get("nfeat", 300) if get("nfeat") is not None else 300,
     )
+
+
+def _to_numpy(v):
+    return np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+
+
+def infer_backbone_dim(state: dict, args) -> int | None:
+    """The backbone's channel count read off the weights a MASt3R checkpoint holds, or None if none tells.
+
+    MASt3R takes it from the backbone (``enc_embed_dim``); the head's weights that touch the backbone features
+    carry it too: ``prewhiten.m [1, C]``, the first projector layer ``projector.0.weight [h0, C]``, and, when
+    there is no projector (``hdims == ''``, so the output dim is ``C``), ``postwhiten.m [1, C]``.
+    """
+    keys = ["prewhiten.m", "projector.0.weight"]
+    if not parse_hdims(_getter(args)("hdims", "") or ""):
+        keys.append("postwhiten.m")
+    for key in keys:
+        if key in state:
+            shape = tuple(_to_numpy(state[key]).shape)
+            if len(shape) != 2:
+                raise ValueError(f"checkpoint '{key}' has shape {shape}, expected a matrix")
+            return int(shape[-1])
+    return None
 
 
 def variables_from_state_dict(state: dict, config: HeadConfig) -> dict:
     """Flax variables from a MASt3R ``RetrievalModel`` state dict (torch tensors or arrays; backbone keys ignored).
 
     Projector ``nn.Sequential`` indices map as Linear ``3j`` -> ``linear_j`` (weight transposed), LayerNorm
-    ``3j + 1`` -> ``norm_j``.
+    ``3j + 1`` -> ``norm_j``. The leaves are host numpy arrays (float32; whitening float64 under
+    ``jax_enable_x64``): building them touches no device, JAX moves them at the first forward pass.
     """
-    arr = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in state.items()
-           if not k.startswith("backbone.")}
+    arr = {k: _to_numpy(v) for k, v in state.items() if not k.startswith("backbone.")}
     params, whitening, used = {}, {}, set()
 
     def take(key, shape):
@@ -209,16 +307,16 @@ def variables_from_state_dict(state: dict, config: HeadConfig) -> dict:
     for name, on, dim in (("prewhiten", config.prewhiten, config.backbone_dim),
                           ("postwhiten", config.postwhiten, config.dim)):
         if on:
-            whitening[name] = {"m": jnp.asarray(take(f"{name}.m", (1, dim)).astype(wdtype)),
-                               "p": jnp.asarray(take(f"{name}.p", (dim, dim)).astype(wdtype))}
+            whitening[name] = {"m": take(f"{name}.m", (1, dim)).astype(wdtype),
+                               "p": take(f"{name}.p", (dim, dim)).astype(wdtype)}
     d = config.backbone_dim
     for j, h in enumerate(config.hdims):
         w = take(f"projector.{3 * j}.weight", (h, d))
         b = take(f"projector.{3 * j}.bias", (h,))
-        params[f"linear_{j}"] = {"kernel": jnp.asarray(w.T.astype(np.float32)), "bias": jnp.asarray(b.astype(np.float32))}
+        params[f"linear_{j}"] = {"kernel": np.ascontiguousarray(w.T, np.float32), "bias": b.astype(np.float32)}
         if j < len(config.hdims) - 1:
-            params[f"norm_{j}"] = {"scale": jnp.asarray(take(f"projector.{3 * j + 1}.weight", (h,)).astype(np.float32)),
-                                   "bias": jnp.asarray(take(f"projector.{3 * j + 1}.bias", (h,)).astype(np.float32))}
+            params[f"norm_{j}"] = {"scale": take(f"projector.{3 * j + 1}.weight", (h,)).astype(np.float32),
+                                   "bias": take(f"projector.{3 * j + 1}.bias", (h,)).astype(np.float32)}
         d = h
     unexpected = sorted(set(arr) - used)
     if unexpected:
@@ -229,12 +327,8 @@ def variables_from_state_dict(state: dict, config: HeadConfig) -> dict:
     return variables
 
 
-def load_mast3r_checkpoint(path):
-    """Read a MASt3R retrieval checkpoint (torch ``.pth`` with ``args`` and ``model``) into the Flax head.
-
-    Returns:
-        ``(config, variables, info)`` with ``info = {"imsize": ..., "nclusters": ...}`` from the args.
-    """
+def read_mast3r_checkpoint(path) -> tuple:
+    """``(args, state)`` of a MASt3R retrieval checkpoint, read with ``torch.load(weights_only=True)``."""
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -252,26 +346,69 @@ def load_mast3r_checkpoint(path):
         raise ValueError(f"cannot read checkpoint {path} as weights only: {exc}") from exc
     if not isinstance(ckpt, dict) or "args" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a MASt3R retrieval checkpoint (needs 'args' and 'model')")
-    args, state = ckpt["args"], ckpt["model"]
-    get = (lambda k, d=None: args.get(k, d)) if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
-    backbone_dim = get("backbone_dim")
-    if backbone_dim is None:  # the checkpoint keeps no backbone: read the dim off the first layer it has
-        for key in ("prewhiten.m", "projector.0.weight"):
-            if key in state:
-                backbone_dim = state[key].shape[-1]
-                break
-    if backbone_dim is None:
-        raise ValueError("cannot tell the backbone dimension from the checkpoint")
+    if not isinstance(ckpt["model"], dict):
+        raise ValueError(f"{path}: 'model' must be a state dict, got {type(ckpt['model']).__name__}")
+    return ckpt["args"], ckpt["model"]
+
+
+def load_mast3r_checkpoint(path, *, backbone_dim: int | None = None):
+    """Read a MASt3R retrieval checkpoint (torch ``.pth`` with ``args`` and ``model``) into the Flax head.
+
+    Args:
+        path: the ``.pth`` file.
+        backbone_dim: the backbone's channel count ``C`` (MASt3R's ``backbone.enc_embed_dim``). Needed only when
+            the checkpoint's weights do not tell it (no pre-whitening, no projector, no post-whitening: the head
+            is the identity); when they do, it must agree.
+
+    Returns:
+        ``(config, variables, info)`` with ``info = {"imsize": ..., "nclusters": ...}`` from the args; the
+        variables are host arrays (see :func:`variables_from_state_dict`).
+    """
+    args, state = read_mast3r_checkpoint(path)
+    return head_from_mast3r(args, state, backbone_dim=backbone_dim, source=path)
+
+
+def head_from_mast3r(args, state: dict, *, backbone_dim: int | None = None, source="the checkpoint"):
+    """:func:`load_mast3r_checkpoint` on a checkpoint already read (:func:`read_mast3r_checkpoint`)."""
+    get = _getter(args)
+    found = get("backbone_dim")
+    if found is None:
+        found = infer_backbone_dim(state, args)
+    if backbone_dim is not None:
+        if isinstance(backbone_dim, bool) or not isinstance(backbone_dim, (int, np.integer)) or backbone_dim < 1:
+            raise ValueError(f"backbone_dim must be a positive int, got {backbone_dim!r}")
+        if found is not None and int(found) != int(backbone_dim):
+            raise ValueError(f"backbone_dim={backbone_dim} but {source} is for {found}-channel backbone features")
+        found = backbone_dim
+    if found is None:
+        raise ValueError(f"cannot tell the backbone dimension from {source}: it holds no pre-whitening, "
+                         "projector or post-whitening weights; pass backbone_dim= (MASt3R reads it from its "
+                         "backbone's enc_embed_dim)")
     cfg_args = {k: get(k) for k in ("hdims", "residual", "prewhiten", "postwhiten", "featweights", "nfeat")}
-    cfg_args["backbone_dim"] = int(backbone_dim)
-    cfg_args["hdims"] = cfg_args["hdims"] if cfg_args["hdims"] is not None else ""
-    cfg_args["featweights"] = cfg_args["featweights"] or "l2norm"
-    cfg_args["nfeat"] = cfg_args["nfeat"] if cfg_args["nfeat"] is not None else 300
+    cfg_args["backbone_dim"] = int(found)
     config = config_from_args(cfg_args)
     variables = variables_from_state_dict(state, config)
     info = {"imsize": get("imsize"), "nclusters": get("nclusters")}
-    log.info("loaded MASt3R retrieval head from %s: %s", path, config)
+    log.info("loaded MASt3R retrieval head from %s: %s", source, config)
     return config, variables, info
+
+
+def mast3r_codebook_path(checkpoint_path) -> str:
+    """The ASMK codebook pickle MASt3R's ``Retriever`` loads for a retrieval checkpoint.
+
+    MASt3R's rule: in the checkpoint's folder, the file name's ``_``-separated parts but the last, joined by ``_``,
+    then ``_codebook.pkl`` (``MASt3R_..._retrieval_trainingfree.pth`` -> ``MASt3R_..._retrieval_codebook.pkl``;
+    a name without ``_`` gives ``_codebook.pkl``).
+
+    Raises:
+        ValueError: the codebook file is not there.
+    """
+    folder, name = os.path.split(os.fspath(checkpoint_path))
+    found = os.path.join(folder, "_".join(name.split("_")[:-1]) + "_codebook.pkl")
+    if not os.path.isfile(found):
+        raise ValueError(f"no codebook for the retrieval checkpoint {checkpoint_path}: MASt3R expects it at "
+                         f"{found} (the checkpoint name up to its last '_', then '_codebook.pkl')")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 Orbax round trip, optax training."""
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ def test_selection_and_spoc_match_numpy():
             select.resolve_nfeat(bad, 10)
 
 
-def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0):
+def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0, imsize=512,
+                           nclusters=1024):
     """A synthetic checkpoint in MASt3R's retrieval format, and the torch modules holding the same weights."""
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +93,7 @@ def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, n
             state[f"{name}.m"], state[f"{name}.p"] = m, p
             whiteners[name] = (m, p)
     args = argparse.Namespace(pretrained="x", freeze_backbone=1, prewhiten=prewhiten, hdims=hdims, residual=residual,
-                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=512, nclusters=1024)
+                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=imsize, nclusters=nclusters)
     torch.save({"args": args, "model": state}, path)
     return projector, whiteners
 
@@ -113,7 +115,11 @@ def torch_reference(x, projector, whiteners, *, residual, nfeat):
         attn = proj.norm(dim=-1)
         feat = wh(proj, "postwhiten")
         glob = torch.nn.functional.normalize((feat * attn[:, :, None]).sum(dim=1), dim=1)
-        k = int(-nfeat * feat.size(1)) if nfeat < 0 else int(nfeat)
+        if nfeat < 0:  # MASt3R's how_select_local
+            assert nfeat >= -1.0
+            k = int(-nfeat * feat.size(1))
+        else:
+            k = int(nfeat)
         top_attn, top_idx = torch.topk(attn, min(k, attn.size(1)), dim=1)
         top_feat = torch.gather(feat, 1, top_idx.unsqueeze(-1).expand(-1, -1, feat.size(2)))
     return glob.numpy(), top_feat.numpy(), top_attn.numpy(), top_idx.numpy()
@@ -123,6 +129,10 @@ def torch_reference(x, projector, whiteners, *, residual, nfeat):
     ("32_24", False, 1, 0, 10),
     ("16_16", True, None, None, -0.25),
     ("", False, 1, None, 5),
+    ("", False, None, -1, 7),       # no prewhitening, no projector: the dim comes from postwhiten.m
+    ("24", False, None, 0, 0.5),    # 0 < nfeat < 1: MASt3R keeps int(nfeat) = 0 features
+    ("24_16", False, None, None, -0.01),  # int(0.01 * 40) = 0 features
+    ("24_16", False, None, 2, 2.7),  # int(2.7) = 2
 ])
 def test_mast3r_checkpoint_import_matches_torch(tmp_path, hdims, residual, prewhiten, postwhiten, nfeat):
     c = 16
@@ -136,9 +146,123 @@ def test_mast3r_checkpoint_import_matches_torch(tmp_path, hdims, residual, prewh
     glob, top_feat, top_attn, top_idx = torch_reference(x, projector, whiteners, residual=residual, nfeat=nfeat)
     np.testing.assert_allclose(np.asarray(head.extract_global(variables, config, x)), glob, atol=1e-5)
     f, a, idx = head.extract_local(variables, config, x)
-    np.testing.assert_array_equal(np.asarray(idx), top_idx)
+    assert idx.dtype == np.int64 == top_idx.dtype
+    assert np.asarray(f).shape == top_feat.shape and np.asarray(a).shape == top_attn.shape
+    np.testing.assert_array_equal(idx, top_idx)
     np.testing.assert_allclose(np.asarray(f), top_feat, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(a), top_attn, atol=1e-5, rtol=1e-5)
+    # features already on the device are checked there and give the same result
+    f2, _, idx2 = head.extract_local(variables, config, jnp.asarray(x))
+    np.testing.assert_array_equal(idx2, top_idx)
+    np.testing.assert_array_equal(np.asarray(f2), np.asarray(f))
+
+
+def test_checkpoint_without_weights_needs_the_backbone_dim(tmp_path):
+    """hdims '' and no whitening: MASt3R's head is the identity and takes C from the backbone."""
+    path = str(tmp_path / "identity.pth")
+    make_mast3r_checkpoint(path, c=12, hdims="", residual=False, prewhiten=None, postwhiten=None, nfeat=-0.5)
+    with pytest.raises(ValueError, match="backbone_dim="):
+        head.load_mast3r_checkpoint(path)
+    config, variables, _ = head.load_mast3r_checkpoint(path, backbone_dim=12)
+    assert config.backbone_dim == 12 and config.dim == 12 and config.hdims == ()
+    x = np.random.default_rng(0).standard_normal((3, 10, 12)).astype(np.float32)
+    glob, top_feat, top_attn, top_idx = torch_reference(x, __import__("torch").nn.Sequential(), {}, residual=False,
+                                                        nfeat=-0.5)
+    f, a, idx = head.extract_local(variables, config, x)
+    np.testing.assert_array_equal(idx, top_idx)
+    np.testing.assert_allclose(np.asarray(f), top_feat, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(head.extract_global(variables, config, x)), glob, atol=1e-6)
+    # a dim the weights contradict is refused
+    path2 = str(tmp_path / "pre.pth")
+    make_mast3r_checkpoint(path2, c=12, hdims="", residual=False, prewhiten=1, postwhiten=None, nfeat=3)
+    with pytest.raises(ValueError, match="12-channel"):
+        head.load_mast3r_checkpoint(path2, backbone_dim=10)
+
+
+def test_mast3r_argument_rules(tmp_path):
+    # MASt3R asserts a projector for a post-whitening other than -1, and nfeat >= -1
+    path = str(tmp_path / "bad.pth")
+    make_mast3r_checkpoint(path, c=8, hdims="", residual=False, prewhiten=1, postwhiten=0, nfeat=3)
+    with pytest.raises(ValueError, match="postwhiten=0 needs a projector"):
+        head.load_mast3r_checkpoint(path)
+    path = str(tmp_path / "bad2.pth")
+    make_mast3r_checkpoint(path, c=8, hdims="8", residual=False, prewhiten=None, postwhiten=None, nfeat=-1.5)
+    with pytest.raises(ValueError, match="fractional nfeat"):
+        head.load_mast3r_checkpoint(path)
+    for bad in (float("nan"), float("inf"), "x", True, None):
+        with pytest.raises(ValueError):
+            head.resolve_nfeat(bad, 10)
+    # the rule itself against MASt3R's, on a grid
+    for nfeat in (-1, -0.999, -0.5, -0.05, -0.01, 0, 0.2, 0.99, 1, 1.5, 3, 7.9, 300):
+        for n in (0, 1, 7, 40):
+            expected = min(int(-nfeat * n) if nfeat < 0 else int(nfeat), n)
+            assert head.resolve_nfeat(nfeat, n) == expected, (nfeat, n)
+
+
+def test_codebook_path_follows_mast3r(tmp_path):
+    name = "MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric_retrieval_trainingfree.pth"
+    ckpt = tmp_path / name
+    ckpt.write_bytes(b"")
+    # MASt3R's rule, re-derived: all '_' parts of the file name but the last, then '_codebook.pkl'
+    expected = os.path.join(str(tmp_path), "_".join(name.split("_")[:-1]) + "_codebook.pkl")
+    assert expected.endswith("metric_retrieval_codebook.pkl")
+    with pytest.raises(ValueError, match="metric_retrieval_codebook.pkl"):
+        head.mast3r_codebook_path(ckpt)
+    open(expected, "wb").close()
+    assert head.mast3r_codebook_path(ckpt) == expected
+    assert head.mast3r_codebook_path(str(ckpt)) == expected
+    # a name without '_' keeps nothing of it, as in MASt3R
+    (tmp_path / "_codebook.pkl").write_bytes(b"")
+    assert head.mast3r_codebook_path(tmp_path / "model.pth") == str(tmp_path / "_codebook.pkl")
+    with pytest.raises(ValueError, match="no codebook"):
+        head.mast3r_codebook_path(tmp_path / "sub" / "a_b.pth")
+
+
+def _dot_precisions(jaxpr):
+    """The precision of every dot_general in a jaxpr and all the jaxprs nested in it (jit, scan, cond...)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (list, tuple)) else (value,)):
+                if hasattr(sub, "eqns"):
+                    found += _dot_precisions(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    found += _dot_precisions(sub.jaxpr)
+    return found
+
+
+def _all_highest(precisions):
+    def is_highest(p):
+        if isinstance(p, (tuple, list)):
+            return len(p) > 0 and all(is_highest(q) for q in p)
+        return p == jax.lax.Precision.HIGHEST
+
+    return all(is_highest(p) for p in precisions)
+
+
+def test_every_head_matmul_runs_at_highest_precision():
+    config = head.HeadConfig(backbone_dim=8, hdims=(12, 10, 6), prewhiten=True, postwhiten=True, nfeat=4)
+    variables = head.init_head(config, seed=0)
+    x = jnp.ones((2, 9, 8), jnp.float32)
+    model = head.RetrievalHead(config)
+    for method in (head.RetrievalHead.forward_local, head.RetrievalHead.forward_global):
+        closed = jax.make_jaxpr(lambda v, a: model.apply(v, a, method=method))(variables, x)
+        precisions = _dot_precisions(closed.jaxpr)
+        assert len(precisions) == 5, precisions  # 3 Dense layers + 2 whitenings
+        assert _all_highest(precisions), precisions
+    # the walker sees a dot without the precision: a Dense left at the default fails the check
+    w = jnp.ones((8, 4))
+    sloppy = jax.make_jaxpr(lambda a: jnp.tanh(model.apply(variables, a, method=head.RetrievalHead.forward_global))
+                            @ jnp.ones((6, 3)))(x)
+    assert not _all_highest(_dot_precisions(sloppy.jaxpr))
+    import flax.linen as nn
+
+    default_dense = nn.Dense(4)
+    p = default_dense.init(jax.random.PRNGKey(0), x)
+    assert not _all_highest(_dot_precisions(jax.make_jaxpr(lambda a: default_dense.apply(p, a))(x).jaxpr))
+    assert not _all_highest(_dot_precisions(jax.make_jaxpr(lambda a: jax.jit(lambda b: b @ w)(a))(x).jaxpr))
 
 
 def test_head_errors_and_orbax_round_trip(tmp_path):
