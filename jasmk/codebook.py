@@ -118,19 +118,29 @@ class Codebook:
                    size_param=c.shape[0] if size_param is None else size_param)
 
 
-def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bool = False) -> Codebook:
-    """Cluster ``vecs`` (``[N, D] float32``) into ``size`` visual words with faiss k-means.
+def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bool = False,
+                   method: str = "auto") -> Codebook:
+    """Cluster ``vecs`` (``[N, D] float32``) into ``size`` visual words with k-means.
 
-    The defaults (10 iterations, faiss's seed 1234) reproduce asmk 0.1.1's codebook for the same input.
+    ``method="faiss"`` (``"auto"`` when faiss is importable): faiss's k-means; the defaults (10 iterations,
+    faiss's seed 1234) reproduce asmk 0.1.1's codebook for the same input. ``method="jax"`` (``"auto"`` without
+    faiss): Lloyd's k-means in jitted JAX with faiss's recipe (seeded initial sample, at most 256 points per
+    centroid, empty clusters split off the largest), so jasmk works where no faiss is installed; its centroids
+    are a good codebook but not faiss's bits.
     """
-    faiss = _faiss("training a codebook")
-
     x = validate.descriptors(vecs, name="training descriptors")
     k = parse_size(size)
     if x.shape[0] < k:
         raise ValueError(f"cannot train {k} visual words from only {x.shape[0]} descriptors")
     if niter < 1:
         raise ValueError(f"niter must be >= 1, got {niter}")
+    if method not in ("auto", "faiss", "jax"):
+        raise ValueError(f"k-means method must be 'auto', 'faiss' or 'jax', got {method!r}")
+    if method == "jax" or (method == "auto" and not have_faiss()):
+        log.info("training codebook with JAX k-means: %d words from %d x %d descriptors, %d iterations", k,
+                 *x.shape, niter)
+        return Codebook(centroids=kmeans_jax(x, k, niter=niter, seed=seed), size_param=size)
+    faiss = _faiss("training a codebook")
     clus = faiss.Clustering(x.shape[1], k)
     clus.verbose = bool(verbose)
     clus.niter = int(niter)
@@ -140,6 +150,49 @@ def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bo
     clus.train(x, index)
     centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, x.shape[1])
     return Codebook(centroids=np.ascontiguousarray(centroids, np.float32), size_param=size)
+
+
+def kmeans_jax(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 1234,
+               max_points_per_centroid: int = 256) -> np.ndarray:
+    """Lloyd's k-means on the default JAX device: ``[N, D] float32`` -> ``[k, D] float32`` centroids.
+
+    Initial centroids are a seeded sample of the points; at most ``max_points_per_centroid * k`` points (a
+    seeded sample) are clustered; an empty cluster takes a perturbed copy of the largest cluster's centroid.
+    """
+    rng = np.random.default_rng(seed)
+    if x.shape[0] > max_points_per_centroid * k:
+        x = x[np.sort(rng.choice(x.shape[0], max_points_per_centroid * k, replace=False))]
+    cent = x[rng.choice(x.shape[0], k, replace=False)].copy()
+    chunk = _chunk_rows(k, x.shape[0])
+    rows = _ladder(x.shape[0], chunk)
+    padded = np.zeros((rows, x.shape[1]), np.float32)
+    padded[: x.shape[0]] = x
+    xd = jax.device_put(padded)
+    valid = jnp.arange(rows) < x.shape[0]
+    for it in range(int(niter)):
+        words = quantize_jax(jnp.asarray(cent), xd, multiple_assignment=1, chunk_size=chunk)[:, 0]
+        sums, counts = _cluster_sums(xd, words, valid, k=k)
+        sums, counts = np.asarray(sums, np.float64), np.asarray(counts)
+        nonempty = counts > 0
+        cent[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        for j in np.flatnonzero(~nonempty):  # faiss's split: half of the largest cluster moves over
+            big = int(np.argmax(counts))
+            eps = np.float32(1 / 1024)
+            cent[j] = cent[big] * (1 + eps)
+            cent[big] = cent[big] * (1 - eps)
+            counts[j] = counts[big] // 2
+            counts[big] -= counts[j]
+    return cent
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _cluster_sums(x, words, valid, *, k: int):
+    """Per-cluster sums ``[k, D]`` and counts ``[k]`` of the valid rows of ``x`` (integer counts; the float sums
+    are reduced per cluster by ``segment_sum``)."""
+    w = jnp.where(valid, words, k)
+    sums = jax.ops.segment_sum(x, w, num_segments=k + 1)[:k]
+    counts = jax.ops.segment_sum(valid.astype(jnp.int32), w, num_segments=k + 1)[:k]
+    return sums, counts
 
 
 # Two words whose squared distances to a descriptor differ by less than TIE_EPS * (|x|^2 + |c|^2) may come in

@@ -231,14 +231,16 @@ NO_FAISS = textwrap.dedent(r"""
     words = jasmk.quantize(jasmk.Codebook.from_centroids(cent), x, multiple_assignment=2)
     d = ((x[:, None, :] - cent[None]) ** 2).sum(-1)
     assert (words[:, 0] == d.argmin(1)).all()
+    cb = jasmk.train_codebook(x, size=4)  # JAX k-means
+    assert cb.centroids.shape == (4, 8)
     try:
-        jasmk.train_codebook(x, size=4)
+        jasmk.train_codebook(x, size=4, method="faiss")
     except ImportError as e:
         print("IMPORTERROR", e)
 """)
 
 
-def test_without_faiss_quantization_uses_jax_and_training_says_what_to_install():
+def test_without_faiss_quantization_and_training_use_jax_and_faiss_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", NO_FAISS.format(root=ROOT)], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
@@ -258,3 +260,29 @@ def test_real_valued_query_program_has_no_reduced_precision_dot(max_pairs):
         index, f[:60].reshape(2, 30, 16), np.ones((2, 30), bool))
     dots = _dots(jp.jaxpr)
     assert dots and all(_highest(e) for e in dots)
+
+
+def test_jax_kmeans_fallback_is_a_real_kmeans():
+    """Lloyd's fixed point: every centroid is the mean of the points nearest to it, and the objective is close
+    to faiss's on the same data."""
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((20, 8)).astype(np.float32) * 4
+    x = (centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, 8))).astype(np.float32)
+    cb = jasmk.train_codebook(x, size=20, method="jax", niter=30)
+    c = np.asarray(cb.centroids)
+    d = ((x[:, None] - c[None]) ** 2).sum(-1)
+    w = d.argmin(1)
+    for j in range(20):
+        if np.any(w == j):
+            np.testing.assert_allclose(c[j], x[w == j].mean(0), atol=2e-3)
+    # a numpy re-derivation of the same recipe (seeded sample init, Lloyd steps) lands on the same centroids
+    r = np.random.default_rng(1234)
+    ref = x[r.choice(len(x), 20, replace=False)].astype(np.float64)
+    for _ in range(30):
+        a = ((x[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1).argmin(1)
+        ref = np.stack([x[a == j].mean(0) if np.any(a == j) else ref[j] for j in range(20)])
+    np.testing.assert_allclose(c, ref, atol=1e-3)
+    obj = lambda c: ((x[:, None] - c[None]) ** 2).sum(-1).min(1).mean()  # noqa: E731
+    assert obj(c) < obj(x[np.random.default_rng(1234).choice(len(x), 20, replace=False)])
+    with pytest.raises(ValueError, match="k-means method"):
+        jasmk.train_codebook(x, size=4, method="sklearn")
