@@ -153,7 +153,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader talks at INFO
+    from jasmk.cli import configure_logging
+
+    configure_logging(prefix="bench_scale")  # libraries' load-time INFO off; jasmk's own warnings on stderr
     width = args.bits // 32
     counter = CompileCounter()
     table = []

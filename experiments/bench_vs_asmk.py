@@ -136,7 +136,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader talks at INFO
+    from jasmk.cli import configure_logging
+
+    configure_logging(prefix="bench_vs_asmk")  # libraries' load-time INFO off; jasmk's own warnings on stderr
 
     rng = np.random.default_rng(args.seed)
     k = jasmk.parse_size(args.codebook)

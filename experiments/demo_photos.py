@@ -304,7 +304,7 @@ def _label(entry):
 def run(*, db_views: int = 4, query_views: int = 2, train_views: int = 2, nfeatures: int = 1000,
         codebook="1k", max_side: int = 512, na: int = 5, k: int = 3, seed: int = 0, verbose: bool = True,
         opencv_data: str | None = OPENCV_DATA, results_png: str | None = None, scores_png: str | None = None,
-        show_queries: int = 8, show_topk: int = 5) -> dict:
+        show_queries: int = 8, show_topk: int = 5, quantizer: str = "auto") -> dict:
     """Run the demo; returns its figures (mAP in percent, seconds) plus the ranks, gnd and labels behind them.
 
     ``opencv_data``: the folder of opencv-doc's sample pictures (None or a folder without them: the synthetic
@@ -345,13 +345,13 @@ def run(*, db_views: int = 4, query_views: int = 2, train_views: int = 2, nfeatu
     cb = jasmk.train_codebook(train, size=size)
     t_cb = time.perf_counter() - t
     t = time.perf_counter()
-    index = jasmk.build_index(feats, ids, codebook=cb)
+    index = jasmk.build_index(feats, ids, codebook=cb, quantizer=quantizer)
     t_index = time.perf_counter() - t
     t = time.perf_counter()
-    res = jasmk.query(index, qfeats, qids)
+    res = jasmk.query(index, qfeats, qids, quantizer=quantizer)
     t_query = time.perf_counter() - t
     t = time.perf_counter()
-    jasmk.query(index, qfeats, qids)  # again, compiled: the steady-state query time
+    jasmk.query(index, qfeats, qids, quantizer=quantizer)  # again, compiled: the steady-state query time
     t_query_warm = time.perf_counter() - t
 
     n_db = index.n_images
@@ -433,6 +433,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=512, help="photos are downscaled to this longest side")
     ap.add_argument("--scene-graph", default="retrieval-5-3", help="MASt3R-SfM pairs, retrieval-Na-k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantizer", default="auto", choices=("auto", "faiss", "jax", "hnsw"),
+                    help="word assignment (hnsw: approximate, see the README)")
     ap.add_argument("--results-png", default=None, help="write a picture of queries and their top results")
     ap.add_argument("--scores-png", default=None, help="write a heat map of the query x database scores")
     ap.add_argument("--show-queries", type=int, default=8, help="query rows in --results-png")
@@ -442,7 +444,7 @@ def main(argv=None) -> int:
     run(db_views=args.db_views, query_views=args.query_views, train_views=args.train_views,
         nfeatures=args.nfeatures, codebook=args.codebook, max_side=args.max_side, na=na, k=k, seed=args.seed,
         opencv_data=args.opencv_data or None, results_png=args.results_png, scores_png=args.scores_png,
-        show_queries=args.show_queries)
+        show_queries=args.show_queries, quantizer=args.quantizer)
     return 0
 
 

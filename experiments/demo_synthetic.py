@@ -1,15 +1,15 @@
 """End-to-end demo on data it makes itself: scenes seen by several images, retrieval and MASt3R-style pairs.
 
-    python experiments/demo_synthetic.py [--images 60] [--per-image 300] [--dim 64] [--codebook 1024]
+    python experiments/demo_synthetic.py [--images 60] [--per-image 300] [--dim 64] [--codebook 1024] [--verbose]
 """
 
 import argparse
-import logging
 import time
 
 import numpy as np
 
 import jasmk
+from jasmk.cli import configure_logging
 
 
 def make_scenes(rng, *, n_images, per_image, dim, n_scenes, noise):
@@ -47,8 +47,9 @@ def main():
     ap.add_argument("--noise", type=float, default=0.6)
     ap.add_argument("--codebook", default="1k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="print jasmk's info messages on stderr")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+    configure_logging(verbose=args.verbose, prefix="demo_synthetic")  # quiet libraries; jasmk's INFO on request
 
     rng = np.random.default_rng(args.seed)
     feats, ids, labels = make_scenes(rng, n_images=args.images, per_image=args.per_image, dim=args.dim,

@@ -25,13 +25,21 @@ from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: 
 
 log = logging.getLogger(__name__)
 
+# Codebook that build_index trains when it is given none: a seeded sample of the descriptors, at least
+# FAISS_MIN_PER_WORD descriptors per word (below that faiss warns that k-means is under-trained), a power of two
+# of words between AUTO_MIN_WORDS and AUTO_MAX_WORDS.
+AUTO_SAMPLE = 1 << 18  # descriptors: k-means on 2**18 x 128-d into 4096 words takes about a minute on 2 cores
+FAISS_MIN_PER_WORD = 39
+AUTO_MIN_WORDS = 16
+AUTO_MAX_WORDS = 1 << 16
 
 
 class QueryResult(typing.NamedTuple):
     """Result of :func:`query`.
 
     Attributes:
-        ids: ``[n_query] int64`` query image ids, ascending.
+        ids: ``[n_query] int64`` query image ids: the distinct ids of the query descriptors, ascending, or
+            ``query_ids`` as given.
         ranks: ``[n_query, k] int64`` database image ids, best first.
         scores: ``[n_query, k] float32`` their scores.
     """
@@ -52,41 +60,115 @@ def _as_codebook(codebook) -> Codebook:
     if isinstance(codebook, Codebook):
         return codebook
     if codebook is None:
-        raise ValueError("a codebook is required: pass codebook=jasmk.train_codebook(...) or a [K, D] array")
+        raise ValueError("a codebook is required, got None: pass codebook=jasmk.train_codebook(...) or a [K, D] "
+                         "array (build_index trains one when codebook= is left out)")
+    if isinstance(codebook, str):
+        raise ValueError(f"codebook must be a Codebook or [K, D] centroids (or 'auto' for build_index), got {codebook!r}")
     return Codebook.from_centroids(codebook)
 
 
 def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss",
-                     word_ids=None, sort: bool = True):
+                     word_ids=None, sort: bool = True, allow_empty: bool = False):
     """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
 
     Args:
         word_ids: optional precomputed ``[N, MA] int`` assignments (e.g. from :func:`jasmk.quantize`); when
             given, quantization is skipped and ``multiple_assignment`` must equal ``MA``.
         sort: sort each image's rows by word (asmk's order); the index and the scorer do not need it.
+        allow_empty: accept ``N = 0`` descriptors (no rows come out).
 
     Returns:
         :class:`~jasmk.aggregate.Aggregated` rows sorted by (image, word).
     """
     cb = _as_codebook(centroids)
-    x = validate.descriptors(feats, dim=cb.dim)
+    x = validate.descriptors(feats, dim=cb.dim, allow_empty=allow_empty)
     imids = validate.image_ids(ids, x.shape[0])
-    if word_ids is None:
+    if word_ids is None and x.shape[0] == 0:
+        ma = validate.multiple_assignment(multiple_assignment, cb.size)
+        words = np.zeros((0, ma), np.int32)
+    elif word_ids is None:
         words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
     else:
         words = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
     return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary, sort=sort)
 
 
-def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = False,
+def auto_codebook_plan(n_descriptors: int, *, sample: int = AUTO_SAMPLE, seed: int = 1234):
+    """The sample and size of the codebook :func:`build_index` trains when it is given none.
+
+    The sample is every descriptor when there are at most ``sample`` of them, else
+    ``np.sort(np.random.default_rng(seed).choice(n_descriptors, sample, replace=False))``. The number of words is
+    the largest power of two with at least :data:`FAISS_MIN_PER_WORD` (39) sample descriptors per word, at most
+    :data:`AUTO_MAX_WORDS` (65536).
+
+    Returns:
+        ``(rows [M] int64, n_words)``: the ascending sample rows and the codebook size.
+
+    Raises:
+        ValueError: fewer than ``39 * AUTO_MIN_WORDS`` (624) descriptors, or a bad ``sample``.
+    """
+    n = int(n_descriptors)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+        raise ValueError(f"codebook_sample must be a positive int, got {sample!r}")
+    m = min(n, int(sample))
+    need = FAISS_MIN_PER_WORD * AUTO_MIN_WORDS
+    if m < need:
+        raise ValueError(
+            f"build_index without codebook= trains a codebook on the features, which needs at least {need} "
+            f"descriptors ({FAISS_MIN_PER_WORD} per word, {AUTO_MIN_WORDS} words); got {m}"
+            + (f" (codebook_sample={sample})" if m < n else "")
+            + ": pass codebook=jasmk.train_codebook(train_feats, size=...)")
+    k = min(AUTO_MAX_WORDS, 1 << ((m // FAISS_MIN_PER_WORD).bit_length() - 1))
+    if m == n:
+        rows = np.arange(n, dtype=np.int64)
+    else:
+        rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False)).astype(np.int64)
+    return rows, k
+
+
+class _DropInfo(logging.Filter):
+    """Drops records below WARNING (keeps :func:`build_index`'s codebook training to its own one line)."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING
+
+
+def _train_auto_codebook(x: np.ndarray, *, sample: int, seed: int) -> Codebook:
+    rows, k = auto_codebook_plan(x.shape[0], sample=sample, seed=seed)
+    log.info("build_index: no codebook given: training %d words on %d of the %d descriptors (seed %d); "
+             "for benchmarks pass codebook= trained on separate data", k, rows.size, x.shape[0], seed)
+    train = x if rows.size == x.shape[0] else x[rows]
+    quiet = _DropInfo()
+    cb_log = logging.getLogger(train_codebook.__module__)
+    cb_log.addFilter(quiet)
+    try:
+        return train_codebook(train, size=k, seed=seed)
+    finally:
+        cb_log.removeFilter(quiet)
+
+
+def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bool = False,
                 multiple_assignment: int = 1, quantizer: str = "faiss", distractors: ivf_mod.Index | None = None,
-                word_ids=None) -> ivf_mod.Index:
+                word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE) -> ivf_mod.Index:
     """Build an inverted file from local descriptors.
+
+    ``jasmk.build_index(feats, ids)`` is the short form: without ``codebook=`` (``"auto"``; with
+    ``distractors=``, their codebook is used) a codebook is trained on the descriptors themselves, on a seeded sample of
+    at most ``codebook_sample`` of them, with as many words as the sample supports (a power of two, at least 39
+    descriptors per word, 16 to 65536 words; see :func:`auto_codebook_plan`), logging one INFO line. The
+    codebook stays on the index (``index.centroids``): queries and checkpoints use it.
+
+    Training the codebook on the images being searched suits exploring your own collection, not measuring:
+    benchmarks, and the HOW / revisited Oxford-Paris protocol in particular, must pass a codebook trained on
+    separate data (asmk trains on SfM-120k), since training on the test images is a protocol leak.
 
     Args:
         feats: ``[N, D] float32`` descriptors of all database images.
         ids: ``[N] int`` image id of each descriptor, grouped in ascending order (``0..n-1`` typically).
-        codebook: a :class:`~jasmk.codebook.Codebook` or ``[K, D]`` centroids.
+        codebook: a :class:`~jasmk.codebook.Codebook` or ``[K, D]`` centroids; ``"auto"`` (the default): train
+            one (see above). None is an error (a codebook variable never set, most likely).
         binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
         use_idf: weight words by ``log(n_images / count)**2``.
         multiple_assignment: words per descriptor when indexing.
@@ -94,10 +176,25 @@ def build_index(feats, ids, *, codebook, binary: bool = True, use_idf: bool = Fa
         distractors: an index whose images stay in the new index before the new ones (asmk's
             distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
+        seed: seed of the codebook's sample and of its k-means (only without ``codebook=``).
+        codebook_sample: most descriptors the codebook is trained on (only without ``codebook=``).
 
     Returns:
         The :class:`~jasmk.ivf.Index`.
+
+    Raises:
+        ValueError: bad input; without ``codebook=``, too few descriptors to train one.
     """
+    auto = isinstance(codebook, str) and codebook == "auto"
+    if auto and distractors is not None:
+        codebook = Codebook(distractors.centroids, distractors.codebook_size_param)
+    elif auto:
+        if word_ids is not None:
+            raise ValueError("word_ids were given without the codebook they index: pass codebook= too")
+        x = validate.descriptors(feats)
+        validate.image_ids(ids, x.shape[0])  # bad ids fail before minutes of k-means
+        codebook = _train_auto_codebook(x, sample=codebook_sample, seed=seed)
+        feats = x
     cb = _as_codebook(codebook)
     if distractors is not None:
         if distractors.dim != cb.dim or distractors.n_words != cb.size:
@@ -147,7 +244,7 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk,
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss",
-          word_ids=None, progress: bool = False, engine: str = "auto") -> QueryResult:
+          word_ids=None, progress: bool = False, engine: str = "auto", query_ids=None) -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -161,6 +258,11 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
         progress: show a progress bar on stderr.
         engine: ``"auto"`` (per batch and segment, the cheaper of the dense scan and the sparse kernels),
             ``"dense"``, ``"sparse"``, ``"sparse-xla"`` or ``"sparse-cpu"`` (see :mod:`jasmk.engine`).
+        query_ids: optional ``[n_query] int`` distinct query image ids, one result row each in this order. An
+            image named here without descriptors (e.g. a blank photo) gets a row of zero scores ranking the
+            database in ascending id order (as asmk orders all-zero scores); every id in ``qids`` must be named.
+            None: one row per distinct id of ``qids``, ascending (asmk's behaviour: an image without
+            descriptors has no row).
 
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
@@ -168,19 +270,22 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
     _check_query_params(index, alpha, similarity_threshold, topk, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids, sort=False)
+                           word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
     return query_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold, topk=topk,
-                            progress=progress, engine=engine)
+                            progress=progress, engine=engine, query_ids=query_ids)
 
 
 def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
                      similarity_threshold: float = 0.0, topk: int | None = None, progress: bool = False,
-                     engine: str = "auto") -> QueryResult:
+                     engine: str = "auto", query_ids=None) -> QueryResult:
     """:func:`query` for query images already aggregated (:func:`aggregate_images`, or rows kept from an
-    earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word)."""
+    earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word).
+    ``query_ids`` as in :func:`query` (with it, ``agg`` may hold no rows)."""
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk, engine)
-    _check_aggregated(index, agg)
-    n_q = int(np.unique(agg.images).size)
+    _check_aggregated(index, agg, allow_empty=query_ids is not None)
+    present = np.unique(agg.images).astype(np.int64)
+    named = None if query_ids is None else _named_query_ids(query_ids, present)
+    n_q = present.size if named is None else named.size
     k = index.n_images if topk is None else min(int(topk), index.n_images)
     memory.require(2 * n_q * k * 12, f"ranks and scores of {n_q} queries x {k} images",
                    hint="pass a smaller topk (topk=None ranks every image slot)")
@@ -188,16 +293,62 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     def fn(batch):
         return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, engine=engine)
 
-    ids, ranks, scores = zip(*_run_batches(index, agg, fn, progress, "query"))
-    return QueryResult(np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores))
+    if present.size:
+        ids, ranks, scores = zip(*_run_batches(index, agg, fn, progress, "query"))
+        ids, ranks, scores = np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores)
+    else:
+        ids, ranks, scores = present, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    if named is None:
+        return QueryResult(ids, ranks, scores)
+    # images named without descriptors: all-zero scores, ranked by ascending id as asmk's argsort orders them
+    empty_ranks = np.arange(k, dtype=ranks.dtype) - index.imid_offset
+    out_ranks = np.broadcast_to(empty_ranks, (n_q, k)).copy()
+    out_scores = np.zeros((n_q, k), scores.dtype)
+    rows, src = _rows_of(named, ids)
+    out_ranks[rows], out_scores[rows] = ranks[src], scores[src]
+    return QueryResult(named, out_ranks, out_scores)
 
 
-def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated) -> None:
+def _named_query_ids(query_ids, present: np.ndarray) -> np.ndarray:
+    """``query_ids`` as ``[n] int64`` after checking them (distinct, non-negative ints naming every image of
+    ``present``, the ids that have descriptors)."""
+    q = np.asarray(query_ids)
+    if q.ndim != 1:
+        raise ValueError(f"query_ids must be a 1-D array of image ids, got shape {q.shape}")
+    if q.size == 0:
+        raise ValueError("query_ids is empty: name at least one query image")
+    if not np.issubdtype(q.dtype, np.integer):
+        raise ValueError(f"query_ids must be integers, got dtype {q.dtype}")
+    q = q.astype(np.int64)
+    if q.min() < 0:
+        raise ValueError(f"query_ids must be non-negative, got {q.min()}")
+    uniq, counts = np.unique(q, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"query_ids name image {uniq[counts > 1][0]} more than once")
+    unnamed = np.setdiff1d(present, uniq)
+    if unnamed.size:
+        raise ValueError(f"the query descriptors of image(s) {unnamed[:5].tolist()}{'...' if unnamed.size > 5 else ''} "
+                         "are not named in query_ids")
+    return q
+
+
+def _rows_of(named: np.ndarray, ids: np.ndarray):
+    """``(rows, src)``: ``named[rows[i]] == ids[src[i]]`` for every id of ``named`` found in ``ids`` (ascending)."""
+    if ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos = np.minimum(np.searchsorted(ids, named), ids.size - 1)
+    hit = ids[pos] == named
+    return np.flatnonzero(hit), pos[hit]
+
+
+def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_empty: bool = False) -> None:
     if agg.vecs.ndim != 2 or agg.vecs.shape[1] != index.width or agg.vecs.dtype != (
             np.uint32 if index.binary else np.float32):
         raise ValueError(f"aggregated query rows must be [R, {index.width}] "
                          f"{'uint32' if index.binary else 'float32'}, got {agg.vecs.shape} {agg.vecs.dtype}")
     if agg.words.shape[0] == 0:
+        if allow_empty:
+            return
         raise ValueError("no aggregated query rows")
     if agg.words.min() < 0 or agg.words.max() >= index.n_words:
         raise ValueError(f"aggregated query words must lie in [0, {index.n_words})")
@@ -207,33 +358,46 @@ def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated) -> None:
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
                  similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None,
-                 progress: bool = False, engine: str = "auto") -> np.ndarray:
+                 progress: bool = False, engine: str = "auto", query_ids=None) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
-    Row ``i`` is the ``i``-th distinct query id (ascending); column ``j`` is the database image with
+    Row ``i`` is the ``i``-th distinct query id (ascending), or ``query_ids[i]`` when given (an image named
+    there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image with
     internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
     Retriever builds from asmk's ranks and scores. ``engine`` as in :func:`query`.
     """
     _check_query_params(index, alpha, similarity_threshold, None, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids, sort=False)
+                           word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
     return score_matrix_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold,
-                                   progress=progress, engine=engine)
+                                   progress=progress, engine=engine, query_ids=query_ids)
 
 
 def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
                             similarity_threshold: float = 0.0, progress: bool = False,
-                            engine: str = "auto") -> np.ndarray:
+                            engine: str = "auto", query_ids=None) -> np.ndarray:
     """:func:`score_matrix` for query images already aggregated (as :func:`query_aggregated`)."""
     alpha, thr = _check_query_params(index, alpha, similarity_threshold, None, engine)
-    _check_aggregated(index, agg)
-    n_q = int(np.unique(agg.images).size)
+    _check_aggregated(index, agg, allow_empty=query_ids is not None)
+    present = np.unique(agg.images).astype(np.int64)
+    named = None if query_ids is None else _named_query_ids(query_ids, present)
+    n_q = present.size if named is None else named.size
     memory.require(2 * n_q * index.n_images * 4, f"a dense {n_q} x {index.n_images} score matrix",
                    hint="use jasmk.query(..., topk=k) for the best k per query, or query fewer images at a time")
-    rows = _run_batches(index, agg, lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, engine=engine),
-                        progress, "score matrix")
-    return np.concatenate(rows)
+    if present.size:
+        rows = _run_batches(index, agg,
+                            lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, engine=engine),
+                            progress, "score matrix")
+        scores = np.concatenate(rows)
+    else:
+        scores = np.zeros((0, index.n_images), np.float32)
+    if named is None:
+        return scores
+    out = np.zeros((n_q, index.n_images), np.float32)
+    rows, src = _rows_of(named, present)
+    out[rows] = scores[src]
+    return out
 
 
 def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,

@@ -2,7 +2,7 @@
 
 Feature files: ``.npz`` with ``feats`` ``[N, D]`` and ``ids`` ``[N]`` (grouped, ascending), or a plain ``.npy``
 ``[N, D]`` for codebook training. Codebooks and indexes are Orbax checkpoint directories (an asmk codebook
-``.pkl`` is accepted as ``--codebook`` too).
+``.pkl`` is accepted as ``--codebook`` too). ``show`` draws PNGs of query results and score matrices.
 """
 
 from __future__ import annotations
@@ -270,9 +270,114 @@ def _cmd_pairs(args):
     log.info("%d pairs (%d key images) saved to %s", len(p), len(keys), args.out)
 
 
+def _read_list(path, what):
+    """Lines of the text file ``path`` (blank lines skipped); relative paths are taken from its folder."""
+    if not os.path.isfile(path):
+        raise CliError(f"no such {what} file: {path}")
+    with open(path) as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    if not lines:
+        raise CliError(f"{path} lists no {what}")
+    folder = os.path.dirname(os.path.abspath(path))
+    return [line if os.path.isabs(line) else os.path.join(folder, line) for line in lines]
+
+
+def _read_gnd(path):
+    """Revisited ground truth: a .json list of {easy, hard, junk} dicts (or {"gnd": [...]}), or a gnd .pkl."""
+    import json
+
+    from . import safepickle
+
+    if not os.path.isfile(path):
+        raise CliError(f"no such ground-truth file: {path}")
+    if path.endswith(".pkl"):
+        data = safepickle.load(path)  # restricted unpickler: never runs code
+    else:
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read {path}: not JSON ({exc}); give a .json or a revisited gnd .pkl") from None
+    if isinstance(data, dict) and "gnd" in data:
+        data = data["gnd"]
+    if not isinstance(data, (list, tuple)) or not all(isinstance(g, dict) for g in data):
+        raise CliError(f"{path} must hold a list of dicts with 'easy', 'hard' and 'junk' id lists")
+    return list(data)
+
+
+def _cmd_show(args):
+    from . import eval as jeval
+    from . import show
+
+    if not args.grid and not args.heatmap:
+        raise CliError("give --grid PNG (results grid) and/or --heatmap PNG (score matrix heat map)")
+    inputs = [args.results, args.images, args.query_images, args.gnd]
+    for out in filter(None, (args.grid, args.heatmap)):
+        _check_out_file(out, inputs=inputs)
+        show._check_out(out)
+    if args.grid and args.heatmap and _same_path(args.grid, args.heatmap):
+        raise CliError("--grid and --heatmap name the same file")
+    data, files = _load_arrays(args.results)
+    if files is None:
+        scores = np.asarray(data)
+        if scores.ndim != 2:
+            raise CliError(f"{args.results} must be an [n_query, n_db] score matrix, got shape {scores.shape}")
+        qids, ranks = np.arange(scores.shape[0]), jeval.ranks_from_scores(scores)
+        scores_ranked = np.take_along_axis(scores, ranks, axis=1)
+    else:
+        if "ranks" not in data:
+            raise CliError(f"{args.results} must hold 'ranks' (as 'jasmk query' writes), it has {sorted(files)}")
+        ranks = np.asarray(data["ranks"])
+        qids = np.asarray(data.get("ids", np.arange(len(ranks))))
+        scores_ranked = data.get("scores")
+        scores = None
+        if ranks.ndim != 2 or qids.shape != (ranks.shape[0],):
+            raise CliError(f"{args.results}: ranks must be [n_query, k] with one id per row, got ranks "
+                           f"{ranks.shape} and ids {qids.shape}")
+    if args.heatmap:
+        if scores is None:
+            raise CliError("--heatmap needs a score matrix (.npy from 'jasmk score-matrix'), not query results")
+        images = _read_list(args.images, "image") if args.images else None
+        if images is not None and len(images) != scores.shape[1]:
+            raise CliError(f"{args.images} lists {len(images)} images but the score matrix has {scores.shape[1]} "
+                           "database columns")
+        names = [os.path.basename(p) for p in images] if images else None
+        show.score_heatmap(scores, args.heatmap, col_names=names,
+                           row_names=names if names and scores.shape[0] == len(names) else None)
+        log.info("score heat map saved to %s", args.heatmap)
+    if args.grid:
+        if not args.images:
+            raise CliError("--grid needs --images (one database image path per line, in database id order)")
+        images = _read_list(args.images, "image")
+        if args.query_images:
+            queries = _read_list(args.query_images, "query image")
+            if len(queries) != len(ranks):
+                raise CliError(f"{args.query_images} lists {len(queries)} images but there are {len(ranks)} queries")
+        else:  # the queries are database images: query id i is line i of --images
+            if qids.size and (qids.min() < 0 or qids.max() >= len(images)):
+                raise CliError(f"query ids reach {int(qids.max())} but {args.images} lists {len(images)} images: "
+                               "give --query-images")
+            queries = [images[int(i)] for i in qids]
+        if scores is not None and len(images) != scores.shape[1]:
+            raise CliError(f"{args.images} lists {len(images)} images but the score matrix has {scores.shape[1]} "
+                           "database columns")
+        gnd = _read_gnd(args.gnd) if args.gnd else None
+        if gnd is not None and len(gnd) != len(ranks):
+            raise CliError(f"{args.gnd} holds {len(gnd)} queries but the results have {len(ranks)}")
+        if args.max_queries < 1 or args.topk < 1:
+            raise CliError("--max-queries and --topk must be >= 1")
+        show.results_grid(queries, images, ranks, args.grid, gnd=gnd, protocol=args.protocol, scores=scores_ranked,
+                          topk=args.topk, rows=list(range(min(args.max_queries, len(ranks)))),
+                          query_names=[os.path.basename(p) for p in queries],
+                          db_names=[os.path.basename(p) for p in images])
+        log.info("results of %d queries saved to %s", min(args.max_queries, len(ranks)), args.grid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jasmk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    talk = ap.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="no progress bars")
+    talk.add_argument("--verbose", action="store_true", help="also print jasmk's info messages (on stderr)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("codebook", help="train a codebook (faiss k-means)")
@@ -312,7 +417,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default=None, help="text file with one image name per line")
     p.add_argument("--out", required=True, help=".txt ('i j' per line) or .npy [P, 2]")
     p.set_defaults(func=_cmd_pairs)
+
+    p = sub.add_parser("show", help="PNG pictures: queries with their top results, score matrix heat map")
+    p.add_argument("results", help=".npz from 'jasmk query' (ids, ranks, scores) or .npy from 'jasmk score-matrix'")
+    p.add_argument("--images", default=None, help="text file: one database image path per line, in id order "
+                   "(relative paths are read from the file's folder)")
+    p.add_argument("--query-images", default=None, help="text file: one query image per query row (default: the "
+                   "queries are database images, query id i is line i of --images)")
+    p.add_argument("--gnd", default=None, help="ground truth marking the results: .json list of {easy, hard, junk} "
+                   "dicts (or {\"gnd\": [...]}) or a revisited gnd_*.pkl")
+    p.add_argument("--protocol", choices=("easy", "medium", "hard"), default="medium",
+                   help="revisited protocol of the marking: green positive, red wrong, yellow junk")
+    p.add_argument("--topk", type=int, default=5, help="results per query in the grid")
+    p.add_argument("--max-queries", type=int, default=8, help="query rows in the grid (the first ones)")
+    p.add_argument("--grid", default=None, help="results grid .png (needs --images)")
+    p.add_argument("--heatmap", default=None, help="score matrix heat map .png (score matrix input only)")
+    p.set_defaults(func=_cmd_show)
     return ap
+
+
+# Loggers of the libraries jasmk loads whose INFO lines are load-time chatter, not news: faiss's "Loading faiss
+# with AVX2 support", JAX's "Unable to initialize backend 'tpu'" and platform fallback notes, Orbax's
+# "[process=0] [sync] Finished save" (through absl). The CLI and the experiments scripts turn them down by
+# calling configure_logging; importing jasmk configures no logging.
+THIRD_PARTY_LEVELS = {"faiss": logging.WARNING, "jax": logging.WARNING, "jax._src.xla_bridge": logging.ERROR,
+                      "absl": logging.WARNING, "orbax": logging.WARNING}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record comes (tests swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(*, verbose: bool = False, prefix: str = "jasmk") -> None:
+    """Logging for a program run (the CLI, the experiments scripts): jasmk's messages on stderr as
+    ``prefix: message``, INFO and up with ``verbose``, warnings and errors otherwise; the libraries' load-time
+    INFO lines (:data:`THIRD_PARTY_LEVELS`) off, their warnings kept. Progress bars are not affected."""
+    for name, level in THIRD_PARTY_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # XLA's C++ INFO lines (read when jaxlib loads)
+    logger = logging.getLogger("jasmk")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+    logger.propagate = False  # a library may give the root logger a handler (logging.info() does): print once
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
 
 
 def _persistent_compilation_cache() -> None:
@@ -332,7 +493,7 @@ def _persistent_compilation_cache() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="jasmk: %(message)s")
+    configure_logging(verbose=args.verbose)
     _persistent_compilation_cache()
     try:
         args.func(args)

@@ -202,7 +202,8 @@ def test_reproduce_how_reads_the_published_layout(tmp_path, capsys):
     import json
 
     saved = json.loads(out_json.read_text())
-    assert saved["params"]["codebook_size"] == 65536 and saved["params"]["query_ma"] == 5
+    assert saved["params"]["codebook_size"] == 16 and saved["params"]["query_ma"] == 5
+    assert saved["params"]["name"] == "eccv20_how_r18_1000"
     assert saved["results"][0]["medium"]["map"] == pytest.approx(maps["medium"], abs=1e-3)
     assert maps["medium"] > 50  # the toy scenes are retrievable
 
@@ -220,3 +221,177 @@ def test_reproduce_how_reads_the_published_layout(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"lacks \['imids', 'qvecs', 'qimids'\]"):
         rh.main(["--codebook-features", str(feats / "sfm120k_subset20k_how_r18_1000.pkl"), "--codebook-size", "16",
                  "--eval", "roxford5k", str(bad), str(tmp_path / "test" / "roxford5k" / "gnd_roxford5k.pkl")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reproduce_how with asmk's other parameter files, asmk's codebook.pkl, R1M distractors; stand-in files in the
+# formats asmk's demo reads, the rankings checked against asmk 0.1.1 and the mAP against the revisitop oracle
+
+
+def _standin(rng, n_db, n_q, dim=16, per=30, n_scenes=None):
+    """(features dict as in <dataset>_<features>.pkl, gnd list) for toy scenes."""
+    n_scenes = n_scenes or n_q
+    scenes = rng.standard_normal((n_scenes, 60, dim)).astype(np.float32)
+
+    def image(scene):
+        return scenes[scene][rng.choice(60, per, replace=False)] + 0.25 * rng.standard_normal((per, dim))
+
+    vecs = np.concatenate([image(i % n_q) for i in range(n_db)]).astype(np.float32)
+    qvecs = np.concatenate([image(q) for q in range(n_q)]).astype(np.float32)
+    desc = {"vecs": vecs, "imids": np.repeat(np.arange(n_db), per), "qvecs": qvecs,
+            "qimids": np.repeat(np.arange(n_q), per)}
+    gnd = [{"easy": [i for i in range(n_db) if i % n_q == q][:1], "hard": [i for i in range(n_db) if i % n_q == q][1:],
+            "junk": [], "bbx": None} for q in range(n_q)]
+    return desc, gnd
+
+
+def _write_pickle(path, obj):
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle)
+
+
+def _asmk_maps(desc, gnd, centroids, *, distractors_path=None, n_distractors=0):
+    """asmk 0.1.1's ranking of the stand-in with these centroids, scored by the revisitop oracle (percent)."""
+    from conftest import asmk_params, asmk_with_centroids
+
+    params = asmk_params(size=centroids.shape[0])
+    ref = asmk_with_centroids(params, centroids).build_ivf(desc["vecs"], desc["imids"].copy(),
+                                                          distractors_path=distractors_path)
+    _, _, ranks, _ = ref.query_ivf(desc["qvecs"], desc["qimids"])
+    n_db = int(desc["imids"].max()) + 1
+    ranks = np.where(ranks < 0, ranks + n_distractors + n_db, ranks)  # distractors after the database
+    return {name: 100 * oracle_map(ranks.T, protocol_gnd(gnd, name), [1])[0] for name in ("easy", "medium", "hard")}
+
+
+def _line(dataset, maps, suffix=""):
+    return f"{dataset}{suffix}: mAP E: {maps['easy']:.1f}, M: {maps['medium']:.1f}, H: {maps['hard']:.1f}"
+
+
+@pytest.fixture
+def how_layout(tmp_path):
+    """The asmk demo's data folder for eccv20_how_r50-_2000: the codebook set is the n=1000 one (asmk's
+    eccv20_how_r50-_2000.yml), the n=2000 name holds a decoy that breaks the run if it is read."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "data"
+    train = rng.standard_normal((900, 16)).astype(np.float32)
+    _write_pickle(root / "features" / "sfm120k_subset20k_how_r50-_1000.pkl", {"vecs": train})
+    (root / "features" / "sfm120k_subset20k_how_r50-_2000.pkl").write_bytes(b"not a pickle")
+    sets = {}
+    for dataset, (n_db, n_q) in {"roxford5k": (12, 4), "rparis6k": (15, 5)}.items():
+        desc, gnd = _standin(rng, n_db, n_q)
+        _write_pickle(root / "features" / f"{dataset}_how_r50-_2000.pkl", desc)
+        _write_pickle(root / "test" / dataset / f"gnd_{dataset}.pkl",
+                      {"gnd": gnd, "imlist": [f"db{i}" for i in range(n_db)], "qimlist": [f"q{i}" for i in range(n_q)]})
+        sets[dataset] = (desc, gnd)
+    return root, train, sets
+
+
+def test_reproduce_how_follows_asmk_parameter_files(how_layout, capsys):
+    import jasmk
+
+    rh = _import_reproduce_how()
+    root, train, sets = how_layout
+    setup = rh.resolve_params("eccv20_how_r50-_2000")
+    assert (setup.eval_features, setup.codebook_features) == ("how_r50-_2000", "how_r50-_1000")
+    assert setup.params == rh.PARAMS and setup.eval_datasets == ("roxford5k", "rparis6k")
+    assert rh.main(["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--codebook-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    cb = jasmk.train_codebook(train, size=16)  # trained on the n=1000 set, as asmk does
+    for dataset, table in (("roxford5k", 79.4), ("rparis6k", 81.6)):
+        desc, gnd = sets[dataset]
+        maps = _asmk_maps(desc, gnd, np.asarray(cb.centroids))
+        assert f"{_line(dataset, maps)} (seed table M: {table})" in printed, printed
+        assert maps["medium"] > 40
+
+    # asmk's parameter files themselves (a template and the file naming it) give the same setup
+    params_dir = root.parent / "params"
+    params_dir.mkdir()
+    (params_dir / "_eccv20_how.yml").write_text(
+        "demo_how:\n  data_folder: data\n  eval_datasets: [roxford5k, rparis6k]\n  eval_features: null\n"
+        "  codebook_dataset: sfm120k_subset20k\n  codebook_features: null\nindex:\n  gpu_id: 0\n"
+        "train_codebook:\n  codebook:\n    size: \"64k\"\nbuild_ivf:\n  kernel:\n    binary: True\n  ivf:\n"
+        "    use_idf: False\n  quantize:\n    multiple_assignment: 1\n  aggregate: {}\nquery_ivf:\n  quantize:\n"
+        "    multiple_assignment: 5\n  aggregate: {}\n  search:\n    topk: null\n  similarity:\n"
+        "    similarity_threshold: 0.0\n    alpha: 3.0\n")
+    (params_dir / "eccv20_how_r50-_2000.yml").write_text(
+        "__template__: _eccv20_how.yml\n\ndemo_how:\n  eval_features: how_r50-_2000\n"
+        "  codebook_features: how_r50-_1000\n")
+    assert rh.resolve_params(str(params_dir / "eccv20_how_r50-_2000.yml")) == setup
+    with pytest.raises(SystemExit, match="unknown parameter set 'eccv20_how_r50_2000'"):
+        rh.main(["--data-root", str(root), "--params", "eccv20_how_r50_2000"])
+
+
+def test_reproduce_how_uses_asmk_codebook_pkl(how_layout, capsys, tmp_path):
+    from asmk import asmk_method
+
+    from conftest import asmk_params
+
+    rh = _import_reproduce_how()
+    root, train, sets = how_layout
+    # asmk's demo leaves its codebook in data/experiments/<params>/codebook.pkl
+    pkl = root / "experiments" / "eccv20_how_r50-_2000" / "codebook.pkl"
+    pkl.parent.mkdir(parents=True)
+    trained = asmk_method.ASMKMethod.initialize_untrained(asmk_params(size=16)).train_codebook(
+        train[::-1].copy(), cache_path=str(pkl))
+    centroids = np.asarray(trained.codebook.centroids, np.float32)
+    (root / "features" / "sfm120k_subset20k_how_r50-_1000.pkl").unlink()  # not needed with asmk's codebook
+    assert rh.main(["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--datasets", "rparis6k"]) == 0
+    printed = capsys.readouterr().out
+    assert f"codebook: asmk's 16 words from {pkl}" in printed
+    desc, gnd = sets["rparis6k"]
+    assert _line("rparis6k", _asmk_maps(desc, gnd, centroids)) in printed
+    # given explicitly, and a damaged one is a clear error
+    bad = tmp_path / "codebook.pkl"
+    bad.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(SystemExit, match=r"cannot read asmk's codebook from .*codebook.pkl"):
+        rh.main(["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--codebook", str(bad)])
+
+
+def test_reproduce_how_with_distractors(how_layout, capsys, tmp_path):
+    import jasmk
+    from conftest import asmk_params, asmk_with_centroids
+
+    rh = _import_reproduce_how()
+    root, train, sets = how_layout
+    rng = np.random.default_rng(9)
+    dvecs = rng.standard_normal((20 * 30, 16)).astype(np.float32)
+    dimids = np.repeat(np.arange(20), 30)
+    dfeat = tmp_path / "revisitop1m_how_r50-_2000.pkl"
+    _write_pickle(dfeat, {"vecs": dvecs, "imids": dimids})
+    cb = jasmk.train_codebook(train, size=16)
+    centroids = np.asarray(cb.centroids)
+    divf = str(tmp_path / "ivf_distractors.pkl")  # asmk's distractor ivf (build_ivf's cache)
+    asmk_with_centroids(asmk_params(size=16), centroids).build_ivf(dvecs, dimids.copy(), cache_path=divf)
+    desc, gnd = sets["roxford5k"]
+    maps = _asmk_maps(desc, gnd, centroids, distractors_path=divf, n_distractors=20)
+    for dpath in (str(dfeat), divf):
+        assert rh.main(["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--codebook-size", "16",
+                        "--datasets", "roxford5k", "--distractors", dpath]) == 0
+        printed = capsys.readouterr().out
+        assert "distractors: 20 images" in printed
+        assert _line("roxford5k", maps, " +20 distractors") in printed, printed
+        assert "seed table" not in printed  # the table has no R1M numbers
+    with pytest.raises(SystemExit, match="--distractors .* not found"):
+        rh.main(["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--distractors",
+                 str(tmp_path / "nope.pkl")])
+
+
+def test_reproduce_how_checks_database_ids_against_imlist(how_layout):
+    rh = _import_reproduce_how()
+    root, _, sets = how_layout
+    gpath = root / "test" / "rparis6k" / "gnd_rparis6k.pkl"
+    desc, gnd = sets["rparis6k"]
+    args = ["--data-root", str(root), "--params", "eccv20_how_r50-_2000", "--codebook-size", "16",
+            "--datasets", "rparis6k"]
+    _write_pickle(gpath, {"gnd": gnd, "imlist": [f"db{i}" for i in range(14)], "qimlist": []})
+    with pytest.raises(SystemExit, match=r"database image ids in \[0, 14\] but .*gnd_rparis6k.pkl lists 14 "):
+        rh.main(args)
+    _write_pickle(gpath, {"gnd": gnd, "imlist": [f"db{i}" for i in range(16)], "qimlist": []})
+    with pytest.raises(SystemExit, match=r"descriptors for 15 database images but .*lists 16 \(imlist\)"):
+        rh.main(args)
+    _write_pickle(gpath, {"gnd": gnd})
+    with pytest.raises(SystemExit, match=r"lacks \['imlist'\]"):
+        rh.main(args)
