@@ -15,6 +15,10 @@ not normalized, and not necessarily symmetric), MASt3R-SfM works on the distance
 Pairs are undirected and de-duplicated: ``(i, j)`` with ``i < j``, sorted (``symmetrize=True`` adds ``(j, i)``
 as MASt3R's ``make_pairs`` does before matching).
 
+:func:`retrieval_pairs_from_index` gives the same pairs from an index and the images' query rows without the
+``n x n`` matrix (memory ``O(n (Na + k))``): the ``Na`` key images' rows one at a time for step 1, then one pass
+over the images as queries, a batch of rows at a time, keeping only the key-image columns and the ``k`` nearest.
+
 Differences from MASt3R's numpy code, all in degenerate cases: key images are always distinct (MASt3R could pick
 an image twice when several rows are identical), and ties in step 4 are broken by the lower index (a stable
 sort). The first key image is ``np.random.RandomState(seed).choice(n)``, the same draw MASt3R makes after
@@ -28,6 +32,8 @@ import os
 import re
 
 import numpy as np
+
+from . import memory
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,33 @@ def _check_count(x, name: str) -> int:
     return int(x)
 
 
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+def _fps(row, size: int, n: int, seed: int) -> np.ndarray:
+    """Farthest point sampling over ``size`` points; ``row(a)`` is ``[size] float64``, the distances from ``a``.
+    Rows are asked for one at a time, only for the points picked (the last one's is never needed)."""
+    if not 0 <= n <= size:
+        raise ValueError(f"cannot pick {n} of {size} points")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    picked = np.empty(n, np.int64)
+    picked[0] = np.random.RandomState(seed).choice(size)
+    if n == 1:
+        return picked
+    nearest = np.array(row(picked[0]), np.float64)  # distance of each candidate to its closest pick so far
+    nearest[picked[0]] = -np.inf
+    for t in range(1, n):
+        picked[t] = np.argmax(nearest)
+        if t + 1 < n:
+            nearest = np.minimum(nearest, row(picked[t]))
+            nearest[picked[: t + 1]] = -np.inf
+    return picked
+
+
 def farthest_point_sampling(dist, n: int, *, seed: int = 0) -> np.ndarray:
     """``[n] int64`` distinct indices: a random first one, then each the farthest from those picked.
 
@@ -71,20 +104,7 @@ def farthest_point_sampling(dist, n: int, *, seed: int = 0) -> np.ndarray:
         seed: the first index is ``np.random.RandomState(seed).choice(N)``.
     """
     d = np.asarray(dist, np.float64)
-    size = d.shape[0]
-    if not 0 <= n <= size:
-        raise ValueError(f"cannot pick {n} of {size} points")
-    if n == 0:
-        return np.zeros(0, np.int64)
-    picked = np.empty(n, np.int64)
-    picked[0] = np.random.RandomState(seed).choice(size)
-    nearest = d[picked[0]].copy()  # distance of each candidate to its closest pick so far
-    nearest[picked[0]] = -np.inf
-    for t in range(1, n):
-        picked[t] = np.argmax(nearest)
-        nearest = np.minimum(nearest, d[picked[t]])
-        nearest[picked[: t + 1]] = -np.inf
-    return picked
+    return _fps(lambda a: d[a], d.shape[0], n, seed)
 
 
 def _canonical(edges: np.ndarray) -> np.ndarray:
@@ -117,25 +137,160 @@ def retrieval_pairs(scores, *, na: int, k: int, seed: int = 0, knn_excludes_self
     if na > n:
         raise ValueError(f"Na={na} key images asked for, but there are only {n} images")
     dist = 1.0 - s
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    keys = farthest_point_sampling(dist, na, seed=int(seed))
-    parts = []
-    if na > 0:
-        a, b = np.triu_indices(na, 1)
-        parts.append(np.stack([keys[a], keys[b]], axis=1))  # complete graph on the keys
-        nearest_key = keys[np.argmin(dist[:, keys], axis=1)]  # first key (FPS order) on ties
-        others = np.setdiff1d(np.arange(n), keys)
-        parts.append(np.stack([others, nearest_key[others]], axis=1))
+    keys = farthest_point_sampling(dist, na, seed=_check_seed(seed))
+    nn = None
     if k > 0:
         d = dist.copy()
         if knn_excludes_self:
             np.fill_diagonal(d, np.inf)
         kk = min(k, n - 1 if knn_excludes_self else n)
         nn = np.argsort(d, axis=1, kind="stable")[:, :kk]
-        parts.append(np.stack([np.repeat(np.arange(n), kk), nn.reshape(-1)], axis=1))
-    pairs = _canonical(np.concatenate(parts) if parts else np.zeros((0, 2), np.int64))
+    pairs = _graph(n, keys, dist[:, keys] if na > 0 else None, nn)
     log.info("retrieval-%d-%d: %d pairs over %d images", na, k, len(pairs), n)
+    if symmetrize:
+        pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    return pairs, keys
+
+
+def _graph(n: int, keys: np.ndarray, key_dist, nn) -> np.ndarray:
+    """The scene graph's pairs from its parts.
+
+    Args:
+        n: image count.
+        keys: ``[na] int64`` key images in sampling order.
+        key_dist: ``[n, na] float64`` distance from each image (as a query) to each key image (None when
+            ``na = 0``); ties go to the key picked first.
+        nn: ``[n, kk] int64`` each image's neighbour list (None or ``kk = 0``: no k-NN edges).
+    """
+    parts = []
+    if len(keys):
+        a, b = np.triu_indices(len(keys), 1)
+        parts.append(np.stack([keys[a], keys[b]], axis=1))  # complete graph on the keys
+        nearest_key = keys[np.argmin(key_dist, axis=1)]  # first key (FPS order) on ties
+        others = np.setdiff1d(np.arange(n), keys)
+        parts.append(np.stack([others, nearest_key[others]], axis=1))
+    if nn is not None and nn.shape[1]:
+        kk = nn.shape[1]
+        parts.append(np.stack([np.repeat(np.arange(n), kk), np.asarray(nn, np.int64).reshape(-1)], axis=1))
+    return _canonical(np.concatenate(parts) if parts else np.zeros((0, 2), np.int64))
+
+
+def _first_k(scores: np.ndarray, kk: int, exclude=None) -> np.ndarray:
+    """``[b, kk] int64``: per row, the first ``kk`` columns of ``argsort(1 - float64(scores), kind="stable")``
+    (what :func:`retrieval_pairs` takes), without sorting or converting whole rows.
+
+    Args:
+        scores: ``[b, n] float32`` (not modified).
+        kk: ``1 <= kk <= n`` (``n - 1`` when excluding).
+        exclude: optional ``[b]`` column per row to leave out (the dense path's ``inf`` distance).
+
+    The ``kk``-th smallest distance is ``T = 1 - v`` for ``v`` the ``kk``-th largest score (the map is monotone).
+    Two float32 scores whose float64 distances round to the same value differ by at most ``2**-52 * |T|``, so
+    every column tied with ``T`` scores at least ``v - 2**-50 (2 + |v|)``: those columns, a handful unless many
+    scores tie, are the only ones whose distances are computed and sorted (stably, in column order).
+    """
+    s = np.array(scores, np.float32)
+    b, n = s.shape
+    if exclude is not None:
+        s[np.arange(b), exclude] = -np.inf
+    v = np.partition(s, n - kk, axis=1)[:, n - kk].astype(np.float64)  # the kk-th largest score of each row
+    t = 1.0 - v
+    bound = v - 2.0**-50 * (2.0 + np.abs(v))
+    lo = bound.astype(np.float32)
+    lo = np.where(lo.astype(np.float64) > bound, np.nextafter(lo, np.float32(-np.inf)), lo)  # round down
+    out = np.empty((b, kk), np.int64)
+    for r in range(b):  # b <= the engine's batch size
+        cand = np.flatnonzero(s[r] >= lo[r])
+        d = 1.0 - s[r, cand].astype(np.float64)
+        keep = d <= t[r]
+        out[r] = cand[keep][np.argsort(d[keep], kind="stable")[:kk]]
+    return out
+
+
+def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int = 0, knn_excludes_self: bool = False,
+                               symmetrize: bool = False, alpha: float = 3.0, similarity_threshold: float = 0.0,
+                               engine: str = "auto", progress: bool = False):
+    """:func:`retrieval_pairs` of the score matrix of a collection against its own index, without the matrix.
+
+    The result is identical to ``retrieval_pairs(jasmk.score_matrix_aggregated(index, query_agg, ...), ...)``
+    (same pairs, same key images, ties broken the same way) while memory stays ``O(n (Na + k))`` plus one
+    batch of score rows (at most 64 x n float32): the dense matrix is never formed.
+
+    * Farthest point sampling scores each key image as a query against the whole index, one row at a time
+      (``Na - 1`` rows; row ``a`` of the matrix is image ``a`` as a query).
+    * One pass over the images as queries, a batch at a time (the batches :func:`jasmk.score_matrix` uses),
+      keeps each image's scores against the key images (``[n, Na]``, for the nearest key image) and its
+      ``k``-nearest list, selected exactly as the dense path's stable argsort of ``1 - S`` would.
+
+    The pass scores every image against the whole index, as the dense matrix does: the time is that of
+    :func:`jasmk.score_matrix_aggregated` plus ``Na - 1`` single queries.
+
+    Args:
+        index: the :class:`~jasmk.ivf.Index` of the ``n`` images (ids ``0..n-1``, no distractors).
+        query_agg: :class:`~jasmk.aggregate.Aggregated` rows of the same ``n`` images as queries, every id
+            ``0..n-1`` present, grouped ascending, e.g. ``jasmk.aggregate_images(index.centroids, feats, ids,
+            binary=index.binary, multiple_assignment=5)`` (MASt3R: 5 assignments for queries, 1 in the index).
+        na, k, seed, knn_excludes_self, symmetrize: as :func:`retrieval_pairs`.
+        alpha, similarity_threshold, engine: scoring, as :func:`jasmk.query`.
+        progress: a progress bar on stderr for the pass over the images.
+
+    Returns:
+        ``(pairs [P, 2] int64, key_images [na] int64)``, as :func:`retrieval_pairs`.
+    """
+    from . import api as api_mod
+    from . import engine as engine_mod
+
+    na, k = _check_count(na, "Na"), _check_count(k, "k")
+    seed = _check_seed(seed)
+    alpha, thr = api_mod._check_query_params(index, alpha, similarity_threshold, None, engine)
+    api_mod._check_aggregated(index, query_agg)
+    if index.imid_offset:
+        raise ValueError(f"the index holds {index.imid_offset} distractor images: pairs need the index of the "
+                         "images alone (query ids = index ids)")
+    n = int(index.n_images)
+    images = np.asarray(query_agg.images)
+    bounds = np.flatnonzero(np.diff(images)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    stops = np.concatenate([bounds, [images.shape[0]]]).astype(np.int64)
+    ids = images[starts]
+    if ids.size != n or ids[0] != 0 or ids[-1] != n - 1:
+        raise ValueError(f"the query rows must hold every image 0..{n - 1} of the index once (their ids in "
+                         f"order), got {ids.size} images with ids {int(ids[0])}..{int(ids[-1])}")
+    if na > n:
+        raise ValueError(f"Na={na} key images asked for, but there are only {n} images")
+    kk = min(k, n - 1 if knn_excludes_self else n)
+    rows_per_batch = engine_mod.MAX_BATCH
+    memory.require(rows_per_batch * n * 13 + n * (4 * na + 8 * kk) + 64 * (n * (kk + 1) + na * na),
+                   f"retrieval pairs over {n} images (scores against {na} key images, {kk} neighbours each, "
+                   f"a batch of {rows_per_batch} score rows)", hint="ask for fewer key images (Na) or neighbours (k)")
+
+    def scores_of(batch) -> np.ndarray:
+        s = engine_mod.dense_scores(index, batch, alpha, thr, engine=engine)
+        if not np.isfinite(s).all():
+            raise ValueError("the index gives NaN or inf scores: check the indexed and query vectors")
+        return s
+
+    def row(a: int) -> np.ndarray:  # image a as a query against every image: a row of the matrix
+        sel = slice(int(starts[a]), int(stops[a]))
+        one = query_agg._replace(vecs=query_agg.vecs[sel], words=query_agg.words[sel], images=images[sel])
+        (batch,) = engine_mod.batches(index, one)
+        return 1.0 - scores_of(batch)[0].astype(np.float64)
+
+    keys = _fps(row, n, na, seed)
+    key_scores = np.zeros((n, na), np.float32) if na else None
+    nn = np.zeros((n, kk), np.int64) if kk else None
+    if na or kk:
+        with api_mod._progress(n, "pairs", progress) as bar:
+            for batch in engine_mod.batches(index, query_agg):
+                q = np.asarray(batch.ids, np.int64)
+                s = scores_of(batch)
+                if na:
+                    key_scores[q] = s[:, keys]
+                if kk:
+                    nn[q] = _first_k(s, kk, q if knn_excludes_self else None)
+                bar.update(len(q))
+    pairs = _graph(n, keys, 1.0 - key_scores.astype(np.float64) if na else None, nn)
+    log.debug("retrieval-%d-%d from the index: %d pairs over %d images", na, k, len(pairs), n)
     if symmetrize:
         pairs = np.concatenate([pairs, pairs[:, ::-1]])
     return pairs, keys
