@@ -67,7 +67,7 @@ def _as_codebook(codebook) -> Codebook:
     return Codebook.from_centroids(codebook)
 
 
-def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "faiss",
+def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment: int, quantizer: str = "auto",
                      word_ids=None, sort: bool = True, allow_empty: bool = False):
     """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
 
@@ -150,7 +150,7 @@ def _train_auto_codebook(x: np.ndarray, *, sample: int, seed: int) -> Codebook:
 
 
 def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bool = False,
-                multiple_assignment: int = 1, quantizer: str = "faiss", distractors: ivf_mod.Index | None = None,
+                multiple_assignment: int = 1, quantizer: str = "auto", distractors: ivf_mod.Index | None = None,
                 word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE) -> ivf_mod.Index:
     """Build an inverted file from local descriptors.
 
@@ -172,7 +172,8 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
         use_idf: weight words by ``log(n_images / count)**2``.
         multiple_assignment: words per descriptor when indexing.
-        quantizer: ``"faiss"`` or ``"jax"``.
+        quantizer: ``"auto"`` (JAX on an accelerator, else faiss), ``"faiss"``, ``"jax"`` or ``"hnsw"`` (approximate);
+            see :func:`jasmk.quantize`.
         distractors: an index whose images stay in the new index before the new ones (asmk's
             distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
@@ -208,7 +209,7 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
                       word_ids=word_ids)
 
 
-def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "faiss",
+def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "auto",
                word_ids=None) -> ivf_mod.Index:
     """Return ``index`` with more images added (their ids must be larger than those already there)."""
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), feats, ids,
@@ -243,7 +244,7 @@ def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk,
 
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
-          similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss",
+          similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "auto",
           word_ids=None, progress: bool = False, engine: str = "auto", query_ids=None) -> QueryResult:
     """Rank the database images for each query image.
 
@@ -357,7 +358,7 @@ def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_em
 
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
-                 similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None,
+                 similarity_threshold: float = 0.0, quantizer: str = "auto", word_ids=None,
                  progress: bool = False, engine: str = "auto", query_ids=None) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
