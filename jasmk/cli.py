@@ -254,16 +254,32 @@ def _cmd_score_matrix(args):
 def _cmd_pairs(args):
     from . import pairs
 
-    _check_out_file(args.out, inputs=[args.scores, args.names])
-    scores, files = _load_arrays(args.scores, keys=())
-    if files is not None:
-        raise CliError(f"{args.scores} must be a .npy score matrix, not an .npz")
+    source = args.scores if args.scores is not None else args.index
+    if (args.scores is None) == (args.index is None):
+        raise CliError("give either a score matrix (SCORES) or --index with --feats, not both")
+    if args.index is not None and args.feats is None:
+        raise CliError("--index needs --feats: the .npz with 'feats' and 'ids' of the indexed images")
+    _check_out_file(args.out, inputs=[source, args.names, args.feats])
     na, k = pairs.parse_scene_graph(args.scene_graph)
     names = None
     if args.names:
         with open(args.names) as handle:
             names = [line.strip() for line in handle if line.strip()]
-    p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
+    if args.scores is not None:
+        scores, files = _load_arrays(args.scores, keys=())
+        if files is not None:
+            raise CliError(f"{args.scores} must be a .npy score matrix, not an .npz")
+        p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
+    else:  # straight from the index: no n x n matrix (O(n (Na + k)) memory)
+        import jasmk
+        from . import checkpoint
+
+        index = checkpoint.load_index(args.index)
+        feats, ids = _load_feats(args.feats, need_ids=True)
+        rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param), feats, ids,
+                                      binary=index.binary, multiple_assignment=args.ma)
+        p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=args.alpha,
+                                                   similarity_threshold=args.threshold, progress=not args.quiet)
     # save_pairs picks the format from the suffix: keep it on the temporary name
     _atomic_save(args.out, lambda tmp: pairs.save_pairs(tmp, p, names=names),
                  suffix=".npy" if args.out.endswith(".npy") else ".txt")
@@ -410,8 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help=".npz (query: ids, ranks, scores) or .npy (score-matrix)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("pairs", help="MASt3R-SfM image pairs from a score matrix")
-    p.add_argument("scores", help=".npy [n, n] score matrix")
+    p = sub.add_parser("pairs", help="MASt3R-SfM image pairs from a score matrix, or straight from an index")
+    p.add_argument("scores", nargs="?", default=None, help=".npy [n, n] score matrix (or use --index/--feats)")
+    p.add_argument("--index", default=None, help="index checkpoint: pairs without the n x n matrix")
+    p.add_argument("--feats", default=None, help="with --index: .npz with 'feats' and 'ids' of the indexed images")
+    p.add_argument("--ma", type=int, default=5, help="with --index: multiple assignment of the query side")
+    p.add_argument("--alpha", type=float, default=3.0)
+    p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--scene-graph", default="retrieval-20-10", help="retrieval-Na-k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--names", default=None, help="text file with one image name per line")

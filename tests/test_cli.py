@@ -42,6 +42,11 @@ def test_cli_end_to_end(tmp_path, small_data, capsys):
     lines = (tmp_path / "pairs.txt").read_text().splitlines()
     assert lines == [f"im{i}.jpg im{j}.jpg" for i, j in expected]
     assert "score matrix" in capsys.readouterr().err  # progress bar / info on stderr
+    # the same pairs straight from the index (no n x n matrix)
+    assert cli.main(["--quiet", "pairs", "--index", str(tmp_path / "idx"), "--feats", str(tmp_path / "db.npz"),
+                     "--scene-graph", "retrieval-4-3", "--names", str(tmp_path / "names.txt"),
+                     "--out", str(tmp_path / "pairs2.txt")]) == 0
+    assert (tmp_path / "pairs2.txt").read_text().splitlines() == lines
 
 
 def test_cli_bad_input_exits_cleanly(tmp_path, small_data, capsys):
@@ -54,6 +59,10 @@ def test_cli_bad_input_exits_cleanly(tmp_path, small_data, capsys):
         ["index", str(tmp_path / "noids.npz"), "--codebook", str(tmp_path / "nope"), "--out", str(tmp_path / "i")],
         ["pairs", str(tmp_path / "nan.npy"), "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
         ["pairs", str(tmp_path / "nan.npy"), "--scene-graph", "swin-3", "--out", str(tmp_path / "p.txt")],
+        ["pairs", "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
+        ["pairs", "--index", str(tmp_path / "nope"), "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
+        ["pairs", str(tmp_path / "nan.npy"), "--index", str(tmp_path / "nope"), "--feats", str(tmp_path / "noids.npz"),
+         "--out", str(tmp_path / "p.txt")],
     ]
     for argv in cases:
         with pytest.raises(SystemExit) as exc:
