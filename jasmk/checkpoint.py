@@ -607,6 +607,32 @@ def _load_legacy_index(tree, meta, where: str) -> ivf_mod.Index:
     return ivf_mod.from_arrays(arrays, fields, where=where)  # the same checks as a current checkpoint
 
 
+def save_sharded_index(path, sidx) -> str:
+    """Save a :class:`~jasmk.shard.ShardedIndex` (atomic, versioned, checksummed like :func:`save_index`): each
+    shard's real postings as its own arrays, the per-word arrays, and the shards' image ranges in the meta
+    (:func:`jasmk.shard.to_arrays`). The saving process must hold every shard (one process; multi-process
+    saves are not implemented)."""
+    from . import shard as shard_mod
+
+    arrays, fields = shard_mod.to_arrays(sidx)
+    return save_tree(path, arrays, meta={"kind": "sharded-index", "sharded_index": fields})
+
+
+def load_sharded_index(path, mesh, *, axis=None):
+    """Load a sharded index saved with :func:`save_sharded_index` onto the mesh axis ``axis`` of ``mesh``
+    (default: its first axis), checking checksums, dtypes, shapes and ranges. The axis may have another size
+    than the one saved: the postings are then split again by posting count. Each process sends only its own
+    shards to its devices."""
+    from . import shard as shard_mod
+
+    tree, meta = load_tree(path)
+    if meta.get("kind") != "sharded-index":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a sharded index")
+    if not isinstance(tree, dict) or not isinstance(meta.get("sharded_index"), dict):
+        raise ValueError(f"sharded index checkpoint {path} holds no arrays or fields")
+    return shard_mod.from_arrays(tree, meta["sharded_index"], mesh=mesh, axis=axis, where=str(path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # asmk 0.1.1 pickles
 
@@ -696,6 +722,6 @@ def export_asmk_ivf(index: ivf_mod.Index) -> dict:
 
 __all__ = [
     "LOCK_TIMEOUT", "check_save_target", "enclosing_checkpoint", "export_asmk_ivf", "load_asmk_codebook",
-    "load_asmk_ivf", "load_codebook", "load_index", "load_tree",
-    "save_codebook", "save_index", "save_tree",
+    "load_asmk_ivf", "load_codebook", "load_index", "load_sharded_index", "load_tree",
+    "save_codebook", "save_index", "save_sharded_index", "save_tree",
 ]
