@@ -203,7 +203,7 @@ TIE_EPS = 1e-5
 CHUNK_BYTES = 64 * 2**20  # [chunk, K] float32 distances per jitted step of the JAX quantizer
 HNSW_M = 32  # graph degree of the approximate quantizer
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 64  # default search breadth (``ef_search=``); larger: slower and closer to exact
+HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (README figures)
 METHODS = ("auto", "faiss", "jax", "hnsw")
 
 _cache_lock = threading.Lock()

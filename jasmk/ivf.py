@@ -517,10 +517,22 @@ def _problem(where: str, what: str):
     return ValueError(f"inconsistent index in {where}: {what}")
 
 
-def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
-    """An :class:`Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges (word ids below
-    ``K``, image ids inside their segment's range, word-major order, finite centroids / idf / norms, segments
-    tiling ``[0, n_images)``, ``0 <= imid_offset <= n_images``, counts adding up).
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """The index-wide fields of a serialized index (single-device or sharded), checked."""
+
+    n_images: int
+    imid_offset: int
+    binary: bool
+    use_idf: bool
+    dim: int
+    centroids: np.ndarray
+    counts: np.ndarray
+    idf: np.ndarray
+
+
+def check_header(arrays, fields, *, where: str) -> Header:
+    """Read and check the index-wide fields (image count, offset, kind, codebook, counts, idf).
 
     Raises:
         ValueError: naming the first problem found.
@@ -529,11 +541,9 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
         n_images = int(fields["n_images"])
         imid_offset = int(fields["imid_offset"])
         binary, use_idf, dim = bool(fields["binary"]), bool(fields["use_idf"]), int(fields["dim"])
-        ranges = [(int(a), int(b)) for a, b in fields["segment_ranges"]]
         centroids = np.asarray(arrays["centroids"])
         counts = np.asarray(arrays["counts"])
         idf = np.asarray(arrays["idf"])
-        segs = arrays.get("segments") or {}
     except (KeyError, TypeError, ValueError) as exc:
         raise _problem(where, f"missing or malformed field ({exc!r})") from None
     if centroids.ndim != 2 or centroids.shape[1] != dim or centroids.dtype != np.float32:
@@ -547,6 +557,25 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
         raise _problem(where, "idf holds NaN, inf or negative values")
     if not 0 <= imid_offset <= n_images or n_images < 0 or n_images > 2**31 - 2:
         raise _problem(where, f"imid_offset {imid_offset} / n_images {n_images} out of range")
+    return Header(n_images, imid_offset, binary, use_idf, dim, centroids, counts, idf)
+
+
+def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
+    """An :class:`Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges (word ids below
+    ``K``, image ids inside their segment's range, word-major order, finite centroids / idf / norms, segments
+    tiling ``[0, n_images)``, ``0 <= imid_offset <= n_images``, counts adding up).
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    head = check_header(arrays, fields, where=where)
+    n_images, imid_offset, binary, use_idf, dim = head.n_images, head.imid_offset, head.binary, head.use_idf, head.dim
+    centroids, counts, idf, k = head.centroids, head.counts, head.idf, head.centroids.shape[0]
+    try:
+        ranges = [(int(a), int(b)) for a, b in fields["segment_ranges"]]
+        segs = arrays.get("segments") or {}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _problem(where, f"missing or malformed field ({exc!r})") from None
     if len(segs) != len(ranges):
         raise _problem(where, f"{len(segs)} segments but {len(ranges)} segment ranges")
     width = packed_width(dim) if binary else dim

@@ -728,28 +728,14 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
         ValueError: naming the first problem found.
     """
     mesh, axis = _check_mesh(mesh, axis)
+    head = ivf_mod.check_header(arrays, fields, where=where)
+    n_images, imid_offset, binary, use_idf, dim = head.n_images, head.imid_offset, head.binary, head.use_idf, head.dim
+    centroids, counts, idf, k = head.centroids, head.counts, head.idf, head.centroids.shape[0]
     try:
-        n_images = int(fields["n_images"])
-        imid_offset = int(fields["imid_offset"])
-        binary, use_idf, dim = bool(fields["binary"]), bool(fields["use_idf"]), int(fields["dim"])
         ranges = [[(int(a), int(b)) for a, b in r] for r in fields["shard_ranges"]]
-        centroids = np.asarray(arrays["centroids"])
-        counts = np.asarray(arrays["counts"])
-        idf = np.asarray(arrays["idf"])
         shards = arrays.get("shards") or {}
     except (KeyError, TypeError, ValueError) as exc:
         raise _problem(where, f"missing or malformed field ({exc!r})") from None
-    if centroids.ndim != 2 or centroids.shape[1] != dim or centroids.dtype != np.float32:
-        raise _problem(where, f"centroids must be [K, {dim}] float32, got {centroids.shape} {centroids.dtype}")
-    k = centroids.shape[0]
-    if not np.isfinite(centroids).all():
-        raise _problem(where, "centroids hold NaN or inf")
-    if counts.shape != (k,) or idf.shape != (k,) or not np.issubdtype(counts.dtype, np.integer):
-        raise _problem(where, f"counts / idf must be [{k}] (the codebook size)")
-    if not np.isfinite(idf).all() or (idf < 0).any():
-        raise _problem(where, "idf holds NaN, inf or negative values")
-    if not 0 <= imid_offset <= n_images or n_images < 0 or n_images > 2**31 - 2:
-        raise _problem(where, f"imid_offset {imid_offset} / n_images {n_images} out of range")
     names = [f"{si:05d}" for si in range(len(ranges))]
     if len(ranges) < 1 or not set(shards) <= set(names):
         raise _problem(where, f"shards {sorted(set(shards) - set(names))[:5]} but {len(ranges)} shard range lists")
