@@ -424,14 +424,46 @@ class Retriever:
             ``[n, n] float64`` ASMK* similarities, ``scores[query, database]`` in the order of the images: what
             MASt3R's ``make_pairs(..., sim_mat=scores)`` expects.
         """
+        if outfile is not None:
+            _check_npy_out(outfile)  # before the work, not after
         paths = image_paths(input_imdir_or_imlistfile)
         log.info("retrieval on %d images", len(paths))
         feats, ids = self.local_features(paths)
         scores = self.scores(feats, ids, len(paths))
         if outfile is not None:
-            folder = os.path.dirname(os.fspath(outfile))
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            np.save(outfile, scores)
+            _save_npy(outfile, scores)
             log.info("score matrix saved in %s", outfile)
         return scores
+
+
+def _check_npy_out(path) -> str:
+    """``path`` if a ``.npy`` may be written there: not a folder, and not an existing file other than a ``.npy``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"outfile {path} is a folder")
+    if os.path.exists(path):
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise ValueError(f"outfile {path} exists and is not a .npy array: not replacing it")
+    return path
+
+
+def _save_npy(path, array) -> None:
+    """Write ``array`` to the ``.npy`` file ``path`` atomically (temp file, fsync, rename); an existing file is
+    replaced only if it is itself a ``.npy`` array (checked before the work is lost: nothing else is overwritten)."""
+    import tempfile
+
+    path = _check_npy_out(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

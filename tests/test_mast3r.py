@@ -169,8 +169,19 @@ def test_retriever_matches_mast3r_with_asmk(setup, tmp_path):
     assert scores.dtype == ref.dtype == np.float64 and scores.shape == (6, 6)
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.load(out), scores)
+    # the outfile: an existing .npy is replaced atomically, anything else is refused before any work
+    np.save(out, np.zeros(3))
+    np.testing.assert_array_equal(retriever(setup["paths"], outfile=out), np.load(out))
+    calls = len(backbone.calls)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for bad in (notes, tmp_path):
+        with pytest.raises(ValueError, match="not a .npy|is a folder"):
+            retriever(setup["folder"], outfile=str(bad))
+    assert notes.read_text() == "mine" and len(backbone.calls) == calls
+    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp-")]
     assert len(np.unique(np.round(scores, 6))) > 25 and (scores > 0).all()  # a matrix with content to compare
-    assert len(backbone.calls) == 6  # batch_size=1, like MASt3R
+    assert len(backbone.calls) == 12  # batch_size=1, like MASt3R (two calls of 6 images)
 
     # the local features themselves equal MASt3R's
     feat, ids = retriever.local_features(setup["paths"])
