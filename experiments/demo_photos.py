@@ -304,7 +304,7 @@ def _label(entry):
 def run(*, db_views: int = 4, query_views: int = 2, train_views: int = 2, nfeatures: int = 1000,
         codebook="1k", max_side: int = 512, na: int = 5, k: int = 3, seed: int = 0, verbose: bool = True,
         opencv_data: str | None = OPENCV_DATA, results_png: str | None = None, scores_png: str | None = None,
-        show_queries: int = 8, show_topk: int = 5, quantizer: str = "auto") -> dict:
+        show_queries: int = 8, show_topk: int = 5, quantizer: str = "auto", sampled_codebook: bool = False) -> dict:
     """Run the demo; returns its figures (mAP in percent, seconds) plus the ranks, gnd and labels behind them.
 
     ``opencv_data``: the folder of opencv-doc's sample pictures (None or a folder without them: the synthetic
@@ -340,9 +340,14 @@ def run(*, db_views: int = 4, query_views: int = 2, train_views: int = 2, nfeatu
     say(f"{len(db)} database images ({n_scenes} scenes/photos), {len(qs)} queries, "
         f"{len(feats) + len(qfeats)} RootSIFT descriptors ({t_feat:.1f}s)")
 
-    size = min(jasmk.parse_size(codebook), max(16, len(train) // 40))  # >= 40 training points per word
     t = time.perf_counter()
-    cb = jasmk.train_codebook(train, size=size)
+    if sampled_codebook:  # words = a seeded sample of training descriptors: large codebooks without k-means
+        size = min(jasmk.parse_size(codebook), len(train))
+        pick = np.sort(np.random.default_rng(seed).choice(len(train), size, replace=False))
+        cb = jasmk.Codebook.from_centroids(train[pick])
+    else:
+        size = min(jasmk.parse_size(codebook), max(16, len(train) // 40))  # >= 40 training points per word
+        cb = jasmk.train_codebook(train, size=size)
     t_cb = time.perf_counter() - t
     t = time.perf_counter()
     index = jasmk.build_index(feats, ids, codebook=cb, quantizer=quantizer)
@@ -433,6 +438,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=512, help="photos are downscaled to this longest side")
     ap.add_argument("--scene-graph", default="retrieval-5-3", help="MASt3R-SfM pairs, retrieval-Na-k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampled-codebook", action="store_true",
+                    help="words = a seeded sample of training descriptors (no k-means, no 40-per-word cap)")
     ap.add_argument("--quantizer", default="auto", choices=("auto", "faiss", "jax", "hnsw"),
                     help="word assignment (hnsw: approximate, see the README)")
     ap.add_argument("--results-png", default=None, help="write a picture of queries and their top results")
@@ -444,7 +451,7 @@ def main(argv=None) -> int:
     run(db_views=args.db_views, query_views=args.query_views, train_views=args.train_views,
         nfeatures=args.nfeatures, codebook=args.codebook, max_side=args.max_side, na=na, k=k, seed=args.seed,
         opencv_data=args.opencv_data or None, results_png=args.results_png, scores_png=args.scores_png,
-        show_queries=args.show_queries, quantizer=args.quantizer)
+        show_queries=args.show_queries, quantizer=args.quantizer, sampled_codebook=args.sampled_codebook)
     return 0
 
 
