@@ -286,3 +286,21 @@ def test_jax_kmeans_fallback_is_a_real_kmeans():
     assert obj(c) < obj(x[np.random.default_rng(1234).choice(len(x), 20, replace=False)])
     with pytest.raises(ValueError, match="k-means method"):
         jasmk.train_codebook(x, size=4, method="sklearn")
+
+
+def test_faiss_in_use_is_said_once_at_info(caplog, monkeypatch):
+    import faiss
+
+    import logging
+
+    monkeypatch.setattr(cb_mod, "_faiss_said", False)
+    monkeypatch.setattr(logging.getLogger("jasmk"), "propagate", True)  # the CLI's configure_logging turns it off
+    info = cb_mod.faiss_info()
+    assert faiss.__version__ in info and os.path.dirname(faiss.__file__) in info
+    assert info.startswith("faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu")
+    cb = jasmk.Codebook.from_centroids(np.eye(4, dtype=np.float32))
+    with caplog.at_level("INFO", logger="jasmk"):
+        for _ in range(2):
+            jasmk.quantize(cb, np.eye(4, dtype=np.float32), method="faiss")
+    said = [r for r in caplog.records if "using faiss" in r.getMessage()]
+    assert len(said) == 1 and info in said[0].getMessage()
