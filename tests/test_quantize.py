@@ -288,19 +288,29 @@ def test_jax_kmeans_fallback_is_a_real_kmeans():
         jasmk.train_codebook(x, size=4, method="sklearn")
 
 
-def test_faiss_in_use_is_said_once_at_info(caplog, monkeypatch):
-    import faiss
-
+def test_faiss_in_use_is_said_once_at_info(monkeypatch):
     import logging
 
+    import faiss
+
     monkeypatch.setattr(cb_mod, "_faiss_said", False)
-    monkeypatch.setattr(logging.getLogger("jasmk"), "propagate", True)  # the CLI's configure_logging turns it off
     info = cb_mod.faiss_info()
     assert faiss.__version__ in info and os.path.dirname(faiss.__file__) in info
     assert info.startswith("faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu")
-    cb = jasmk.Codebook.from_centroids(np.eye(4, dtype=np.float32))
-    with caplog.at_level("INFO", logger="jasmk"):
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("jasmk.codebook")
+    handler = Keep(level=logging.INFO)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
+        cb = jasmk.Codebook.from_centroids(np.eye(4, dtype=np.float32))
         for _ in range(2):
             jasmk.quantize(cb, np.eye(4, dtype=np.float32), method="faiss")
-    said = [r for r in caplog.records if "using faiss" in r.getMessage()]
-    assert len(said) == 1 and info in said[0].getMessage()
+    finally:
+        logger.removeHandler(handler)
+    assert [m for m in records if "using faiss" in m] == [f"using {info}"]
