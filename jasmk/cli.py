@@ -12,10 +12,11 @@ import logging
 import math
 import os
 import sys
-import uuid
 import zipfile
 
 import numpy as np
+
+from . import atomic
 
 log = logging.getLogger("jasmk")
 
@@ -174,17 +175,8 @@ def _check_out_file(out, *, inputs):
 
 def _atomic_save(path, write, *, suffix=""):
     """Write ``path`` through ``write(tmp_path)``: a temporary file in the same folder, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}{suffix}")
-    try:
+    with atomic.replacing(path, suffix=suffix) as tmp:
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_with(save):

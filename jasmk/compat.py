@@ -23,14 +23,13 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from . import api
 from . import ivf as ivf_mod
-from . import runtime, validate
+from . import atomic, runtime, validate
 from .codebook import Codebook, have_faiss, quantize, train_codebook
 
 log = logging.getLogger(__name__)
@@ -53,22 +52,7 @@ def _load_pickle(path):
 
 def _save_pickle(path, data):
     """Pickle ``data`` to ``path`` atomically (a temp file in the same folder, then a rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; a cache is as readable as any file written
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes_with(path, lambda handle: pickle.dump(data, handle), suffix=".pkl")
 
 
 def _fingerprint(vecs) -> str:

@@ -451,19 +451,6 @@ def _check_npy_out(path) -> str:
 def _save_npy(path, array) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically (temp file, fsync, rename); an existing file is
     replaced only if it is itself a ``.npy`` array (checked before the work is lost: nothing else is overwritten)."""
-    import tempfile
+    from . import atomic
 
-    path = _check_npy_out(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")

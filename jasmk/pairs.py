@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from . import memory
+from . import atomic, memory
 
 log = logging.getLogger(__name__)
 
@@ -333,19 +333,14 @@ def save_pairs(path, pairs, *, names=None) -> None:
         raise ValueError("names are written to text pair files only; save the .npy without names")
     if names is not None:
         names = _check_names(names, pairs)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic.replacing(path, suffix=".npy" if is_npy else ".txt") as tmp:
         if is_npy:
-            with open(tmp, "wb") as handle:
+            with open(tmp, "xb") as handle:
                 np.save(handle, pairs)
         else:
-            with open(tmp, "w") as handle:
+            with open(tmp, "x") as handle:
                 for i, j in pairs.tolist():
                     handle.write(f"{names[i]} {names[j]}\n" if names is not None else f"{i} {j}\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("%d pairs written to %s", len(pairs), path)
 
 

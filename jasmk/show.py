@@ -26,7 +26,6 @@ import io
 import logging
 import math
 import os
-import uuid
 
 import numpy as np
 
@@ -75,18 +74,9 @@ def _check_out(out) -> str:
 
 def _save_png(fig, out: str, *, dpi) -> str:
     """``fig`` written to ``out`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}.png")
-    try:
-        with open(tmp, "xb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from . import atomic
+
+    atomic.write_bytes_with(out, lambda handle: fig.savefig(handle, format="png", dpi=dpi), suffix=".png")
     log.debug("picture saved to %s", out)
     return out
 
