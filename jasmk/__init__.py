@@ -2,10 +2,14 @@
 
 Main entry points::
 
-    cb = jasmk.train_codebook(train_feats, size="64k")
+    index = jasmk.build_index(feats, ids)               # trains a codebook on a sample (quick start)
+    cb = jasmk.train_codebook(train_feats, size="64k")  # or one trained on separate data (benchmarks)
     index = jasmk.build_index(feats, ids, codebook=cb)
     result = jasmk.query(index, qfeats, qids)          # ids, ranks, scores
     S = jasmk.score_matrix(index, feats, ids)           # [n_query, n_db] dense scores
+
+Submodules loaded on use: ``jasmk.mast3r`` (MASt3R's Retriever without asmk), ``jasmk.shard`` (an index over a
+JAX mesh), ``jasmk.show`` (pictures), ``jasmk.pairs``, ``jasmk.eval``, ``jasmk.head``, ``jasmk.compat``.
 """
 
 import logging
