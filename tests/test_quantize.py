@@ -305,7 +305,8 @@ def test_faiss_in_use_is_said_once_at_info(monkeypatch):
 
     logger = logging.getLogger("jasmk.codebook")
     handler = Keep(level=logging.INFO)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel (not .level =) also clears the loggers' isEnabledFor caches
     logger.addHandler(handler)
     try:
         cb = jasmk.Codebook.from_centroids(np.eye(4, dtype=np.float32))
@@ -313,4 +314,5 @@ def test_faiss_in_use_is_said_once_at_info(monkeypatch):
             jasmk.quantize(cb, np.eye(4, dtype=np.float32), method="faiss")
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(old_level)
     assert [m for m in records if "using faiss" in m] == [f"using {info}"]
