@@ -245,10 +245,10 @@ def get_codebook(args, cb_path: str, setup: Setup):
     slow = int(np.shape(vecs)[0]) * k >= 10**9
     if slow:
         print(f"reproduce_how: training {k} words on {np.shape(vecs)[0]} descriptors with faiss k-means on the CPU: "
-              "this takes hours (asmk trains on a GPU); asmk's codebook.pkl (--codebook) skips it. faiss prints "
-              "its progress below.", file=sys.stderr, flush=True)
+              "this takes hours (asmk trains on a GPU); asmk's codebook.pkl (--codebook) skips it.",
+              file=sys.stderr, flush=True)
     t = time.perf_counter()
-    cb = jasmk.train_codebook(vecs, size=k, verbose=slow)
+    cb = jasmk.train_codebook(vecs, size=k, progress=slow)  # a progress bar over the k-means iterations
     print(f"codebook: {cb.size} words from {len(vecs)} descriptors in {time.perf_counter() - t:.0f}s")
     if args.codebook:
         checkpoint.save_codebook(args.codebook, cb)

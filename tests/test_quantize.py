@@ -316,3 +316,17 @@ def test_faiss_in_use_is_said_once_at_info(monkeypatch):
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert [m for m in records if "using faiss" in m] == [f"using {info}"]
+
+
+def test_kmeans_progress_bar_gives_the_same_centroids_bit_for_bit(capsys):
+    """One faiss iteration per call, each from the previous centroids, equals one call of niter iterations:
+    on data that makes faiss subsample (n > 256 k) and split empty clusters."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40000, 16)).astype(np.float32)
+    x[:20000] *= 0.01
+    one = np.asarray(jasmk.train_codebook(x, size=128, niter=6, method="faiss").centroids)
+    bar = np.asarray(jasmk.train_codebook(x, size=128, niter=6, method="faiss", progress=True).centroids)
+    np.testing.assert_array_equal(bar, one)
+    assert "k-means, 128 words" in capsys.readouterr().err
+    # and it is not the trivial case: fewer iterations give other centroids
+    assert not np.array_equal(np.asarray(jasmk.train_codebook(x, size=128, niter=5, method="faiss").centroids), one)
