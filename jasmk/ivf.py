@@ -560,6 +560,29 @@ def check_header(arrays, fields, *, where: str) -> Header:
     return Header(n_images, imid_offset, binary, use_idf, dim, centroids, counts, idf)
 
 
+def check_postings(vecs, words, images, norm, *, n_images: int, n_words: int, width: int, binary: bool,
+                   name: str, where: str) -> None:
+    """Check one serialized block of postings (a segment, or a shard): ``vecs [E, width]`` (uint32 for ASMK*,
+    finite float32 for ASMK), ``words [E]`` non-decreasing in ``[0, K)``, local ``images [E]`` in
+    ``[0, n_images)`` and a finite, non-negative ``norm [n_images]``.
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    dtype = np.uint32 if binary else np.float32
+    e = words.shape[0]
+    if vecs.shape != (e, width) or vecs.dtype != dtype or images.shape != (e,) or words.ndim != 1:
+        raise _problem(where, f"{name} postings must be [E, {width}] {np.dtype(dtype)} with [E] words and images")
+    if norm.shape != (n_images,) or not np.isfinite(norm).all() or (norm < 0).any():
+        raise _problem(where, f"{name} normalization must be [{n_images}] finite, non-negative")
+    if e and (words.min() < 0 or words.max() >= n_words or (np.diff(words) < 0).any()):
+        raise _problem(where, f"{name} word ids must lie in [0, {n_words}) in non-decreasing order")
+    if e and (images.min() < 0 or images.max() >= n_images):
+        raise _problem(where, f"{name} image ids must lie in [0, {n_images})")
+    if not binary and not np.isfinite(vecs).all():
+        raise _problem(where, f"{name} vectors hold NaN or inf")
+
+
 def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
     """An :class:`Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges (word ids below
     ``K``, image ids inside their segment's range, word-major order, finite centroids / idf / norms, segments
@@ -579,7 +602,6 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
     if len(segs) != len(ranges):
         raise _problem(where, f"{len(segs)} segments but {len(ranges)} segment ranges")
     width = packed_width(dim) if binary else dim
-    dtype = np.uint32 if binary else np.float32
     next_start, total = 0, np.zeros(k, np.int64)
     segments = []
     for (start, n), key in zip(ranges, sorted(segs)):
@@ -589,17 +611,8 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
         name = f"segment {key}"
         if start != next_start or n < 1 or n > MAX_SEGMENT_IMAGES:
             raise _problem(where, f"{name} covers images [{start}, {start + n}), expected to start at {next_start}")
-        e = words.shape[0]
-        if vecs.shape != (e, width) or vecs.dtype != dtype or images.shape != (e,) or words.ndim != 1:
-            raise _problem(where, f"{name} postings must be [E, {width}] {np.dtype(dtype)} with [E] words and images")
-        if norm.shape != (n,) or not np.isfinite(norm).all() or (norm < 0).any():
-            raise _problem(where, f"{name} normalization must be [{n}] finite, non-negative")
-        if e and (words.min() < 0 or words.max() >= k or (np.diff(words) < 0).any()):
-            raise _problem(where, f"{name} word ids must lie in [0, {k}) in non-decreasing order")
-        if e and (images.min() < 0 or images.max() >= n):
-            raise _problem(where, f"{name} image ids must lie in [0, {n})")
-        if not binary and not np.isfinite(vecs).all():
-            raise _problem(where, f"{name} vectors hold NaN or inf")
+        check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary, name=name,
+                       where=where)
         total += np.bincount(words, minlength=k)
         segments.append(make_segment(vecs, words, images.astype(np.int64) + start, image_start=start, n_images=n,
                                      norm_factor=norm, n_words=k))

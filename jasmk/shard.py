@@ -763,23 +763,15 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
         norm = np.asarray(sh.get("norm_factor", np.zeros(0, np.float32)))
         n = sum(b - a for a, b in ranges[si])
         name = f"shard {key}"
+        ivf_mod.check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary,
+                               name=name, where=where)
         e = words.shape[0]
-        if vecs.shape != (e, width) or vecs.dtype != dtype or images.shape != (e,) or words.ndim != 1:
-            raise _problem(where, f"{name} postings must be [E, {width}] {np.dtype(dtype)} with [E] words and images")
         if e > MAX_SHARD_ENTRIES:
             raise _problem(where, f"{name} holds {e} postings, more than {MAX_SHARD_ENTRIES}")
-        if norm.shape != (n,) or not np.isfinite(norm).all() or (norm < 0).any():
-            raise _problem(where, f"{name} normalization must be [{n}] finite, non-negative")
-        if e and (words.min() < 0 or words.max() >= k or (np.diff(words) < 0).any()):
-            raise _problem(where, f"{name} word ids must lie in [0, {k}) in non-decreasing order")
-        if e and (images.min() < 0 or images.max() >= n):
-            raise _problem(where, f"{name} image ids must lie in [0, {n})")
         if e > 1:
             same = np.diff(words) == 0
             if (np.diff(images.astype(np.int64))[same] <= 0).any():
                 raise _problem(where, f"{name} images must ascend within each word")
-        if not binary and not np.isfinite(vecs).all():
-            raise _problem(where, f"{name} vectors hold NaN or inf")
         total += np.bincount(words, minlength=k) if e else 0
         parts.append((vecs, words.astype(np.int32), images.astype(np.int64), norm.astype(np.float32), n))
     if not np.array_equal(total, counts):
