@@ -274,10 +274,11 @@ class Retriever:
             raise ValueError(f"backbone must be a MASt3R model or a callable images -> [B, N, C] features, got "
                              f"{type(backbone).__name__}")
 
-        # the codebook (host numpy until the first call)
+        # the codebook (a Codebook holds numpy centroids: no device is touched)
         self.codebook_path = head_mod.mast3r_codebook_path(modelname)
         cb_state = compat._load_pickle(self.codebook_path)
         centroids = self._check_codebook_state(cb_state, get("nclusters"))
+        self._codebook = compat.codebook_from_state(cb_state)
 
         # the head: its input dim from the weights, else the backbone's, else (identity head) the codebook's
         backbone_dim = None
@@ -300,8 +301,6 @@ class Retriever:
         if imsize == 224:
             raise ValueError("checkpoint args.imsize is 224: MASt3R's retrieval reads images at 512 only")
         self.imsize = int(imsize)
-        self._codebook_state = cb_state
-        self._codebook = None
         self._variables = None
         self._forward = None
         log.info("retriever: head %s, codebook %s (%d words)", self.config, self.codebook_path, centroids.shape[0])
@@ -326,16 +325,13 @@ class Retriever:
     # -- lazy JAX state ------------------------------------------------------------------------------------
 
     def _start(self):
-        """Codebook, head variables and the jitted head on the device (JAX starts here)."""
+        """Head variables and the jitted head on the device (JAX starts here)."""
         if self._forward is not None:
             return
         import functools
 
         import jax
 
-        from . import compat
-
-        self._codebook = compat.codebook_from_state(self._codebook_state)
         self._variables = jax.device_put(self._host_variables)
         model = head_mod.RetrievalHead(self.config)
         self._forward = jax.jit(functools.partial(model.apply, method=head_mod.RetrievalHead.forward_local))
