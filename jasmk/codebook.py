@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import validate
+from . import ivf, validate
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def kmeans_jax(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 1234,
         x = x[np.sort(rng.choice(x.shape[0], max_points_per_centroid * k, replace=False))]
     cent = x[rng.choice(x.shape[0], k, replace=False)].copy()
     chunk = _chunk_rows(k, x.shape[0])
-    rows = _ladder(x.shape[0], chunk)
+    rows = ivf.capacity(x.shape[0], minimum=1, multiple=chunk)
     padded = np.zeros((rows, x.shape[1]), np.float32)
     padded[: x.shape[0]] = x
     xd = jax.device_put(padded)
@@ -306,15 +306,6 @@ def _chunk_rows(k: int, n: int) -> int:
     return max(8, min(rows, 1 << max(int(n) - 1, 0).bit_length()))
 
 
-def _ladder(n: int, multiple: int) -> int:
-    """``n`` rounded up to 8 sizes per octave and to ``multiple``: few distinct shapes, few compilations."""
-    n = max(int(n), 1)
-    top = 1 << (n - 1).bit_length()
-    step = max(top // 16, 1)
-    n = -(-n // step) * step
-    return -(-n // multiple) * multiple
-
-
 def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
              ef_search: int = HNSW_EF_SEARCH, chunk_size: int | None = None) -> np.ndarray:
     """Word ids of the ``multiple_assignment`` nearest centroids of each descriptor.
@@ -369,7 +360,7 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
 
     memory.require(4 * chunk * codebook.size + 4 * codebook.size * codebook.dim, "the JAX quantizer's distance table",
                    hint="pass a smaller chunk_size", device=True)
-    rows = _ladder(n, chunk)
+    rows = ivf.capacity(n, minimum=1, multiple=chunk)
     padded = np.zeros((rows, x.shape[1]), np.float32)
     padded[:n] = x
     cent = device_centroids(codebook.centroids, device)
