@@ -286,9 +286,8 @@ def hnsw_index(centroids, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CON
     """faiss ``IndexHNSWFlat`` over ``centroids`` (``[K, D] float32``), built once per array and cached."""
     faiss = _faiss("the approximate (HNSW) quantizer")
 
-    c = np.ascontiguousarray(np.asarray(centroids), dtype=np.float32)
-
-    def make():
+    def make():  # only on a cache miss: a device array is copied to the host once, not per call
+        c = np.ascontiguousarray(np.asarray(centroids), dtype=np.float32)
         index = faiss.IndexHNSWFlat(c.shape[1], int(m))
         index.hnsw.efConstruction = int(ef_construction)
         log.debug("building an HNSW graph over %d centroids (M=%d, efConstruction=%d)", c.shape[0], m,
