@@ -12,7 +12,8 @@ Quantizers (``method=`` of :func:`quantize`):
   ``"faiss"`` (and ``"jax"`` on the CPU where no faiss is installed).
 
 A :class:`Codebook` holds numpy centroids: making or loading one touches no JAX device (JAX starts only when a
-computation needs it, see :mod:`jasmk.runtime`); the device copy is made once per device and cached.
+computation needs it, see :mod:`jasmk.runtime`); the device copy and the faiss indexes over the centroids are
+made once per centroid array and cached (centroid arrays are treated as immutable, as everywhere in jasmk).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ METHODS = ("auto", "faiss", "jax", "hnsw")
 _cache_lock = threading.Lock()
 _device_cache: dict = {}  # (id(centroids), device) -> device copy; entries leave with their numpy array
 _hnsw_cache: dict = {}  # (id(centroids), M, efConstruction) -> faiss index
+_flat_cache: dict = {}  # (id(centroids), None) -> faiss IndexFlatL2 holding them
 
 
 def _cached(cache: dict, centroids, key, make):
@@ -334,9 +336,13 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
         device = accelerator_device(device) or jax.devices("cpu")[0]
     if method == "faiss":
         faiss = _faiss("the faiss quantizer")
-        index = faiss.IndexFlatL2(codebook.dim)
-        index.add(np.ascontiguousarray(np.asarray(codebook.centroids), dtype=np.float32))
-        _, ids = index.search(x, ma)
+
+        def make():  # once per centroid array (a 64k x 1024 codebook is 256 MiB to copy)
+            index = faiss.IndexFlatL2(codebook.dim)
+            index.add(np.ascontiguousarray(np.asarray(codebook.centroids), dtype=np.float32))
+            return index
+
+        _, ids = _cached(_flat_cache, codebook.centroids, None, make).search(x, ma)
         return ids.astype(np.int32)
     if method == "hnsw":
         if isinstance(ef_search, (bool, np.bool_)) or not isinstance(ef_search, (int, np.integer)) or ef_search < 1:
