@@ -173,20 +173,6 @@ def _check_out_file(out, *, inputs):
         raise CliError(f"refusing to write --out {out}: it is inside the jasmk checkpoint {inside}")
 
 
-def _atomic_save(path, write, *, suffix=""):
-    """Write ``path`` through ``write(tmp_path)``: a temporary file in the same folder, then ``os.replace``."""
-    with atomic.replacing(path, suffix=suffix) as tmp:
-        write(tmp)
-
-
-def _write_with(save):
-    """``write(tmp)`` for :func:`_atomic_save` from ``save(handle)``."""
-    def write(tmp):
-        with open(tmp, "xb") as handle:
-            save(handle)
-    return write
-
-
 # ---------------------------------------------------------------------------------------------------------
 # commands
 
@@ -227,7 +213,7 @@ def _cmd_query(args):
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     res = jasmk.query(index, feats, ids, topk=args.topk, **_query_kwargs(args))
-    _atomic_save(args.out, _write_with(lambda f: np.savez(f, ids=res.ids, ranks=res.ranks, scores=res.scores)))
+    atomic.write_bytes_with(args.out, lambda f: np.savez(f, ids=res.ids, ranks=res.ranks, scores=res.scores))
     log.info("ranks of %d queries saved to %s", len(res.ids), args.out)
 
 
@@ -239,7 +225,7 @@ def _cmd_score_matrix(args):
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     scores = jasmk.score_matrix(index, feats, ids, **_query_kwargs(args))
-    _atomic_save(args.out, _write_with(lambda f: np.save(f, scores)))
+    atomic.write_bytes_with(args.out, lambda f: np.save(f, scores))
     log.info("score matrix %s saved to %s", scores.shape, args.out)
 
 
@@ -272,9 +258,7 @@ def _cmd_pairs(args):
                                       binary=index.binary, multiple_assignment=args.ma)
         p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=args.alpha,
                                                    similarity_threshold=args.threshold, progress=not args.quiet)
-    # save_pairs picks the format from the suffix: keep it on the temporary name
-    _atomic_save(args.out, lambda tmp: pairs.save_pairs(tmp, p, names=names),
-                 suffix=".npy" if args.out.endswith(".npy") else ".txt")
+    pairs.save_pairs(args.out, p, names=names)  # atomic itself (jasmk.atomic); the path was checked above
     log.info("%d pairs (%d key images) saved to %s", len(p), len(keys), args.out)
 
 
