@@ -9,8 +9,11 @@ L2 norm of the projected features, taken before post-whitening. Whitening statis
 variables (host arrays: loading touches no device); torch is needed only for that (``pip install jasmk[torch]``).
 ``mast3r_codebook_path`` finds the ASMK codebook MASt3R keeps beside the checkpoint.
 
-Every matrix product of the head runs at ``jax.lax.Precision.HIGHEST``: JAX's default float32 matmul on NVIDIA
-GPUs is TF32 (10-bit mantissa), which MASt3R's torch head does not use.
+Precision is MASt3R's: the whitening (``m``, ``P`` and ``(x - m) P``) is float64, the projector, attention and
+selection are float32, and every matrix product runs at ``jax.lax.Precision.HIGHEST`` (JAX's default float32
+matmul on NVIDIA GPUs is TF32, which MASt3R's torch head does not use). Whitening variables are float64 in every
+form the head is kept in (MASt3R ``.pth`` import, :func:`save_head` / :func:`load_head`); put them on the device
+with :func:`device_variables`, which keeps them float64 without turning on ``jax_enable_x64``.
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import select, whiten
+from . import runtime, select, whiten
 
 log = logging.getLogger(__name__)
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+#: A float32 whitening whose condition number exceeds this loses more than ~1e-4 relative accuracy
+#: (float32 rounding, 6e-8, times the condition number): :func:`load_head` warns about it.
+ILL_CONDITIONED = 1e3
+
+
+class WhiteningPrecisionWarning(UserWarning):
+    """The head's whitening is not float64, so its results differ from MASt3R's."""
 
 
 def resolve_nfeat(nfeat, n: int) -> int:
@@ -112,16 +124,32 @@ class HeadConfig:
         return self.hdims[-1] if self.hdims else self.backbone_dim
 
 
+def _zeros64(shape):
+    with runtime.float64():
+        return jnp.zeros(shape, jnp.float64)
+
+
+def _eye64(n):
+    with runtime.float64():
+        return jnp.eye(n, dtype=jnp.float64)
+
+
 class Whitener(nn.Module):
-    """``(x - m) @ p`` with ``m [1, dim]`` and ``p [dim, dim]`` in the ``"whitening"`` collection (identity at init)."""
+    """``(x - m) @ p`` in float64 with ``m [1, dim] float64`` and ``p [dim, dim] float64`` in the ``"whitening"``
+    collection (identity at init); the output has ``x``'s dtype (:func:`jasmk.whiten.whiten`)."""
 
     dim: int
 
     @nn.compact
     def __call__(self, x):
-        m = self.variable("whitening", "m", lambda: jnp.zeros((1, self.dim), jnp.float64 if jax.config.jax_enable_x64
-                                                                    else jnp.float32))
-        p = self.variable("whitening", "p", lambda: jnp.eye(self.dim, dtype=m.value.dtype))
+        m = self.variable("whitening", "m", _zeros64, (1, self.dim))
+        p = self.variable("whitening", "p", _eye64, self.dim)
+        if m.value.dtype != np.float64 or p.value.dtype != np.float64:
+            warnings.warn(
+                f"the head's whitening reached it as {p.value.dtype}, not float64: its features differ from "
+                "MASt3R's (a float64 numpy array passed to a jitted function becomes float32 unless "
+                "jax_enable_x64 is on); pass the variables through jasmk.head.device_variables first",
+                WhiteningPrecisionWarning, stacklevel=2)
         return whiten.whiten(x, m.value, p.value)
 
 
@@ -179,9 +207,26 @@ class RetrievalHead(nn.Module):
 
 
 def init_head(config: HeadConfig, *, seed: int = 0):
-    """Fresh variables ``{"params": ..., "whitening": ...}`` for ``config`` (whitening = identity)."""
+    """Fresh variables ``{"params": ..., "whitening": ...}`` for ``config`` (whitening = identity, float64)."""
     model = RetrievalHead(config)
     return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, config.backbone_dim), jnp.float32))
+
+
+def device_variables(variables, device=None):
+    """Head variables as JAX arrays on ``device`` (the default device if None), the whitening kept float64.
+
+    Pass the result to jitted functions of the head: JAX casts float64 numpy arguments of a jitted function to
+    float32 when ``jax_enable_x64`` is off, but keeps float64 JAX arrays. The ``"whitening"`` collection becomes
+    float64 (an older float32 whitening is widened, not made more accurate); everything else keeps its dtype.
+    """
+    variables = dict(variables)
+    whitening = variables.pop("whitening", None)
+    out = jax.device_put(variables, device)
+    if whitening is not None:
+        with runtime.float64():
+            out["whitening"] = jax.device_put(
+                jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), whitening), device)
+    return out
 
 
 def check_features(x, config: HeadConfig):
@@ -289,8 +334,8 @@ def variables_from_state_dict(state: dict, config: HeadConfig) -> dict:
     """Flax variables from a MASt3R ``RetrievalModel`` state dict (torch tensors or arrays; backbone keys ignored).
 
     Projector ``nn.Sequential`` indices map as Linear ``3j`` -> ``linear_j`` (weight transposed), LayerNorm
-    ``3j + 1`` -> ``norm_j``. The leaves are host numpy arrays (float32; whitening float64 under
-    ``jax_enable_x64``): building them touches no device, JAX moves them at the first forward pass.
+    ``3j + 1`` -> ``norm_j``. The leaves are host numpy arrays (float32; the whitening float64, as MASt3R keeps
+    it): building them touches no device (:func:`device_variables` moves them).
     """
     arr = {k: _to_numpy(v) for k, v in state.items() if not k.startswith("backbone.")}
     params, whitening, used = {}, {}, set()
@@ -303,12 +348,11 @@ def variables_from_state_dict(state: dict, config: HeadConfig) -> dict:
         used.add(key)
         return arr[key]
 
-    wdtype = np.float64 if jax.config.jax_enable_x64 else np.float32
     for name, on, dim in (("prewhiten", config.prewhiten, config.backbone_dim),
                           ("postwhiten", config.postwhiten, config.dim)):
         if on:
-            whitening[name] = {"m": take(f"{name}.m", (1, dim)).astype(wdtype),
-                               "p": take(f"{name}.p", (dim, dim)).astype(wdtype)}
+            whitening[name] = {"m": take(f"{name}.m", (1, dim)).astype(np.float64),
+                               "p": take(f"{name}.p", (dim, dim)).astype(np.float64)}
     d = config.backbone_dim
     for j, h in enumerate(config.hdims):
         w = take(f"projector.{3 * j}.weight", (h, d))
@@ -416,19 +460,40 @@ def mast3r_codebook_path(checkpoint_path) -> str:
 
 
 def save_head(path, config: HeadConfig, variables) -> str:
-    """Save head variables and config as an atomic Orbax checkpoint."""
+    """Save head variables and config as an atomic Orbax checkpoint (the whitening as float64)."""
     from . import checkpoint
 
-    return checkpoint.save_tree(path, variables, meta={"kind": "head", "config": dataclasses.asdict(config)})
+    tree = dict(variables)
+    if "whitening" in tree:
+        tree["whitening"] = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree["whitening"])
+    return checkpoint.save_tree(path, tree, meta={"kind": "head", "config": dataclasses.asdict(config)})
 
 
 def load_head(path):
-    """Load ``(config, variables)`` saved with :func:`save_head`."""
+    """Load ``(config, variables)`` saved with :func:`save_head`; the variables are on the default device
+    (:func:`device_variables`), the whitening float64.
+
+    A head saved by an earlier jasmk may hold a float32 whitening (it was cast when ``jax_enable_x64`` was
+    off): it loads, widened to float64, and if it is ill-conditioned (condition number above
+    :data:`ILL_CONDITIONED`, as MASt3R's whitening of LayerNorm'd tokens is) one
+    :class:`WhiteningPrecisionWarning` says to import the MASt3R ``.pth`` again.
+    """
     from . import checkpoint
 
     tree, meta = checkpoint.load_tree(path)
     if meta.get("kind") != "head":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a retrieval head")
     config = HeadConfig(**meta["config"])
-    variables = jax.tree_util.tree_map(jnp.asarray, tree)
-    return config, variables
+    lossy = []
+    for name, stats in sorted((tree.get("whitening") or {}).items()):
+        p = np.asarray(stats["p"])
+        if p.dtype != np.float64:
+            cond = np.linalg.cond(p.astype(np.float64))
+            if not cond <= ILL_CONDITIONED:
+                lossy.append(f"{name} ({p.dtype}, condition number {cond:.1e})")
+    if lossy:
+        warnings.warn(f"{path}: the head's whitening was saved in reduced precision and is ill-conditioned: "
+                      f"{', '.join(lossy)}; its features will differ from MASt3R's. Import the MASt3R .pth again "
+                      "(jasmk.head.load_mast3r_checkpoint) and save the head anew: jasmk now keeps whitening in "
+                      "float64", WhiteningPrecisionWarning, stacklevel=2)
+    return config, device_variables(tree)

@@ -332,7 +332,7 @@ class Retriever:
 
         import jax
 
-        self._variables = jax.device_put(self._host_variables)
+        self._variables = head_mod.device_variables(self._host_variables)  # whitening stays float64
         model = head_mod.RetrievalHead(self.config)
         self._forward = jax.jit(functools.partial(model.apply, method=head_mod.RetrievalHead.forward_local))
 

@@ -5,6 +5,9 @@ follow: JAX must not start (and must not start its threads) while merely importi
 ``ASMKMethod`` or loading a codebook; and when JAX does start on a GPU it must not preallocate 75 % of the
 GPU's memory that torch needs. :func:`share_gpu_with_torch` sets XLA's allocator to grow on demand, unless the
 user already chose, and only while JAX has not started yet.
+
+:func:`float64` is the one place jasmk switches JAX to 64-bit types: for one block, on one thread, never for the
+whole process.
 """
 
 from __future__ import annotations
@@ -45,3 +48,20 @@ def share_gpu_with_torch() -> bool:
         return False
     os.environ[_PREALLOCATE] = "false"
     return True
+
+
+def float64():
+    """A context in which JAX creates and computes float64 values, for this thread and this block only.
+
+    jasmk's float64 whitening (MASt3R whitens in float64) runs inside it, also while tracing a jitted function;
+    the user's ``jax_enable_x64`` setting is left alone. Uses ``jax.enable_x64`` where JAX has it and
+    ``jax.experimental.enable_x64`` on older versions.
+    """
+    import jax  # jasmk's import itself starts no JAX machinery
+
+    state = getattr(jax, "enable_x64", None)
+    if state is not None:
+        return state(True)
+    from jax.experimental import enable_x64  # jax < 0.8
+
+    return enable_x64()

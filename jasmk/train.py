@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import whiten
+from . import runtime, whiten
 from .head import HeadConfig, RetrievalHead
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def relearn_whitening(variables, config: HeadConfig, images, *, which: str, max_
     current pre-whitening), keeping each image's ``max_nfeat_per_image`` features of largest L2 norm.
 
     Returns:
-        New variables with the updated ``whitening`` collection.
+        New variables with the updated ``whitening`` collection (float64 JAX arrays).
     """
     if which not in ("pre", "post"):
         raise ValueError(f"which must be 'pre' or 'post', got {which!r}")
@@ -87,9 +87,9 @@ def relearn_whitening(variables, config: HeadConfig, images, *, which: str, max_
     if not collected:
         raise ValueError("no images to learn whitening from")
     m, p = whiten.learn_pca_whitening(np.concatenate(collected), shrinkage=shrinkage)
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     name = "prewhiten" if which == "pre" else "postwhiten"
     whitening = dict(variables.get("whitening", {}))
-    whitening[name] = {"m": jnp.asarray(m, dtype), "p": jnp.asarray(p, dtype)}
+    with runtime.float64():  # float64 JAX arrays: they stay float64 through jitted train steps
+        whitening[name] = {"m": jnp.asarray(m, jnp.float64), "p": jnp.asarray(p, jnp.float64)}
     log.info("re-learned %s-whitening from %d features", which, sum(len(c) for c in collected))
     return {**variables, "whitening": whitening}

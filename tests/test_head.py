@@ -3,6 +3,7 @@ Orbax round trip, optax training."""
 
 import argparse
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +68,11 @@ def test_selection_and_spoc_match_numpy():
             select.resolve_nfeat(bad, 10)
 
 
-def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0, imsize=512,
-                           nclusters=1024):
-    """A synthetic checkpoint in MASt3R's retrieval format, and the torch modules holding the same weights."""
-    torch = pytest.importorskip("torch")
-    g = torch.Generator().manual_seed(seed)
+def mast3r_projector(c, hdims):
+    """MASt3R's projector for ``hdims`` ('96_64'; '' is none) in torch: (Linear, LayerNorm, GELU) per hidden dim,
+    then a Linear. Returns ``(projector, dims)``."""
+    import torch
+
     dims = [int(h) for h in hdims.split("_")] if hdims else []
     layers, d = [], c
     for h in dims[:-1]:
@@ -79,7 +80,15 @@ def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, n
         d = h
     if dims:
         layers.append(torch.nn.Linear(d, dims[-1]))
-    projector = torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers), dims
+
+
+def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0, imsize=512,
+                           nclusters=1024):
+    """A synthetic checkpoint in MASt3R's retrieval format, and the torch modules holding the same weights."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(seed)
+    projector, dims = mast3r_projector(c, hdims)
     with torch.no_grad():
         for prm in projector.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g) * 0.3 + (1.0 if prm.ndim == 1 and prm.shape[0] in dims else 0))
@@ -367,3 +376,207 @@ def test_relearn_whitening_matches_learning_on_projected_features():
     assert proj.shape == (150, 6)
     with pytest.raises(ValueError, match="no post"):
         train.relearn_whitening(variables, head.HeadConfig(backbone_dim=8, hdims=(4,)), images, which="post")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float64 whitening (MASt3R's precision) without global x64
+
+
+def _f64_ops(hlo_text):
+    """``(function, op)`` of every StableHLO op with a float64 operand or result, and the float64 dot_generals."""
+    ops, func = [], None
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("func.func"):
+            func = stripped.split("@", 1)[1].split("(", 1)[0]
+        elif "f64" in stripped and "stablehlo." in stripped:
+            ops.append((func, stripped.split("stablehlo.", 1)[1].split()[0]))
+    return ops
+
+
+def test_lowered_head_has_a_float64_dot_for_each_whitening_and_nothing_else_in_float64():
+    config = head.HeadConfig(backbone_dim=8, hdims=(12, 6), prewhiten=True, postwhiten=True, nfeat=4)
+    variables = head.device_variables(head.init_head(config, seed=0))
+    assert not jax.config.jax_enable_x64
+    model = head.RetrievalHead(config)
+    x = jnp.ones((2, 9, 8), jnp.float32)
+    for method in (head.RetrievalHead.forward_local, head.RetrievalHead.forward_global):
+        text = jax.jit(lambda v, a: model.apply(v, a, method=method)).lower(variables, x).as_text()
+        ops = _f64_ops(text)
+        assert all(f.startswith("_whiten_float64") for f, _ in ops), ops
+        assert {op for _, op in ops} <= {"convert", "reshape", "broadcast_in_dim", "subtract", "dot_general"}, ops
+        assert sum(op == "dot_general" for _, op in ops) == 2  # pre- and post-whitening
+        dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) == 4 and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
+        assert sum("xf32>" in d.split("->")[-1] for d in dots) == 2  # the two Dense layers stay float32
+    # the check sees a float64 op outside the whitening
+    from jasmk import runtime
+
+    def sloppy(v, a):
+        with runtime.float64():
+            extra = jnp.sum(v["whitening"]["prewhiten"]["p"]).astype(jnp.float32)
+        return model.apply(v, a, method=head.RetrievalHead.forward_global) + extra
+
+    assert not all(f.startswith("_whiten_float64") for f, _ in _f64_ops(jax.jit(sloppy).lower(variables, x).as_text()))
+
+
+def test_float64_whitening_leaves_the_users_dtypes_alone():
+    import threading
+
+    config = head.HeadConfig(backbone_dim=8, hdims=(6,), prewhiten=True, nfeat=3)
+    variables = head.device_variables(head.init_head(config, seed=0))
+    x = np.random.default_rng(0).standard_normal((2, 9, 8)).astype(np.float32)
+    f, a, _ = head.extract_local(variables, config, x)
+    assert f.dtype == a.dtype == jnp.float32
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(jnp.asarray(1.0).dtype))
+    thread.start(), thread.join()
+    assert jnp.asarray(1.0).dtype == jnp.float32 and seen == [jnp.float32] and not jax.config.jax_enable_x64
+    assert whiten.whiten(jnp.ones((3, 8)), np.zeros((1, 8)), np.eye(8)).dtype == jnp.float32
+    assert whiten.whiten(np.ones((3, 8)), np.zeros((1, 8)), np.eye(8)).dtype == jnp.float32  # canonical float
+
+
+def ill_conditioned_whitening(c=16, n=300, seed=0):
+    """Tokens of a LayerNorm (a hyperplane) and the float64 whitening learned on them (condition number ~1e7)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 6)) @ rng.standard_normal((6, c))
+    t = ((z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True) * 1.3 + 0.1).astype(np.float32)
+    m, p = whiten.learn_pca_whitening(t)
+    assert np.linalg.cond(p) > 1e6
+    return t, m, p
+
+
+def test_whitening_runs_in_float64_eagerly_and_jitted():
+    t, m, p = ill_conditioned_whitening()
+    ref = ((t.astype(np.float64) - m) @ p).astype(np.float32)  # MASt3R's Whitener: float64, then back
+    f32 = (t - m.astype(np.float32)) @ p.astype(np.float32)
+    assert np.abs(f32 - ref).max() > 1e-2 * np.abs(ref).max()  # float32 would be far off
+    config = head.HeadConfig(backbone_dim=16, hdims=(), postwhiten=True, nfeat=-1)
+    variables = head.variables_from_state_dict({"postwhiten.m": m, "postwhiten.p": p}, config)
+    assert variables["whitening"]["postwhiten"]["p"].dtype == np.float64
+    model = head.RetrievalHead(config)
+    feat = lambda v, a: model.apply(v, a, method=lambda mdl, y: mdl.features_and_attention(y)[0])  # noqa: E731
+    x = jnp.asarray(t[None])
+    tol = dict(rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(feat(variables, x))[0], ref, **tol)  # eager, host float64 leaves
+    np.testing.assert_allclose(np.asarray(jax.jit(feat)(head.device_variables(variables), x))[0], ref, **tol)
+    np.testing.assert_allclose(np.asarray(whiten.whiten(x, m, p))[0], ref, **tol)
+    # a jitted head given float64 numpy leaves gets them as float32 (JAX casts arguments): it says so
+    with pytest.warns(head.WhiteningPrecisionWarning, match="device_variables"):
+        jax.jit(feat)(variables, x)
+
+
+def test_training_steps_through_float64_whitening():
+    t, m, p = ill_conditioned_whitening(c=8)
+    config = head.HeadConfig(backbone_dim=8, hdims=(8,), prewhiten=True, postwhiten=True, nfeat=4)
+    variables = head.init_head(config, seed=0)
+    variables = train.relearn_whitening(variables, config, [t], which="pre")
+    variables = train.relearn_whitening(variables, config, [t], which="post")
+    w = variables["whitening"]
+    assert all(a.dtype == jnp.float64 for a in jax.tree_util.tree_leaves(w))
+    opt = optax.adam(1e-3)
+    params, state = variables["params"], opt.init(variables["params"])
+    step = train.make_train_step(config, opt)
+    x = jnp.asarray(t[:40].reshape(4, 10, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no float64 request truncated to float32 in the backward pass
+        params2, _, loss = step(params, state, w, x[:1], x[1:2], x[None, 2:4])
+        # the whitening's gradient is float64 too: against the float64 formula, d/dx sum((x - m) P * c) = c P^T
+        c = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)  # the float32 cotangent
+        pm, pp = np.asarray(w["prewhiten"]["m"]), np.asarray(w["prewhiten"]["p"])
+        gx, gp = jax.grad(lambda a, q: jnp.sum(whiten.whiten(a, pm, q) * c), argnums=(0, 1))(x[0], w["prewhiten"]["p"])
+        np.testing.assert_allclose(np.asarray(gx), (c.astype(np.float64) @ pp.T).astype(np.float32), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(gp), (np.asarray(x[0], np.float64) - pm).T @ c, rtol=1e-12)
+        assert gp.dtype == jnp.float64
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params2))
+    assert jax.tree_util.tree_leaves(params2)[0].dtype == jnp.float32
+
+
+def test_head_checkpoints_keep_float64_whitening(tmp_path):
+    from jasmk import checkpoint
+
+    t, m, p = ill_conditioned_whitening()
+    path = str(tmp_path / "w_retrieval_x.pth")
+    torch = pytest.importorskip("torch")
+    args = argparse.Namespace(prewhiten=None, hdims="", residual=False, postwhiten=-1, featweights="l2norm",
+                              nfeat=5, imsize=512, nclusters=16)
+    torch.save({"args": args, "model": {"postwhiten.m": torch.from_numpy(m), "postwhiten.p": torch.from_numpy(p)}},
+               path)
+    config, variables, _ = head.load_mast3r_checkpoint(path)
+    np.testing.assert_array_equal(variables["whitening"]["postwhiten"]["p"], p)  # bit for bit, float64
+    head.save_head(tmp_path / "h", config, variables)
+    tree, _ = checkpoint.load_tree(tmp_path / "h")
+    np.testing.assert_array_equal(tree["whitening"]["postwhiten"]["p"], p)
+    assert tree["whitening"]["postwhiten"]["p"].dtype == np.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config2, variables2 = head.load_head(tmp_path / "h")
+    assert config2 == config
+    assert variables2["whitening"]["postwhiten"]["p"].dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(variables2["whitening"]["postwhiten"]["p"]), p)
+    # float32 whitening given to save_head is stored widened to float64
+    v32 = {"whitening": {"postwhiten": {"m": m.astype(np.float32), "p": p.astype(np.float32)}}}
+    head.save_head(tmp_path / "h32", config, v32)
+    assert checkpoint.load_tree(tmp_path / "h32")[0]["whitening"]["postwhiten"]["p"].dtype == np.float64
+
+
+def test_a_float32_head_saved_by_the_old_jasmk_loads_and_warns_once_if_ill_conditioned(tmp_path):
+    import shutil
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "old_heads")
+    src = np.load(os.path.join(here, "source.npz"))
+    for name in ("ill", "well"):
+        shutil.copytree(os.path.join(here, f"head_f32_{name}"), tmp_path / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config, variables = head.load_head(tmp_path / "ill")
+        except ValueError as exc:  # the fixtures were written with orbax-checkpoint 0.12
+            if "structure file does not exist" in str(exc):
+                pytest.skip(f"this orbax-checkpoint cannot read checkpoints of a newer one: {exc}")
+            raise
+    mine = [w for w in caught if issubclass(w.category, head.WhiteningPrecisionWarning)]
+    assert len(mine) == 1 and "Import the MASt3R .pth again" in str(mine[0].message)
+    assert "condition number 2.5e+07" in str(mine[0].message)
+    assert variables["whitening"]["postwhiten"]["p"].dtype == jnp.float64
+    # the warning is right: the float32-stored whitening gives other features than the float64 one
+    x = src["tokens"]
+    ref = ((x.astype(np.float64) - src["m_ill"]) @ src["p_ill"]).astype(np.float32)
+    got = np.asarray(head.RetrievalHead(config).apply(variables, jnp.asarray(x),
+                                                      method=lambda mdl, y: mdl.features_and_attention(y)[0]))
+    assert np.abs(got - ref).max() > 1e-3 * np.abs(ref).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config, variables = head.load_head(tmp_path / "well")  # well-conditioned: loads silently
+        ref = ((x.astype(np.float64) - src["m_well"]) @ src["p_well"]).astype(np.float32)
+        got = np.asarray(head.RetrievalHead(config).apply(variables, jnp.asarray(x),
+                                                          method=lambda mdl, y: mdl.features_and_attention(y)[0]))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_float64_whitening_under_the_users_global_x64():
+    """A user who turned jax_enable_x64 on gets the same features (and float32 ones, as without it)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import jax, numpy as np, jax.numpy as jnp
+        assert jax.config.jax_enable_x64
+        from jasmk import head, whiten
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 16))
+        t = ((z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True) * 1.3 + 0.1).astype(np.float32)
+        m, p = whiten.learn_pca_whitening(t)
+        config = head.HeadConfig(backbone_dim=16, hdims=(), postwhiten=True, nfeat=-1)
+        v = head.device_variables(head.variables_from_state_dict({"postwhiten.m": m, "postwhiten.p": p}, config))
+        f, a, idx = head.extract_local(v, config, t[None])
+        ref = ((t.astype(np.float64) - m) @ p).astype(np.float32)
+        assert f.dtype == jnp.float32, f.dtype
+        np.testing.assert_allclose(np.asarray(f)[0], ref[idx[0]], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+        print("ok")
+    """)
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
