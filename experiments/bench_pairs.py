@@ -45,8 +45,8 @@ def one(args) -> dict:
     from bench_scale import K, make_postings
 
     import jasmk
-    from jasmk import aggregate as agg_mod
-    from jasmk import ivf as ivf_mod
+    from jasmk.core import aggregate as agg_mod
+    from jasmk.core import ivf as ivf_mod
     from jasmk import pairs
 
     width = args.bits // 32

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jasmk  # noqa: E402
-from jasmk import codebook as cb_mod  # noqa: E402
+from jasmk.core import codebook as cb_mod  # noqa: E402
 
 OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         x = clusters(max(args.sizes) + args.queries, args.dim, 0)
         source = f"synthetic {args.dim}-d clusters"
     rng = np.random.default_rng(1)
-    print(f"{len(x)} descriptors ({source}), {jasmk.codebook.faiss_info()}")
+    print(f"{len(x)} descriptors ({source}), {jasmk.core.codebook.faiss_info()}")
     print("| words | method | ms / 1k desc | speed-up | top-1 agreement | MA-5 recall | build s |")
     print("|---|---|---|---|---|---|---|")
     for k in args.sizes:

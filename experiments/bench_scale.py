@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 import jasmk
-from jasmk import aggregate as agg_mod
-from jasmk import cpu_kernel
-from jasmk import ivf as ivf_mod
+from jasmk.core import aggregate as agg_mod
+from jasmk.core import cpu_kernel
+from jasmk.core import ivf as ivf_mod
 
 log = logging.getLogger("bench_scale")
 

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 import jasmk
-from jasmk import aggregate as agg_mod
-from jasmk import ivf as ivf_mod
+from jasmk.core import aggregate as agg_mod
+from jasmk.core import ivf as ivf_mod
 
 log = logging.getLogger("bench")
 

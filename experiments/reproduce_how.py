@@ -130,7 +130,7 @@ def _read_yml(path: str) -> dict:
 
 def resolve_params(name_or_path: str, codebook_size=None) -> Setup:
     """The :class:`Setup` of an asmk parameter set: one of :data:`PARAM_FILES` by name, or a ``.yml`` file."""
-    from jasmk.codebook import parse_size
+    from jasmk.core.codebook import parse_size
 
     if name_or_path.endswith((".yml", ".yaml")):
         if not os.path.isfile(name_or_path):
@@ -169,7 +169,7 @@ def _missing(path: str, url: str | None) -> InputError:
 def load_pickle(path: str, keys, what: str, url: str | None = None) -> dict:
     """Unpickle ``path`` with jasmk's restricted unpickler (numpy arrays and plain containers only: a downloaded
     file runs no code) and check it holds ``keys``."""
-    from jasmk import safepickle
+    from jasmk.storage import safepickle
 
     if not os.path.isfile(path):
         raise _missing(path, url)
@@ -228,7 +228,7 @@ def plan(args, setup: Setup) -> tuple[str | None, list[tuple[str, str, str]]]:
 def get_codebook(args, cb_path: str, setup: Setup):
     """Load ``--codebook`` (an Orbax codebook directory or asmk's codebook.pkl) or train one (and save it there)."""
     import jasmk
-    from jasmk import checkpoint
+    from jasmk.storage import checkpoint
 
     if args.codebook and os.path.isdir(args.codebook):
         return checkpoint.load_codebook(args.codebook)
@@ -259,7 +259,7 @@ def get_distractors(path: str, cb, params: dict):
     """The distractor index (asmk's ``distractors_path``): an asmk IVF pickle, a jasmk index checkpoint folder,
     or a features pickle with 'vecs' and 'imids' indexed here with ``cb``."""
     import jasmk
-    from jasmk import checkpoint
+    from jasmk.storage import checkpoint
 
     t = time.perf_counter()
     if os.path.isdir(path):

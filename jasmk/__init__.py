@@ -14,11 +14,11 @@ JAX mesh), ``jasmk.show`` (pictures), ``jasmk.pairs``, ``jasmk.eval``, ``jasmk.h
 
 import logging
 
-from .aggregate import Aggregated
+from .core.aggregate import Aggregated
 from .api import (QueryResult, add_images, aggregate_images, build_index, query, query_aggregated, query_padded,
                   score_matrix, score_matrix_aggregated)
-from .codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
-from .ivf import Index
+from .core.codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
+from .core.ivf import Index
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import aggregate as agg_mod
-from . import engine as engine_mod
-from . import ivf as ivf_mod
-from . import memory
-from . import score as score_mod
-from . import validate
-from .codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
+from .core import aggregate as agg_mod
+from .core import engine as engine_mod
+from .core import ivf as ivf_mod
+from .core import memory
+from .core import score as score_mod
+from .core import validate
+from .core.codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

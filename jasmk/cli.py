@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from . import atomic
+from .storage import atomic
 
 log = logging.getLogger("jasmk")
 
@@ -115,7 +115,7 @@ def _load_feats(path, *, need_ids: bool):
 
 
 def _load_codebook(path):
-    from . import checkpoint
+    from .storage import checkpoint
 
     if path.endswith(".pkl"):
         return checkpoint.load_asmk_codebook(path)  # restricted unpickler: never runs code
@@ -148,7 +148,7 @@ def _check_not_input(out, inputs):
 
 def _check_out_checkpoint(out, *, kind, inputs):
     """Fail before any work if the checkpoint ``out`` would replace an input or anything not of ``kind``."""
-    from . import checkpoint
+    from .storage import checkpoint
 
     if not out:
         raise CliError("--out is empty")
@@ -161,7 +161,7 @@ def _check_out_checkpoint(out, *, kind, inputs):
 
 def _check_out_file(out, *, inputs):
     """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint."""
-    from . import checkpoint
+    from .storage import checkpoint
 
     if not out:
         raise CliError("--out is empty")
@@ -179,7 +179,7 @@ def _check_out_file(out, *, inputs):
 
 def _cmd_codebook(args):
     import jasmk
-    from . import checkpoint
+    from .storage import checkpoint
 
     _check_out_checkpoint(args.out, kind="codebook", inputs=[args.feats])
     feats, _ = _load_feats(args.feats, need_ids=False)
@@ -190,7 +190,7 @@ def _cmd_codebook(args):
 
 def _cmd_index(args):
     import jasmk
-    from . import checkpoint
+    from .storage import checkpoint
 
     _check_out_checkpoint(args.out, kind="index", inputs=[args.feats, args.codebook])
     feats, ids = _load_feats(args.feats, need_ids=True)
@@ -207,7 +207,7 @@ def _query_kwargs(args):
 
 def _cmd_query(args):
     import jasmk
-    from . import checkpoint
+    from .storage import checkpoint
 
     _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
@@ -219,7 +219,7 @@ def _cmd_query(args):
 
 def _cmd_score_matrix(args):
     import jasmk
-    from . import checkpoint
+    from .storage import checkpoint
 
     _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
@@ -250,7 +250,7 @@ def _cmd_pairs(args):
         p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
     else:  # straight from the index: no n x n matrix (O(n (Na + k)) memory)
         import jasmk
-        from . import checkpoint
+        from .storage import checkpoint
 
         index = checkpoint.load_index(args.index)
         feats, ids = _load_feats(args.feats, need_ids=True)
@@ -278,7 +278,7 @@ def _read_gnd(path):
     """Revisited ground truth: a .json list of {easy, hard, junk} dicts (or {"gnd": [...]}), or a gnd .pkl."""
     import json
 
-    from . import safepickle
+    from .storage import safepickle
 
     if not os.path.isfile(path):
         raise CliError(f"no such ground-truth file: {path}")

@@ -28,9 +28,10 @@ import time
 import numpy as np
 
 from . import api
-from . import ivf as ivf_mod
-from . import atomic, runtime, validate
-from .codebook import Codebook, have_faiss, quantize, train_codebook
+from .core import ivf as ivf_mod
+from .storage import atomic
+from .core import runtime, validate
+from .core.codebook import Codebook, have_faiss, quantize, train_codebook
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _load_pickle(path):
     Raises:
         ValueError: a damaged, empty or hostile file, or a directory.
     """
-    from . import safepickle
+    from .storage import safepickle
 
     return safepickle.load(path)
 
@@ -257,7 +258,7 @@ class IvfBuilder:
         self.word_cache = None
         time0 = time.time()
         if cache_path and os.path.exists(cache_path):
-            from . import checkpoint
+            from .storage import checkpoint
 
             self.ivf = checkpoint.load_asmk_ivf(_load_pickle(cache_path), codebook)
             self.metadata = {"load_time": time.time() - time0}
@@ -274,7 +275,7 @@ class IvfBuilder:
 
     def initialize_with_distractors(self, path):
         """Start from the distractor ivf pickled at ``path``; added images are numbered after it."""
-        from . import checkpoint
+        from .storage import checkpoint
 
         self.ivf = ivf_mod.with_distractors(checkpoint.load_asmk_ivf(_load_pickle(path), self.codebook))
 
@@ -296,7 +297,7 @@ class IvfBuilder:
     def save(self):
         """Pickle the ivf in asmk's format to the cache path (if any); return metadata with ivf stats."""
         if self.cache_path:
-            from . import checkpoint
+            from .storage import checkpoint
 
             _save_pickle(self.cache_path, checkpoint.export_asmk_ivf(self.ivf))
         return {**self.metadata, "ivf_stats": self.ivf.stats()}

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import memory
+from .core import memory
 
 log = logging.getLogger(__name__)
 

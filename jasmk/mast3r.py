@@ -44,8 +44,8 @@ import os
 
 import numpy as np
 
-from . import head as head_mod
-from . import runtime
+from .head import model as head_mod
+from .core import runtime
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +447,6 @@ def _check_npy_out(path) -> str:
 def _save_npy(path, array) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically (temp file, fsync, rename); an existing file is
     replaced only if it is itself a ``.npy`` array (checked before the work is lost: nothing else is overwritten)."""
-    from . import atomic
+    from .storage import atomic
 
     atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")

@@ -33,7 +33,8 @@ import re
 
 import numpy as np
 
-from . import atomic, memory
+from .storage import atomic
+from .core import memory
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
         ``(pairs [P, 2] int64, key_images [na] int64)``, as :func:`retrieval_pairs`.
     """
     from . import api as api_mod
-    from . import engine as engine_mod
+    from .core import engine as engine_mod
 
     na, k = _check_count(na, "Na"), _check_count(k, "k")
     seed = _check_seed(seed)

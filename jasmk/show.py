@@ -64,7 +64,7 @@ def _check_out(out) -> str:
             head = handle.read(len(_PNG_MAGIC))
         if head != _PNG_MAGIC:
             raise ValueError(f"refusing to replace {out}: it exists and is not a PNG picture")
-    from . import checkpoint
+    from .storage import checkpoint
 
     inside = checkpoint.enclosing_checkpoint(out)
     if inside is not None:
@@ -74,7 +74,7 @@ def _check_out(out) -> str:
 
 def _save_png(fig, out: str, *, dpi) -> str:
     """``fig`` written to ``out`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    from . import atomic
+    from .storage import atomic
 
     atomic.write_bytes_with(out, lambda handle: fig.savefig(handle, format="png", dpi=dpi), suffix=".png")
     log.debug("picture saved to %s", out)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import checkpoint
+from jasmk.storage import checkpoint
 from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import aggregate as agg_mod
-from jasmk import engine as engine_mod
-from jasmk import ivf
-from jasmk import score as score_mod
+from jasmk.core import aggregate as agg_mod
+from jasmk.core import engine as engine_mod
+from jasmk.core import ivf
+from jasmk.core import score as score_mod
 from conftest import asmk_params, assert_same_ranking
 
 
@@ -288,7 +288,7 @@ def test_compat_quantizes_the_indexed_set_once(monkeypatch, small_data):
 
     feats, ids, centroids = small_data
     calls = []
-    real = jasmk.codebook.quantize
+    real = jasmk.core.codebook.quantize
 
     def counting(cb, x, **kw):
         calls.append(kw["multiple_assignment"])

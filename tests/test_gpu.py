@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import codebook as cb_mod
+from jasmk.core import codebook as cb_mod
 from jasmk import compat
 
 from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data

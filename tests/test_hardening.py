@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import checkpoint, cli, safepickle
+from jasmk.storage import checkpoint, safepickle
+from jasmk import cli
 from conftest import asmk_params, clustered_data
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jasmk import head, select, train, whiten
+from jasmk import head
+from jasmk.head import select, train, whiten
 
 
 def reference_whitening(x, s=1.0):
@@ -294,7 +295,7 @@ def test_head_errors_and_orbax_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(head.extract_global(variables2, config2, x)),
                                   np.asarray(head.extract_global(variables, config, x)))
     with pytest.raises(ValueError, match="not a retrieval head"):
-        from jasmk import checkpoint
+        from jasmk.storage import checkpoint
 
         checkpoint.save_tree(tmp_path / "other", {"a": np.zeros(2)}, meta={"kind": "codebook"})
         head.load_head(tmp_path / "other")
@@ -410,7 +411,7 @@ def test_lowered_head_has_a_float64_dot_for_each_whitening_and_nothing_else_in_f
         assert len(dots) == 4 and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
         assert sum("xf32>" in d.split("->")[-1] for d in dots) == 2  # the two Dense layers stay float32
     # the check sees a float64 op outside the whitening
-    from jasmk import runtime
+    from jasmk.core import runtime
 
     def sloppy(v, a):
         with runtime.float64():
@@ -494,7 +495,7 @@ def test_training_steps_through_float64_whitening():
 
 
 def test_head_checkpoints_keep_float64_whitening(tmp_path):
-    from jasmk import checkpoint
+    from jasmk.storage import checkpoint
 
     t, m, p = ill_conditioned_whitening()
     path = str(tmp_path / "w_retrieval_x.pth")
@@ -564,7 +565,8 @@ def test_float64_whitening_under_the_users_global_x64():
     script = textwrap.dedent("""
         import jax, numpy as np, jax.numpy as jnp
         assert jax.config.jax_enable_x64
-        from jasmk import head, whiten
+        from jasmk import head
+        from jasmk.head import whiten
         rng = np.random.default_rng(0)
         z = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 16))
         t = ((z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True) * 1.3 + 0.1).astype(np.float32)

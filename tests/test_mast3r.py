@@ -297,12 +297,12 @@ FORK_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import numpy as np, torch
     from test_mast3r import PatchBackbone
-    import jasmk.runtime
+    import jasmk.core.runtime
     from jasmk.mast3r import Retriever
 
     warnings.simplefilter("always")
     r = Retriever({ckpt!r}, backbone=PatchBackbone(), device="cpu")
-    print("started-after-init", jasmk.runtime.backend_started(), flush=True)
+    print("started-after-init", jasmk.core.runtime.backend_started(), flush=True)
     print("prealloc", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), flush=True)
     if {compute!r}:
         r({paths!r})
@@ -310,7 +310,7 @@ FORK_SCRIPT = textwrap.dedent("""
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
-    print("started-after-fork", jasmk.runtime.backend_started(), flush=True)
+    print("started-after-fork", jasmk.core.runtime.backend_started(), flush=True)
 """)
 
 

@@ -242,7 +242,8 @@ def test_pairs_from_index_never_forms_the_dense_matrix(monkeypatch):
     n = 1000
     index, qagg, _ = collection("sparse", n)
     expected = pr.retrieval_pairs_from_index(index, qagg, na=6, k=4, seed=3)  # warm-up (compilations)
-    from jasmk import api, engine
+    from jasmk import api
+    from jasmk.core import engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("the dense score matrix was asked for")
@@ -295,6 +296,6 @@ def test_pairs_from_index_bad_input():
         pr.retrieval_pairs_from_index(index, short, na=1, k=1)
     with pytest.raises(ValueError, match="aggregated query rows must be"):
         pr.retrieval_pairs_from_index(index, qagg._replace(vecs=qagg.vecs[:, :0]), na=1, k=1)
-    with_distractors = jasmk.ivf.add(jasmk.ivf.with_distractors(index), qagg)
+    with_distractors = jasmk.core.ivf.add(jasmk.core.ivf.with_distractors(index), qagg)
     with pytest.raises(ValueError, match="distractor"):
         pr.retrieval_pairs_from_index(with_distractors, qagg, na=1, k=1)

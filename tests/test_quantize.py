@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import codebook as cb_mod
-from jasmk import compat, whiten
+from jasmk.core import codebook as cb_mod
+from jasmk import compat
+from jasmk.head import whiten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -182,7 +183,7 @@ def small_data():
 LAZY = textwrap.dedent(r"""
     import os, sys, warnings, pickle, numpy as np
     sys.path.insert(0, {root!r})
-    import jasmk, jasmk.compat, jasmk.runtime as rt
+    import jasmk, jasmk.compat, jasmk.core.runtime as rt
     params = {params!r}
     path = os.path.join({tmp!r}, "cb.pkl")
     cent = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
@@ -223,7 +224,7 @@ NO_FAISS = textwrap.dedent(r"""
     sys.meta_path.insert(0, Block())
     sys.path.insert(0, {root!r})
     import numpy as np, jasmk
-    from jasmk import codebook
+    from jasmk.core import codebook
     assert not codebook.have_faiss()
     rng = np.random.default_rng(0)
     cent = rng.standard_normal((40, 8)).astype(np.float32)
@@ -303,7 +304,7 @@ def test_faiss_in_use_is_said_once_at_info(monkeypatch):
         def emit(self, record):
             records.append(record.getMessage())
 
-    logger = logging.getLogger("jasmk.codebook")
+    logger = logging.getLogger("jasmk.core.codebook")
     handler = Keep(level=logging.INFO)
     old_level = logger.level
     logger.setLevel(logging.INFO)  # setLevel (not .level =) also clears the loggers' isEnabledFor caches

@@ -116,7 +116,7 @@ def test_too_few_descriptors_is_a_clear_error(data):
 
 
 def test_trained_codebook_serves_queries_and_checkpoints(tmp_path, data):
-    from jasmk import checkpoint
+    from jasmk.storage import checkpoint
 
     feats, ids = data
     index = jasmk.build_index(feats, ids)

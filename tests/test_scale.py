@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk import aggregate as agg_mod
-from jasmk import checkpoint, engine, ivf
+from jasmk.core import aggregate as agg_mod
+from jasmk.storage import checkpoint
+from jasmk.core import engine, ivf
 from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
 
 
@@ -63,7 +64,7 @@ def test_adds_equal_one_build_and_stay_logarithmic():
     b = jasmk.query_aggregated(one, q, topk=20)
     np.testing.assert_array_equal(a.ranks, b.ranks)
     np.testing.assert_array_equal(a.scores, b.scores)
-    assert len(jasmk.ivf.compact(index).segments) == 1  # compaction merges what the limits allow
+    assert len(jasmk.core.ivf.compact(index).segments) == 1  # compaction merges what the limits allow
 
 
 def test_segment_limits_split_and_score_like_one_segment(small_data, monkeypatch):
@@ -219,7 +220,7 @@ def test_engine_argument_is_checked(small_data):
 def test_memory_is_checked_before_allocating(small_data, monkeypatch):
     """A stray huge image id, a dense score matrix or a full ranking beyond the available memory fail early with
     a ValueError saying how much is needed and what to do, before anything big is allocated."""
-    from jasmk import memory
+    from jasmk.core import memory
 
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
@@ -275,7 +276,7 @@ def test_query_padded_and_small_inputs_are_checked(small_data):
 def test_fixed_point_sums_do_not_depend_on_order():
     """The XLA kernels' fixed-point limbs: exact digit decomposition, sums independent of the order of the
     updates (what makes GPU scatter-adds deterministic), within 1e-7 of float64."""
-    from jasmk import score as score_mod
+    from jasmk.core import score as score_mod
 
     rng = np.random.default_rng(3)
     c = (rng.standard_normal(5000) * rng.choice([1e-6, 1e-2, 1.0, 150.0], 5000)).astype(np.float32)
@@ -314,7 +315,7 @@ def test_xla_kernels_ignore_row_order(small_data):
 def test_eval_refuses_masks_beyond_memory(monkeypatch):
     """One ground-truth id of 10**9 would need [n_query, 10**9] masks: refused up front, naming the fix."""
     from jasmk import eval as jeval
-    from jasmk import memory
+    from jasmk.core import memory
 
     monkeypatch.setattr(memory, "host_available", lambda: 2**30)
     gnd = [{"easy": [0, 10**9], "hard": [], "junk": []}, {"easy": [1], "hard": [2], "junk": []}]

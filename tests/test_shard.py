@@ -19,7 +19,9 @@ import pytest
 from jax.sharding import Mesh
 
 import jasmk
-from jasmk import checkpoint, shard
+from jasmk.storage import checkpoint
+from jasmk import shard
+from jasmk.shard import sharded
 from conftest import clustered_data
 
 FOUR = len(jax.devices()) >= 4
@@ -53,7 +55,7 @@ def test_balanced_cuts_split_by_postings():
     rng = np.random.default_rng(0)
     per_slot = rng.integers(0, 50, 1000)
     for loads in (np.zeros(4, np.int64), np.array([9000, 0, 3000, 100])):
-        cuts = shard._balanced_cuts(loads, per_slot)
+        cuts = sharded._balanced_cuts(loads, per_slot)
         assert cuts[0] == 0 and cuts[-1] == per_slot.size and np.all(np.diff(cuts) >= 0)
         got = loads + np.array([per_slot[a:b].sum() for a, b in zip(cuts[:-1], cuts[1:])])
         target = (loads.sum() + per_slot.sum()) / 4
@@ -123,7 +125,7 @@ WORKER = textwrap.dedent("""
     held = sorted(d.process_index for d in sidx.device_bytes())
     res = shard.query(sidx, feats, ids, topk=7)
     S = shard.score_matrix(sidx, feats, ids)
-    from jasmk import checkpoint
+    from jasmk.storage import checkpoint
     loaded = checkpoint.load_sharded_index(sys.argv[6], mesh)  # saved from one device: split again onto four
     res2 = shard.query(loaded, feats, ids, topk=7)
     np.savez(out, ranks=res.ranks, scores=res.scores, S=S, idf=np.asarray(sidx.idf.addressable_data(0)),
@@ -341,6 +343,6 @@ def test_four_devices_limits_and_no_recompilation(monkeypatch):
     res = shard.query(grown, feats[ids < 3], ids[ids < 3], topk=5, engine="dense")
     assert compiles == [], f"{len(compiles)} compilations after an add"
     assert res.ranks.shape == (3, 5)
-    monkeypatch.setattr(shard, "MAX_SHARD_ENTRIES", 100)
+    monkeypatch.setattr(sharded, "MAX_SHARD_ENTRIES", 100)
     with pytest.raises(ValueError, match="more devices"):
         shard.add_images(grown, feats[ids >= 31], ids[ids >= 31])

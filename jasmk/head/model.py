@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import runtime, select, whiten
+from ..core import runtime
+from . import select, whiten
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def mast3r_codebook_path(checkpoint_path) -> str:
 
 def save_head(path, config: HeadConfig, variables) -> str:
     """Save head variables and config as an atomic Orbax checkpoint (the whitening as float64)."""
-    from . import checkpoint
+    from ..storage import checkpoint
 
     tree = dict(variables)
     if "whitening" in tree:
@@ -478,7 +479,7 @@ def load_head(path):
     :data:`ILL_CONDITIONED`, as MASt3R's whitening of LayerNorm'd tokens is) one
     :class:`WhiteningPrecisionWarning` says to import the MASt3R ``.pth`` again.
     """
-    from . import checkpoint
+    from ..storage import checkpoint
 
     tree, meta = checkpoint.load_tree(path)
     if meta.get("kind") != "head":

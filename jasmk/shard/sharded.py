@@ -48,13 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import api
-from . import engine as engine_mod
-from . import ivf as ivf_mod
-from . import memory
-from . import score as score_mod
-from .aggregate import PAD_IMAGE, Aggregated, packed_width
-from .codebook import Codebook
+from .. import api
+from ..core import engine as engine_mod
+from ..core import ivf as ivf_mod
+from ..core import memory
+from ..core import score as score_mod
+from ..core.aggregate import PAD_IMAGE, Aggregated, packed_width
+from ..core.codebook import Codebook
 
 log = logging.getLogger(__name__)
 

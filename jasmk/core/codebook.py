@@ -1,0 +1,403 @@
+"""Visual-word codebook: k-means training (faiss) and nearest-centroid quantization.
+
+Quantizers (``method=`` of :func:`quantize`):
+
+- ``"faiss"``: an exact ``IndexFlatL2`` search on the CPU, as asmk does (whichever faiss is importable:
+  faiss-cpu, or a faiss-gpu build from conda; :func:`faiss_info` says which);
+- ``"jax"``: a jitted, chunked exact search on a JAX device (a GPU when there is one), at full float32
+  precision. It gives faiss's words except where two words are within :data:`TIE_EPS` of each other;
+- ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; off by default; see the README for
+  measured agreement and speed);
+- ``"auto"`` (default): ``"jax"`` when the device given, or JAX's default backend, is an accelerator, else
+  ``"faiss"`` (and ``"jax"`` on the CPU where no faiss is installed).
+
+A :class:`Codebook` holds numpy centroids: making or loading one touches no JAX device (JAX starts only when a
+computation needs it, see :mod:`jasmk.runtime`); the device copy and the faiss indexes over the centroids are
+made once per centroid array and cached (centroid arrays are treated as immutable, as everywhere in jasmk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ivf, validate
+
+log = logging.getLogger(__name__)
+
+_SIZE_SUFFIX = {"k": 1024, "M": 1024**2}
+
+_faiss_said = False
+
+
+def _faiss(purpose: str):
+    """The importable faiss module (faiss-cpu from pip, or a faiss-gpu build from conda), said once at INFO.
+
+    Raises:
+        ImportError: no faiss at all, with what to install.
+    """
+    global _faiss_said
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs faiss: pip install faiss-cpu (or jasmk[faiss]), or keep the faiss-gpu "
+                          f"your environment has from conda") from e
+    if not _faiss_said:
+        _faiss_said = True
+        log.info("using %s", faiss_info())
+    return faiss
+
+
+def have_faiss() -> bool:
+    """Whether some faiss (faiss-cpu or faiss-gpu) is importable."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse_size(size) -> int:
+    """Number of visual words for a codebook ``size`` parameter: an int, or a string like ``"64k"``/``"1M"``."""
+    if isinstance(size, (bool, np.bool_)):
+        raise ValueError(f"codebook size must be an int or a string like '64k', got {size!r}")
+    if isinstance(size, (int, np.integer)):
+        n = int(size)
+    elif isinstance(size, str):
+        s = size.strip()
+        try:
+            n = int(s[:-1]) * _SIZE_SUFFIX[s[-1]] if s and s[-1] in _SIZE_SUFFIX else int(s)
+        except ValueError:
+            raise ValueError(f"codebook size {size!r} is not an int or a string like '64k' or '1M'") from None
+    else:
+        raise ValueError(f"codebook size must be an int or a string like '64k', got {type(size).__name__}")
+    if n < 1:
+        raise ValueError(f"codebook size must be positive, got {size!r}")
+    return n
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["centroids"], meta_fields=["size_param"]
+)
+@dataclasses.dataclass(frozen=True)
+class Codebook:
+    """A trained codebook.
+
+    Attributes:
+        centroids: ``[K, D] float32`` visual words (numpy; a JAX array is accepted too).
+        size_param: the ``size`` parameter it was made with (``1024``, ``"64k"``...), kept for asmk's params schema.
+    """
+
+    centroids: jax.Array
+    size_param: object = None
+
+    @property
+    def size(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @classmethod
+    def from_centroids(cls, centroids, *, size_param=None) -> "Codebook":
+        c = validate.descriptors(centroids, name="centroids")
+        if size_param is not None and parse_size(size_param) != c.shape[0]:
+            raise ValueError(
+                f"codebook size parameter {size_param!r} means {parse_size(size_param)} words "
+                f"but the centroids have {c.shape[0]} rows"
+            )
+        return cls(centroids=np.ascontiguousarray(c, np.float32),
+                   size_param=c.shape[0] if size_param is None else size_param)
+
+
+def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bool = False,
+                   method: str = "auto", progress: bool = False) -> Codebook:
+    """Cluster ``vecs`` (``[N, D] float32``) into ``size`` visual words with k-means.
+
+    ``method="faiss"`` (``"auto"`` when faiss is importable): faiss's k-means; the defaults (10 iterations,
+    faiss's seed 1234) reproduce asmk 0.1.1's codebook for the same input. ``method="jax"`` (``"auto"`` without
+    faiss): Lloyd's k-means in jitted JAX with faiss's recipe (seeded initial sample, at most 256 points per
+    centroid, empty clusters split off the largest), so jasmk works where no faiss is installed; its centroids
+    are a good codebook but not faiss's bits.
+
+    ``progress=True`` shows a progress bar over the iterations (faiss: one iteration per call, each starting from
+    the previous centroids, which gives the same centroids bit for bit as one call; tested). For the long
+    trainings (64k words on millions of descriptors take hours on a CPU).
+    """
+    x = validate.descriptors(vecs, name="training descriptors")
+    k = parse_size(size)
+    if x.shape[0] < k:
+        raise ValueError(f"cannot train {k} visual words from only {x.shape[0]} descriptors")
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
+    if method not in ("auto", "faiss", "jax"):
+        raise ValueError(f"k-means method must be 'auto', 'faiss' or 'jax', got {method!r}")
+    if method == "jax" or (method == "auto" and not have_faiss()):
+        log.info("training codebook with JAX k-means: %d words from %d x %d descriptors, %d iterations", k,
+                 *x.shape, niter)
+        return Codebook(centroids=kmeans_jax(x, k, niter=niter, seed=seed), size_param=size)
+    faiss = _faiss("training a codebook")
+    log.info("training codebook: %d words from %d x %d descriptors, %d iterations", k, *x.shape, niter)
+
+    def run(iterations, start):
+        clus = faiss.Clustering(x.shape[1], k)
+        clus.verbose = bool(verbose)
+        clus.niter = int(iterations)
+        clus.seed = int(seed)
+        if start is not None:  # faiss starts from given centroids; its subsample and splits are seeded alike
+            faiss.copy_array_to_vector(start.ravel(), clus.centroids)
+        clus.train(x, faiss.IndexFlatL2(x.shape[1]))
+        return faiss.vector_float_to_array(clus.centroids).reshape(k, x.shape[1])
+
+    if not progress:
+        centroids = run(niter, None)
+    else:
+        from tqdm.auto import tqdm
+
+        centroids = None
+        for _ in tqdm(range(int(niter)), desc=f"k-means, {k} words", unit="iteration", leave=False):
+            centroids = run(1, centroids)
+    return Codebook(centroids=np.ascontiguousarray(centroids, np.float32), size_param=size)
+
+
+def kmeans_jax(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 1234,
+               max_points_per_centroid: int = 256) -> np.ndarray:
+    """Lloyd's k-means on the default JAX device: ``[N, D] float32`` -> ``[k, D] float32`` centroids.
+
+    Initial centroids are a seeded sample of the points; at most ``max_points_per_centroid * k`` points (a
+    seeded sample) are clustered; an empty cluster takes a perturbed copy of the largest cluster's centroid.
+    """
+    rng = np.random.default_rng(seed)
+    if x.shape[0] > max_points_per_centroid * k:
+        x = x[np.sort(rng.choice(x.shape[0], max_points_per_centroid * k, replace=False))]
+    cent = x[rng.choice(x.shape[0], k, replace=False)].copy()
+    chunk = _chunk_rows(k, x.shape[0])
+    rows = ivf.capacity(x.shape[0], minimum=1, multiple=chunk)
+    padded = np.zeros((rows, x.shape[1]), np.float32)
+    padded[: x.shape[0]] = x
+    xd = jax.device_put(padded)
+    valid = jnp.arange(rows) < x.shape[0]
+    for it in range(int(niter)):
+        words = quantize_jax(jnp.asarray(cent), xd, multiple_assignment=1, chunk_size=chunk)[:, 0]
+        sums, counts = _cluster_sums(xd, words, valid, k=k)
+        sums, counts = np.asarray(sums, np.float64), np.asarray(counts)
+        nonempty = counts > 0
+        cent[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        for j in np.flatnonzero(~nonempty):  # faiss's split: half of the largest cluster moves over
+            big = int(np.argmax(counts))
+            eps = np.float32(1 / 1024)
+            cent[j] = cent[big] * (1 + eps)
+            cent[big] = cent[big] * (1 - eps)
+            counts[j] = counts[big] // 2
+            counts[big] -= counts[j]
+    return cent
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _cluster_sums(x, words, valid, *, k: int):
+    """Per-cluster sums ``[k, D]`` and counts ``[k]`` of the valid rows of ``x`` (integer counts; the float sums
+    are reduced per cluster by ``segment_sum``)."""
+    w = jnp.where(valid, words, k)
+    sums = jax.ops.segment_sum(x, w, num_segments=k + 1)[:k]
+    counts = jax.ops.segment_sum(valid.astype(jnp.int32), w, num_segments=k + 1)[:k]
+    return sums, counts
+
+
+# Two words whose squared distances to a descriptor differ by less than TIE_EPS * (|x|^2 + |c|^2) may come in
+# either order: faiss (BLAS sgemm) and the JAX search (XLA's dot at HIGHEST precision) round the expansion
+# |x|^2 + |c|^2 - 2 x.c differently, and the float32 rounding of that sum is a few ulps of its terms.
+TIE_EPS = 1e-5
+
+CHUNK_BYTES = 64 * 2**20  # [chunk, K] float32 distances per jitted step of the JAX quantizer
+HNSW_M = 32  # graph degree of the approximate quantizer
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (README figures)
+METHODS = ("auto", "faiss", "jax", "hnsw")
+
+_cache_lock = threading.Lock()
+_device_cache: dict = {}  # (id(centroids), device) -> device copy; entries leave with their numpy array
+_hnsw_cache: dict = {}  # (id(centroids), M, efConstruction) -> faiss index
+_flat_cache: dict = {}  # (id(centroids), None) -> faiss IndexFlatL2 holding them
+
+
+def _cached(cache: dict, centroids, key, make):
+    """``make()`` cached under ``(id(centroids), key)`` for as long as ``centroids`` lives (weakref)."""
+    full = (id(centroids), key)
+    with _cache_lock:
+        hit = cache.get(full)
+    if hit is not None:
+        return hit
+    value = make()
+    try:
+        weakref.finalize(centroids, cache.pop, full, None)
+    except TypeError:  # not weak-referenceable: do not cache
+        return value
+    with _cache_lock:
+        cache[full] = value
+    return value
+
+
+def faiss_info() -> str:
+    """Which faiss jasmk uses: its version, where it was imported from, and how many GPUs it sees."""
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    kind = "faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu"
+    return f"{kind} {getattr(faiss, '__version__', '?')} from {os.path.dirname(faiss.__file__)} ({gpus} GPU(s))"
+
+
+def accelerator_device(device=None):
+    """The JAX device ``device`` names (a ``jax.Device``, or an int: that GPU), or the default device when it is
+    an accelerator; None when the answer is the CPU. Starts JAX."""
+    if device is None:
+        d = jax.devices()[0]
+        return None if d.platform == "cpu" else d
+    if isinstance(device, (int, np.integer)) and not isinstance(device, (bool, np.bool_)):
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        if not gpus:
+            return None
+        if not 0 <= int(device) < len(gpus):
+            raise ValueError(f"gpu {int(device)} does not exist: JAX sees {len(gpus)} GPU(s)")
+        return gpus[int(device)]
+    if isinstance(device, jax.Device):
+        return None if device.platform == "cpu" else device
+    raise ValueError(f"device must be None, a GPU number or a jax.Device, got {device!r}")
+
+
+def device_centroids(centroids, device=None):
+    """``centroids`` on ``device`` (default device if None), copied once per array and device."""
+    if isinstance(centroids, jax.Array) and (device is None or device in centroids.devices()):
+        return centroids
+    arr = np.asarray(centroids)
+    return _cached(_device_cache, centroids, device, lambda: jax.device_put(arr, device))
+
+
+def hnsw_index(centroids, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION):
+    """faiss ``IndexHNSWFlat`` over ``centroids`` (``[K, D] float32``), built once per array and cached."""
+    faiss = _faiss("the approximate (HNSW) quantizer")
+
+    def make():  # only on a cache miss: a device array is copied to the host once, not per call
+        c = np.ascontiguousarray(np.asarray(centroids), dtype=np.float32)
+        index = faiss.IndexHNSWFlat(c.shape[1], int(m))
+        index.hnsw.efConstruction = int(ef_construction)
+        log.debug("building an HNSW graph over %d centroids (M=%d, efConstruction=%d)", c.shape[0], m,
+                  ef_construction)
+        index.add(c)
+        return index
+
+    return _cached(_hnsw_cache, centroids, (int(m), int(ef_construction)), make)
+
+
+def _chunk_rows(k: int, n: int) -> int:
+    """Descriptors per jitted step: a power of two with a ``[chunk, K]`` float32 table <= CHUNK_BYTES."""
+    rows = max(CHUNK_BYTES // (4 * max(k, 1)), 8)
+    rows = 1 << (rows.bit_length() - 1)
+    return max(8, min(rows, 1 << max(int(n) - 1, 0).bit_length()))
+
+
+def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
+             ef_search: int = HNSW_EF_SEARCH, chunk_size: int | None = None) -> np.ndarray:
+    """Word ids of the ``multiple_assignment`` nearest centroids of each descriptor.
+
+    Args:
+        codebook: the codebook (``[K, D]`` centroids).
+        vecs: ``[N, D] float32`` descriptors.
+        multiple_assignment: how many nearest words per descriptor (MA), ``1 <= MA <= K``.
+        method: ``"auto"``, ``"faiss"``, ``"jax"`` or ``"hnsw"`` (see the module doc).
+        device: for ``"jax"`` / ``"auto"``: a ``jax.Device`` or a GPU number (None: JAX's default device).
+            ``"auto"`` with a GPU number on a machine where JAX has no GPU uses faiss on the CPU.
+        ef_search: HNSW search breadth (``"hnsw"`` only), at least ``multiple_assignment``.
+        chunk_size: descriptors per jitted step (``"jax"`` only; default: a ``[chunk, K]`` table of 64 MiB).
+
+    Returns:
+        ``[N, MA] int32`` word ids, nearest first.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantizer method must be one of {METHODS}, got {method!r}")
+    x = validate.descriptors(vecs, name="descriptors", dim=codebook.dim)
+    ma = validate.multiple_assignment(multiple_assignment, codebook.size)
+    if method == "auto":
+        dev = accelerator_device(device)
+        method = "jax" if dev is not None or not have_faiss() else "faiss"
+        device = dev
+    elif method == "jax" and device is not None and not isinstance(device, jax.Device):
+        device = accelerator_device(device) or jax.devices("cpu")[0]
+    if method == "faiss":
+        faiss = _faiss("the faiss quantizer")
+
+        def make():  # once per centroid array (a 64k x 1024 codebook is 256 MiB to copy)
+            index = faiss.IndexFlatL2(codebook.dim)
+            index.add(np.ascontiguousarray(np.asarray(codebook.centroids), dtype=np.float32))
+            return index
+
+        _, ids = _cached(_flat_cache, codebook.centroids, None, make).search(x, ma)
+        return ids.astype(np.int32)
+    if method == "hnsw":
+        if isinstance(ef_search, (bool, np.bool_)) or not isinstance(ef_search, (int, np.integer)) or ef_search < 1:
+            raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
+        index = hnsw_index(codebook.centroids)
+        index.hnsw.efSearch = max(int(ef_search), ma)
+        _, ids = index.search(x, ma)
+        return ids.astype(np.int32)
+    # "jax": pad the rows to a ladder so that varying descriptor counts reuse few compiled programs
+    n = x.shape[0]
+    if n == 0:
+        return np.zeros((0, ma), np.int32)
+    if chunk_size is None:
+        chunk = _chunk_rows(codebook.size, n)
+    else:
+        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk = min(int(chunk_size), max(n, 1))
+    from . import memory
+
+    memory.require(4 * chunk * codebook.size + 4 * codebook.size * codebook.dim, "the JAX quantizer's distance table",
+                   hint="pass a smaller chunk_size", device=True)
+    rows = ivf.capacity(n, minimum=1, multiple=chunk)
+    padded = np.zeros((rows, x.shape[1]), np.float32)
+    padded[:n] = x
+    cent = device_centroids(codebook.centroids, device)
+    ids = quantize_jax(cent, jax.device_put(padded, device), multiple_assignment=ma, chunk_size=chunk)
+    return np.asarray(ids)[:n]
+
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "chunk_size"))
+def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int = 4096):
+    """Jitted exact nearest-centroid search at full float32 precision (no TF32 on GPUs).
+
+    Args:
+        centroids: ``[K, D] float32``.
+        vecs: ``[N, D] float32``.
+
+    Returns:
+        ``[N, MA] int32`` word ids, nearest first (squared L2 distance expanded as faiss computes it; ties to
+        the lower word id).
+    """
+    n, d = vecs.shape
+    n_chunks = -(-n // chunk_size)
+    padded = jnp.zeros((n_chunks * chunk_size, d), vecs.dtype).at[:n].set(vecs)
+    c_sq = jnp.sum(centroids * centroids, axis=1)
+
+    def one_chunk(x):
+        dots = jnp.matmul(x, centroids.T, precision=HIGHEST)
+        dist = jnp.sum(x * x, axis=1, keepdims=True) + c_sq[None, :] - 2.0 * dots
+        _, idx = jax.lax.top_k(-dist, multiple_assignment)
+        return idx.astype(jnp.int32)
+
+    ids = jax.lax.map(one_chunk, padded.reshape(n_chunks, chunk_size, d))
+    return ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]

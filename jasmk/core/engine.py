@@ -1,0 +1,286 @@
+"""The query engine: batches of query images scored segment by segment, with the cheaper kernel for each.
+
+For each batch of ``B`` query images (flat aggregated rows) and each :class:`~jasmk.ivf.Segment`, the host
+counts the (row, posting) pairs the batch touches, ``sum_r count_seg[word(r)]`` (a gather of the segment's word
+offsets), and picks a kernel from a cost model with per-backend constants:
+
+* ``dense``  (:func:`jasmk.score.dense_segment`): ``c_dense x capacity x B x W / 4`` seconds,
+* ``sparse-xla`` (:func:`jasmk.score.sparse_segment`): ``c_sparse_xla x pairs`` plus a fixed cost,
+* ``sparse-cpu`` (:mod:`jasmk.cpu_kernel`, CPU backend, ASMK* only, when numba is there): ``c_sparse_cpu x
+  pairs``; it reads each posting once per batch however many query rows share its word.
+
+On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (it won at every size measured,
+and one kernel for every batch keeps each score independent of its batch). ``engine=`` forces one
+(``"sparse"``: the best sparse kernel for the backend). All kernels sum the same float32 terms in order-free
+fixed point, so they give the same bits for ASMK* (on any backend). Rows are sorted by word (stable) before
+scoring, which groups the CPU kernel's shared reads.
+Each segment's scores are ranked on their own (``lax.top_k``) and the per-segment lists are merged with a stable
+sort (segments are in image order, so equal scores keep ascending ids); the score
+matrix is assembled by columns.
+
+Memory per batch and segment: the score accumulator ``I x B x 4`` int32 limbs (within
+:data:`jasmk.score.ACC_BYTES`), plus for the dense kernel its word table and for the sparse XLA kernel
+``pairs x (W + 4)`` words of gathered postings; the pair count is rounded up on the capacity ladder so that
+compilations repeat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import numpy as np
+
+from . import cpu_kernel
+from . import ivf as ivf_mod
+from . import memory
+from . import score as score_mod
+from .aggregate import Aggregated
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "dense", "sparse", "sparse-xla", "sparse-cpu")
+
+# Seconds per unit of work, measured with experiments/bench_scale.py on this project's 2-core CPU (see README,
+# "Speed"); the GPU figures are estimates, never measured (no GPU was lent to this project). The dense scan costs
+# (dense-posting + dense-pair * B) per posting, sparse kernels cost per (row, posting) pair, each per 2 packed
+# words of code (64 bits) or 2 floats; "fixed": per call.
+COSTS = {
+    "cpu": {"dense-posting": 25e-9, "dense-pair": 12e-9, "dense-fixed": 1e-4,
+            "sparse-xla": 150e-9, "sparse-xla-fixed": 1e-3},
+    "gpu": {"dense-posting": 0.05e-9, "dense-pair": 0.02e-9, "dense-fixed": 1e-4,
+            "sparse-xla": 0.3e-9, "sparse-xla-fixed": 1e-4},
+}
+PAIR_STEPS = 1  # sizes per octave of the sparse kernel's pair capacity (powers of two: few compilations)
+ROW_STEPS = 4  # sizes per octave of a batch's query rows
+TABLE_BYTES = 64 * 2**20  # the dense kernel's per-batch word table stays within this
+MAX_BATCH = 64
+PAIRS_BYTES = 512 * 2**20  # the sparse XLA kernel's gathered postings stay within this, else the dense scan
+
+
+def backend() -> str:
+    """``"cpu"`` or ``"gpu"`` (any accelerator) for the default JAX device."""
+    return "cpu" if jax.default_backend() == "cpu" else "gpu"
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "sparse-cpu" and not cpu_kernel.available():
+        raise ValueError("engine 'sparse-cpu' needs numba (pip install numba)")
+    return engine
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of query images as flat rows, sorted by word (stable).
+
+    Attributes:
+        ids: ``[b] int`` query image ids of the batch (``b <= B``).
+        vecs: ``[R, W]`` rows (``R`` on the capacity ladder; padding rows after the real ones).
+        words: ``[R] int32`` word of each row (padding: 0).
+        slots: ``[R] int32`` query slot of each row (padding: ``B``).
+        n_rows: real rows.
+        max_rows: most rows of one query image.
+        n_queries: ``B``.
+        q_scale: ``[B] float32`` query normalization.
+    """
+
+    ids: np.ndarray
+    vecs: np.ndarray
+    words: np.ndarray
+    slots: np.ndarray
+    n_rows: int
+    max_rows: int
+    n_queries: int
+    q_scale: np.ndarray
+
+
+def query_scale(idf: np.ndarray, words: np.ndarray, slots: np.ndarray, n_queries: int) -> np.ndarray:
+    """Host twin of :func:`jasmk.score.query_scale` (rows summed in order, float32)."""
+    qn = np.zeros(n_queries, np.float32)
+    np.add.at(qn, slots, idf[words])
+    return ivf_mod.inverse_sqrt(qn)
+
+
+def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
+    """Query images scored together: the largest power of two <= 64 whose dense word table
+    (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB and whose score accumulator (at least
+    ``I x B x LIMBS`` int32 for the largest segment) fits in 256 MiB, and no more than the queries
+    there are."""
+    i_cap = max([s.image_capacity for s in index.segments] or [1])
+    b = 1
+    while b < MAX_BATCH:
+        nb = 2 * b
+        if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > TABLE_BYTES:
+            break
+        if score_mod.LIMBS * i_cap * nb * 4 > score_mod.ACC_BYTES:
+            break
+        b = nb
+    return min(b, 1 << max(0, (int(n_queries) - 1).bit_length()))  # powers of two: few compiled shapes
+
+
+def batches(index: ivf_mod.Index, agg: Aggregated):
+    """Yield :class:`Batch` es of the query images in ``agg`` (rows grouped by image, ascending)."""
+    bounds = np.flatnonzero(np.diff(agg.images)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    stops = np.concatenate([bounds, [agg.images.shape[0]]]).astype(np.int64)
+    n_q = starts.size
+    b = batch_size(index, n_q, int((stops - starts).max()))
+    slot_of_row = np.repeat(np.arange(n_q), stops - starts)
+    idf = np.asarray(index.idf, np.float32)
+    width = agg.vecs.shape[1]
+    sort_dtype = np.uint16 if index.n_words <= 1 << 16 else np.int32
+    for i in range(0, n_q, b):
+        j = min(i + b, n_q)
+        s, e = starts[i], stops[j - 1]
+        r = int(e - s)
+        order = np.argsort(agg.words[s:e].astype(sort_dtype), kind="stable") + s
+        cap = ivf_mod.capacity(r, minimum=64, steps=ROW_STEPS)
+        vecs = np.zeros((cap, width), agg.vecs.dtype)
+        vecs[:r] = agg.vecs[order]
+        words = np.zeros(cap, np.int32)
+        words[:r] = agg.words[order]
+        slots = np.full(cap, b, np.int32)
+        slots[:r] = slot_of_row[order] - i
+        yield Batch(agg.images[starts[i:j]], vecs, words, slots, r, int((stops[i:j] - starts[i:j]).max()), b,
+                    query_scale(idf, words[:r], slots[:r], b))
+
+
+def pairs_capacity(pairs: int) -> int:
+    """The sparse XLA kernel's static pair count for ``pairs`` touched pairs (a coarse ladder)."""
+    return ivf_mod.capacity(pairs, minimum=1024, steps=PAIR_STEPS)
+
+
+def _choose(seg: ivf_mod.Segment, batch: Batch, pairs: int, engine: str, binary: bool, width: int) -> str:
+    """The kernel for one segment and batch (cost model unless forced)."""
+    be = backend()
+    cpu_ok = be == "cpu" and binary and cpu_kernel.available()
+    if engine in ("sparse", "auto") and cpu_ok:
+        # on the CPU the compiled kernel beat both XLA kernels at every size measured
+        return "sparse-cpu"
+    if batch.max_rows > score_mod.MAX_TERMS:
+        if cpu_ok and engine in ("auto", "sparse", "sparse-cpu"):
+            return "sparse-cpu"
+        raise ValueError(f"a query image has {batch.max_rows} aggregated rows; the XLA kernels' fixed-point sums "
+                         f"hold at most {score_mod.MAX_TERMS} per image (split the image's descriptors, or use "
+                         "the CPU kernel for ASMK*)")
+    if engine == "sparse":
+        return "sparse-xla"
+    if engine != "auto":
+        return engine
+    c = COSTS[be]
+    scale = max(1.0, width / 2)
+    cost = {"dense": (c["dense-posting"] + c["dense-pair"] * batch.n_queries) * seg.capacity * scale
+            + c["dense-fixed"]}
+    xla_bytes = pairs_capacity(pairs) * (width + 4) * 4
+    if xla_bytes <= PAIRS_BYTES:
+        cost["sparse-xla"] = c["sparse-xla"] * pairs * scale + c["sparse-xla-fixed"]
+    return min(cost, key=cost.get)
+
+
+def _device_idf(index: ivf_mod.Index):
+    """The index's idf on the device, cached on the index object."""
+    if isinstance(index.idf, jax.Array):
+        return index.idf
+    cached = index.__dict__.get("_device_idf")
+    if cached is None:
+        cached = jax.device_put(index.idf)
+        object.__setattr__(index, "_device_idf", cached)
+    return cached
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_table(alpha: float, threshold: float, bits: int) -> np.ndarray:
+    return np.asarray(score_mod.kernel_table(np.float32(alpha), np.float32(threshold), bits=bits))
+
+
+def top_k_host(scores: np.ndarray, k: int):
+    """Host twin of :func:`jasmk.score.segment_top_k` for ``[B, I]`` scores: ``(positions [B, k], scores)``,
+    best first, equal scores in ascending position order."""
+    b, n = scores.shape
+    k = min(k, n)
+    pos = np.empty((b, k), np.int64)
+    top = np.empty((b, k), np.float32)
+    for q in range(b):
+        s = scores[q]
+        if k < n:
+            kth = np.partition(s, n - k)[n - k]  # the k-th largest value
+            cand = np.flatnonzero(s >= kth)  # ascending positions, ties at the boundary included
+        else:
+            cand = np.arange(n)
+        order = cand[np.argsort(-s[cand], kind="stable")[:k]]
+        pos[q], top[q] = order, s[order]
+    return pos, top
+
+
+def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, engine: str = "auto"):
+    """Yield ``(segment, [B, I] scores)`` for each segment of ``index`` (a JAX array, or a numpy array from
+    the CPU kernel), each from the kernel :func:`_choose` picks."""
+    r = batch.n_rows
+    words = batch.words[:r]
+    alpha32, thr32 = np.float32(alpha), np.float32(threshold)
+    ktable = None
+    cpu_rows = None
+
+    def xla_args(seg):
+        return (ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
+                alpha32, thr32)
+
+    for seg in index.segments:
+        h = ivf_mod.host(seg)
+        pairs = int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
+        kind = _choose(seg, batch, pairs, engine, index.binary, index.width)
+        if kind == "sparse-cpu":
+            if cpu_rows is None:
+                ktable = _kernel_table(float(alpha32), float(thr32), 32 * index.width)
+                idf = np.asarray(index.idf, np.float32)
+                cpu_rows = (batch.vecs[:r], words, batch.slots[:r], idf[words])
+            out = cpu_kernel.score_segment(h, *cpu_rows, ktable, batch.q_scale, n_queries=batch.n_queries)
+        elif kind == "sparse-xla":
+            memory.require(3 * pairs_capacity(pairs) * (index.width + 4) * 4, f"the sparse kernel's {pairs} pairs",
+                           hint="use engine='dense' or 'auto', or fewer query images per call",
+                           device=backend() != "cpu")
+            out = score_mod.sparse_segment(*xla_args(seg), n_queries=batch.n_queries,
+                                           pairs_cap=pairs_capacity(pairs))
+        else:
+            out = score_mod.dense_segment(*xla_args(seg), n_queries=batch.n_queries)
+        log.debug("segment of %d postings, %d pairs: %s", seg.capacity, pairs, kind)
+        yield seg, out
+
+
+def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, topk: int | None,
+           engine: str = "auto"):
+    """``(ranks [b, k] int64, scores [b, k] float32)`` of a batch: best first, ranks in ids minus
+    ``imid_offset``, equal scores in ascending id order, ``k = min(topk, n_images)``."""
+    ids, scores = [], []
+    for seg, out in score_segments(index, batch, alpha, threshold, engine=engine):
+        k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
+        if isinstance(out, np.ndarray):  # from the CPU kernel: rank on the host too
+            pos, s = top_k_host(out, k)
+            i = pos + ivf_mod.host(seg).image_start
+        else:
+            i, s = score_mod.segment_top_k(out, ivf_mod.on_device(seg), k=k)
+        ids.append(i)
+        scores.append(s)
+    b = len(batch.ids)
+    ids = np.concatenate([np.asarray(x)[:b] for x in ids], axis=1).astype(np.int64)
+    scores = np.concatenate([np.asarray(x)[:b] for x in scores], axis=1)
+    n = int(index.n_images)
+    k = n if topk is None else min(int(topk), n)
+    if len(index.segments) > 1:
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    return ids[:, :k] - index.imid_offset, scores[:, :k]
+
+
+def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, engine: str = "auto"):
+    """``[b, n_images] float32`` scores of a batch (columns: internal image ids)."""
+    b = len(batch.ids)
+    out = np.zeros((b, int(index.n_images)), np.float32)
+    for seg, s in score_segments(index, batch, alpha, threshold, engine=engine):
+        h = ivf_mod.host(seg)
+        out[:, h.image_start:h.image_start + h.n_images] = np.asarray(s)[:b, :h.n_images]
+    return out

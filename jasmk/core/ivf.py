@@ -1,0 +1,627 @@
+"""Inverted file: per-word posting lists of aggregated residuals, stored as image-range segments.
+
+An :class:`Index` is a registered PyTree holding the codebook, the global per-word statistics (``counts``,
+``idf``) and a tuple of :class:`Segment` objects. Each segment covers a contiguous range of internal image ids
+``[image_start, image_start + n_images)`` (segments tile ``[0, n_images)`` in order) and stores that range's
+postings word-major: the postings of word ``w`` are rows ``offsets[w]:offsets[w + 1]`` of ``vecs`` / ``words`` /
+``images``, in ascending image order (asmk's list order). Every array is padded to a capacity taken from a
+short ladder (:func:`capacity`), and nothing that grows with the data is a static field, so jitted scorers
+compile once per capacity step, not once per add.
+
+Adding images is amortized O(rows added): the new rows become a new segment (a stable radix sort of those
+rows only), and trailing segments are merged geometrically, as search engines merge index segments: the last
+two are merged while the older one holds at most :data:`MERGE_RATIO` times the postings of the newer one, up
+to :data:`MAX_SEGMENT_IMAGES` images per segment (which bounds the score accumulator of one segment) and
+:data:`MAX_SEGMENT_ENTRIES` postings (int32 positions). Each posting is therefore copied O(log n) times over the
+life of an index, and an index has O(log n) segments plus one per full ``MAX_SEGMENT_IMAGES`` range.
+
+Semantics follow asmk 0.1.1: ``idf[w] = log(n_images / counts[w])**2`` refreshed for the words an add touches
+(other words keep their value, empty words keep 1), and the per-image normalization is the sum of ``idf`` over
+the image's entries (the entry count when idf is off). With idf on, that sum changes for every image on every
+add (asmk recomputes it over the whole index too); jasmk recomputes it vectorized per segment, O(index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import numpy as np
+
+from . import memory
+from .aggregate import PAD_IMAGE, Aggregated, aligned_empty, packed_width
+
+log = logging.getLogger(__name__)
+
+ENTRY_BLOCK = 4096  # posting capacities are multiples of this (the dense scan's largest block)
+MAX_SEGMENT_IMAGES = 1 << 17  # image slots per segment: bounds one segment's [B, images] score accumulator
+MAX_SEGMENT_ENTRIES = 1 << 30  # postings per segment (int32 positions with room to spare)
+MERGE_RATIO = 2  # merge the last two segments while the older holds <= this times the newer's postings
+
+
+def capacity(n: int, *, minimum: int = ENTRY_BLOCK, multiple: int = 1, steps: int = 8) -> int:
+    """A size >= ``n`` from a short ladder (``steps`` sizes per octave, a power of two), rounded up to
+    ``multiple``: the shapes that grow with the data (postings, images, query rows, touched pairs) take few
+    distinct values, so jitted functions compile once per step."""
+    n = max(int(n), int(minimum), 1)
+    top = 1 << (n - 1).bit_length()
+    step = max(top // (2 * steps), 1)
+    n = -(-n // step) * step
+    return -(-n // multiple) * multiple
+
+
+def _scalar(n) -> np.ndarray:
+    return np.asarray(int(n), np.int32)
+
+
+def inverse_sqrt(norm: np.ndarray) -> np.ndarray:
+    """``1 / sqrt(norm)`` in float32 where ``norm > 0``, else 0."""
+    norm = np.asarray(norm, np.float32)
+    out = np.zeros_like(norm)
+    pos = norm > 0
+    out[pos] = np.float32(1) / np.sqrt(norm[pos])
+    return out
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["vecs", "words", "images", "offsets", "norm_factor", "scale", "image_start",
+                                "n_images"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The postings of one contiguous range of images, word-major.
+
+    Attributes:
+        vecs: ``[C, W] uint32`` packed bits (binary) or ``[C, D] float32`` unit vectors; rows past the real
+            postings are zero.
+        words: ``[C] int32`` word of each posting (padding: 0).
+        images: ``[C] int32`` image of each posting, relative to ``image_start`` (padding: ``PAD_IMAGE``).
+        offsets: ``[K + 1] int32`` start of each word's postings (``offsets[K]`` is the posting count).
+        norm_factor: ``[I] float32`` normalization of each image of the range (sum of idf over its entries;
+            0 for images without entries and for the padding slots past ``n_images``).
+        scale: ``[I] float32`` ``1 / sqrt(norm_factor)`` (0 where the norm is 0), computed once on the host so
+            that every scoring kernel multiplies by the same bits.
+        image_start: ``[] int32`` internal id of the first image of the range.
+        n_images: ``[] int32`` images in the range (``<= I``).
+    """
+
+    vecs: jax.Array
+    words: jax.Array
+    images: jax.Array
+    offsets: jax.Array
+    norm_factor: jax.Array
+    scale: jax.Array
+    image_start: jax.Array
+    n_images: jax.Array
+
+    @property
+    def n_entries(self) -> int:
+        return int(host(self).offsets[-1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.vecs.shape[0])
+
+    @property
+    def image_capacity(self) -> int:
+        return int(self.norm_factor.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSegment:
+    """Host (numpy) views of a segment's arrays, made once per segment (zero-copy on the CPU backend)."""
+
+    vecs: np.ndarray
+    words: np.ndarray
+    images: np.ndarray
+    offsets: np.ndarray
+    norm_factor: np.ndarray
+    scale: np.ndarray
+    image_start: int
+    n_images: int
+
+
+def on_device(tree):
+    """``tree`` (a :class:`Segment` or :class:`Index`) with its arrays on the default JAX device, cached on the
+    object: segments are made on the host (a transfer call costs ~0.15 ms on the CPU, more than a small add),
+    and the XLA kernels move each segment once, the first time they score it. ``jax.device_put(index)`` moves a
+    whole index at once (do that before calling :func:`jasmk.query_padded` in a loop)."""
+    cached = tree.__dict__.get("_device")
+    if cached is None:
+        if all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree)):
+            return tree
+        cached = jax.device_put(tree)
+        object.__setattr__(tree, "_device", cached)
+    return cached
+
+
+def host(seg: Segment) -> HostSegment:
+    """Cached numpy views of ``seg`` (the segment's arrays never change: segments are immutable)."""
+    cached = seg.__dict__.get("_host")
+    if cached is None:
+        cached = HostSegment(np.asarray(seg.vecs), np.asarray(seg.words), np.asarray(seg.images),
+                             np.asarray(seg.offsets), np.asarray(seg.norm_factor), np.asarray(seg.scale),
+                             int(seg.image_start), int(seg.n_images))
+        object.__setattr__(seg, "_host", cached)
+    return cached
+
+
+_DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
+_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param"]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """An ASMK inverted file with its codebook.
+
+    Attributes:
+        centroids: ``[K, D] float32`` codebook.
+        counts: ``[K] int32`` postings per word (over all segments).
+        idf: ``[K] float32`` inverse document frequency weights (all ones when ``use_idf`` is off).
+        segments: tuple of :class:`Segment`, in image order, tiling ``[0, n_images)``.
+        image_slots: ``[] int32`` number of internal image slots (largest internal id + 1), data rather than a
+            static field so that adds do not recompile jitted code; :attr:`n_images` is the host int.
+        imid_offset: internal ids of added images are their ids plus this (asmk's distractor offset);
+            query ranks are reported minus it.
+        binary: ASMK* (packed sign bits) or ASMK (real vectors).
+        use_idf: whether adds refresh idf.
+        dim: descriptor dimension ``D``.
+        codebook_size_param: the codebook ``size`` parameter (for asmk's params schema).
+    """
+
+    centroids: jax.Array
+    counts: jax.Array
+    idf: jax.Array
+    segments: tuple
+    image_slots: jax.Array
+    imid_offset: int
+    binary: bool
+    use_idf: bool
+    dim: int
+    codebook_size_param: object = None
+
+    @property
+    def n_words(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        """Internal image slots (largest internal id + 1), a host int."""
+        return int(self.image_slots)
+
+    @property
+    def width(self) -> int:
+        return packed_width(self.dim) if self.binary else int(self.dim)
+
+    @property
+    def n_entries(self) -> int:
+        """Real postings over all segments."""
+        return sum(s.n_entries for s in self.segments)
+
+    @property
+    def max_count(self) -> int:
+        """Longest posting list."""
+        counts = np.asarray(self.counts)
+        return int(counts.max()) if counts.size else 0
+
+    @property
+    def norm_factor(self) -> np.ndarray:
+        """``[n_images] float32`` per-image normalization (host copy, concatenated over segments)."""
+        parts = [host(s).norm_factor[: host(s).n_images] for s in self.segments]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def stats(self) -> dict:
+        """Posting-list statistics, with asmk's ``ivf_stats`` keys."""
+        counts = np.asarray(self.counts).astype(np.float64)
+        total = counts.sum()
+        n = int(self.n_images)
+        return {
+            "images": n,
+            "vectors_per_image": total / (n or 1),
+            "mean_entries_per_vw": counts.mean(),
+            "empty_vw": int((counts == 0).sum()),
+            "min_entries_per_vw": int(counts.min()),
+            "max_entries_per_vw": int(counts.max()),
+            "std_of_entries_per_vw": counts.std(),
+            "imbalance_factor_of_vw": counts.shape[0] * (counts**2).sum() / (total**2 or 1),
+            "segments": len(self.segments),
+        }
+
+
+def entries(index: Index):
+    """All real postings as host arrays, word-major with ascending images within a word (asmk's lists):
+    ``(vecs [E, W], words [E] int32, images [E] int32)`` with internal image ids."""
+    parts = [_segment_entries(s) for s in index.segments]
+    if not parts:
+        return (np.zeros((0, index.width), np.uint32 if index.binary else np.float32), np.zeros(0, np.int32),
+                np.zeros(0, np.int32))
+    vecs, words, images = (np.concatenate(x) for x in zip(*parts))
+    order = _word_sort(words, index.n_words)  # stable: segments are in image order
+    return vecs[order], words[order], images[order]
+
+
+def _segment_entries(seg: Segment):
+    h = host(seg)
+    e = int(h.offsets[-1])
+    return h.vecs[:e], h.words[:e], h.images[:e] + h.image_start
+
+
+def _word_sort(words: np.ndarray, n_words: int) -> np.ndarray:
+    """Stable permutation sorting ``words`` (a radix sort when the ids fit in 16 bits)."""
+    return np.argsort(words.astype(np.uint16 if n_words <= 1 << 16 else np.int32), kind="stable")
+
+
+def _padded(a: np.ndarray, order, cap: int, fill) -> np.ndarray:
+    """``a[order]`` (or ``a``) in a new aligned ``cap``-row host buffer, the tail set to ``fill``."""
+    e = a.shape[0] if order is None else order.shape[0]
+    out = aligned_empty((cap,) + a.shape[1:], a.dtype)
+    if order is None:
+        out[:e] = a
+    else:
+        np.take(a, order, axis=0, out=out[:e])
+    out[e:] = fill
+    return out
+
+
+def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_factor, n_words: int,
+                 order=None) -> Segment:
+    """A :class:`Segment` from postings of the images ``[image_start, image_start + n_images)``.
+
+    Args:
+        vecs: ``[E, W]``; words: ``[E] int``; images: ``[E] int`` internal (global) image ids.
+        norm_factor: ``[n_images]`` normalization of the range's images.
+        order: ``[E]`` permutation putting the postings in word-major order; None when they already are.
+    """
+    words = np.asarray(words, np.int32)
+    e = int(words.shape[0])
+    if order is None and e > 1 and (np.diff(words) < 0).any():
+        order = _word_sort(words, n_words)
+    local = np.asarray(images, np.int64) - int(image_start)
+    counts = np.bincount(words, minlength=n_words) if e else np.zeros(n_words, np.int64)
+    offsets = np.zeros(n_words + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    cap = capacity(e, multiple=ENTRY_BLOCK)
+    i_cap = capacity(n_images, minimum=64)
+    norm = np.zeros(i_cap, np.float32)
+    norm[:n_images] = norm_factor
+    return _segment_from(_padded(np.asarray(vecs), order, cap, 0), _padded(words, order, cap, 0),
+                         _padded(local.astype(np.int32), order, cap, PAD_IMAGE), offsets, norm, image_start, n_images)
+
+
+def _merge(a: Segment, b: Segment, n_words: int) -> Segment:
+    """One segment holding ``a`` then ``b`` (adjacent image ranges, ``a`` first), in O(postings): within each
+    word, ``a``'s postings (lower images) come before ``b``'s, so every row's new position is its old one plus
+    the other segment's postings of lower words (and, for ``b``, ``a``'s postings of its own word)."""
+    ha, hb = host(a), host(b)
+    ea, eb = int(ha.offsets[-1]), int(hb.offsets[-1])
+    n_images = ha.n_images + hb.n_images
+    e = ea + eb
+    cap = capacity(e, multiple=ENTRY_BLOCK)
+    offsets = (ha.offsets.astype(np.int64) + hb.offsets).astype(np.int32)
+    dest_a = np.arange(ea, dtype=np.int64) + hb.offsets[ha.words[:ea]]
+    dest_b = np.arange(eb, dtype=np.int64) + ha.offsets[hb.words[:eb] + 1]
+    vecs = aligned_empty((cap,) + ha.vecs.shape[1:], ha.vecs.dtype)
+    words = aligned_empty((cap,), np.int32)
+    images = aligned_empty((cap,), np.int32)
+    for out, xa, xb, fill in ((vecs, ha.vecs, hb.vecs, 0), (words, ha.words, hb.words, 0)):
+        out[dest_a] = xa[:ea]
+        out[dest_b] = xb[:eb]
+        out[e:] = fill
+    images[dest_a] = ha.images[:ea]
+    images[dest_b] = hb.images[:eb] + ha.n_images
+    images[e:] = PAD_IMAGE
+    i_cap = capacity(n_images, minimum=64)
+    norm = np.zeros(i_cap, np.float32)
+    norm[: ha.n_images] = ha.norm_factor[: ha.n_images]
+    norm[ha.n_images:n_images] = hb.norm_factor[: hb.n_images]
+    return _segment_from(vecs, words, images, offsets, norm, ha.image_start, n_images)
+
+
+def _segment_from(vecs, words, images, offsets, norm, image_start: int, n_images: int) -> Segment:
+    """A :class:`Segment` over ready host arrays, with its host view cached."""
+    scale = inverse_sqrt(norm)
+    seg = Segment(vecs=vecs, words=words, images=images, offsets=offsets, norm_factor=norm, scale=scale,
+                  image_start=_scalar(image_start), n_images=_scalar(n_images))
+    object.__setattr__(seg, "_host", HostSegment(vecs, words, images, offsets, norm, scale, int(image_start),
+                                                 int(n_images)))
+    return seg
+
+
+def _mergeable(a: Segment, b: Segment, *, eager: bool) -> bool:
+    ha, hb = host(a), host(b)
+    if ha.n_images + hb.n_images > MAX_SEGMENT_IMAGES:
+        return False
+    ea, eb = int(ha.offsets[-1]), int(hb.offsets[-1])
+    if ea + eb > MAX_SEGMENT_ENTRIES:
+        return False
+    return eager or ea <= MERGE_RATIO * eb
+
+
+def _compact(segments: list, n_words: int, *, eager: bool = False) -> list:
+    """Merge trailing segments (geometric policy; ``eager``: merge every mergeable neighbour pair)."""
+    segments = list(segments)
+    if eager:
+        out = []
+        for s in segments:
+            if out and _mergeable(out[-1], s, eager=True):
+                out[-1] = _merge(out[-1], s, n_words)
+            else:
+                out.append(s)
+        return out
+    while len(segments) >= 2 and _mergeable(segments[-2], segments[-1], eager=False):
+        b = segments.pop()
+        segments[-1] = _merge(segments[-1], b, n_words)
+    return segments
+
+
+def _split_ranges(image_start: int, n_images: int, images: np.ndarray):
+    """Cut ``[image_start, image_start + n_images)`` into ranges of at most MAX_SEGMENT_IMAGES images and
+    MAX_SEGMENT_ENTRIES postings (``images`` ascending): ``[(start, stop, row start, row stop)]``."""
+    out = []
+    s, r = image_start, 0
+    stop_all = image_start + n_images
+    while s < stop_all:
+        e = min(s + MAX_SEGMENT_IMAGES, stop_all)
+        re = int(np.searchsorted(images, e, side="left"))
+        if re - r > MAX_SEGMENT_ENTRIES:  # too many postings: cut at the image holding the limit
+            e = max(s + 1, int(images[r + MAX_SEGMENT_ENTRIES]))
+            re = int(np.searchsorted(images, e, side="left"))
+        out.append((s, e, r, re))
+        s, r = e, re
+    return out
+
+
+def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images: int, imid_offset: int,
+                  binary: bool, use_idf: bool, codebook_size_param=None, order=None) -> Index:
+    """An :class:`Index` from word-major sorted postings (host arrays).
+
+    Args:
+        centroids: ``[K, D] float32``.
+        vecs: ``[E, W]`` posting vectors; words, images: ``[E] int`` (words non-decreasing, images ascending
+            within a word).
+        idf: ``[K]`` word weights; norm_factor: ``[n_images]`` image normalizations.
+        order: optional ``[E]`` permutation: the postings are ``vecs[order]``, ``words[order]``, ``images[order]``.
+    """
+    centroids = np.asarray(centroids, np.float32)
+    k, d = centroids.shape
+    width = packed_width(d) if binary else d
+    dtype = np.uint32 if binary else np.float32
+    vecs = np.asarray(vecs, dtype).reshape(-1, width)
+    words = np.asarray(words, np.int32)
+    images = np.asarray(images, np.int64)
+    if order is not None:
+        vecs, words, images = vecs[order], words[order], images[order]
+    norm_factor = np.asarray(norm_factor, np.float32)
+    by_image = np.argsort(images, kind="stable")  # image-major; word-major again inside each segment
+    segments = []
+    for s, e, r0, r1 in _split_ranges(0, int(n_images), images[by_image]):
+        rows = by_image[r0:r1]
+        rows = rows[_word_sort(words[rows], k)]
+        segments.append(make_segment(vecs[rows], words[rows], images[rows], image_start=s, n_images=e - s,
+                                     norm_factor=norm_factor[s:e], n_words=k))
+    counts = np.bincount(words, minlength=k).astype(np.int32) if words.size else np.zeros(k, np.int32)
+    return Index(centroids=centroids, counts=counts, idf=np.asarray(idf, np.float32), segments=tuple(segments),
+                 image_slots=_scalar(n_images), imid_offset=int(imid_offset), binary=bool(binary),
+                 use_idf=bool(use_idf), dim=int(d),
+                 codebook_size_param=k if codebook_size_param is None else codebook_size_param)
+
+
+def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None) -> Index:
+    """An index with no entries over the codebook ``centroids`` (``[K, D] float32``)."""
+    k, d = np.shape(centroids)
+    width = packed_width(d) if binary else d
+    return from_postings(centroids, np.zeros((0, width)), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                         idf=np.ones(k, np.float32), norm_factor=np.zeros(0, np.float32), n_images=0,
+                         imid_offset=0, binary=binary, use_idf=use_idf, codebook_size_param=codebook_size_param)
+
+
+def add(index: Index, agg: Aggregated) -> Index:
+    """Return ``index`` with the aggregated images ``agg`` appended (asmk's ``IVF.add``), in amortized
+    O(rows added) (O(index) with idf on, whose normalization changes everywhere).
+
+    The new image ids are shifted by ``index.imid_offset`` and must not be below ``index.n_images``
+    (images are added in ascending id order and never twice). ``agg`` rows must be grouped by image in
+    ascending order (their order within an image does not matter).
+    """
+    width = index.width
+    if agg.vecs.ndim != 2 or agg.vecs.shape[1] != width:
+        raise ValueError(f"aggregated vectors have shape {agg.vecs.shape}, the index holds width {width}")
+    if agg.words.shape[0] == 0:
+        raise ValueError("nothing to add: no aggregated entries")
+    old_n = int(index.n_images)
+    images = np.asarray(agg.images, np.int64) + index.imid_offset
+    if images.min() < old_n:
+        raise ValueError(
+            f"image id {int(images.min()) - index.imid_offset} is already in the index "
+            f"(it holds internal ids below {old_n}); add new images with larger ids"
+        )
+    if images.size > 1 and (np.diff(images) < 0).any():
+        raise ValueError("aggregated rows must be grouped by image in ascending id order")
+    k = index.n_words
+    n_images = int(images.max()) + 1
+    # image slots are max id + 1: a stray huge id would allocate per-slot arrays for every id below it
+    memory.require((n_images - old_n) * 16 + _add_bytes(agg), f"adding images up to id {n_images - 1}",
+                   hint="image ids are slots (max id + 1): renumber the images densely from 0")
+    new_words = np.asarray(agg.words, np.int32)
+    new_vecs = np.asarray(agg.vecs)
+    added = np.bincount(new_words, minlength=k)
+    counts = np.asarray(index.counts, np.int64) + added
+    idf = np.asarray(index.idf, np.float32).copy()
+    if index.use_idf:
+        touched = np.flatnonzero(added)
+        idf[touched] = np.log(n_images / counts[touched]) ** 2
+    segments = list(index.segments)
+    if index.use_idf:  # every image's normalization moves with the refreshed idf (asmk recomputes it all)
+        segments = [_renormalized(s, idf) for s in segments]
+    norm_new = np.bincount(images - old_n, weights=idf[new_words], minlength=n_images - old_n)
+    for s, e, r0, r1 in _split_ranges(old_n, n_images - old_n, images):
+        segments.append(make_segment(new_vecs[r0:r1], new_words[r0:r1], images[r0:r1], image_start=s,
+                                     n_images=e - s, norm_factor=norm_new[s - old_n:e - old_n], n_words=k))
+        segments = _compact(segments, k)
+    log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
+    return dataclasses.replace(index, counts=counts.astype(np.int32), idf=idf, segments=tuple(segments),
+                               image_slots=_scalar(n_images))
+
+
+def _add_bytes(agg: Aggregated) -> int:
+    """Host bytes an add of ``agg`` allocates for its new segment (postings copied once, plus sort indices)."""
+    rows = int(agg.words.shape[0])
+    return rows * (int(np.asarray(agg.vecs).itemsize) * int(agg.vecs.shape[1]) + 4 + 4 + 8)
+
+
+def _renormalized(seg: Segment, idf: np.ndarray) -> Segment:
+    """``seg`` with ``norm_factor`` recomputed from ``idf`` (float64 sums, as a fresh build makes them)."""
+    h = host(seg)
+    e = int(h.offsets[-1])
+    norm = np.zeros(h.norm_factor.shape[0], np.float32)
+    norm[: h.n_images] = np.bincount(h.images[:e], weights=idf[h.words[:e]], minlength=h.n_images)[: h.n_images]
+    return _segment_from(h.vecs, h.words, h.images, h.offsets, norm, h.image_start, h.n_images)
+
+
+def compact(index: Index) -> Index:
+    """``index`` with neighbouring segments merged as far as the per-segment limits allow (fewer, larger
+    segments: fewer scorer calls per query batch). Scores do not change."""
+    return dataclasses.replace(index, segments=tuple(_compact(index.segments, index.n_words, eager=True)))
+
+
+def with_distractors(index: Index) -> Index:
+    """Use ``index`` as a distractor set: later adds are numbered after its images (asmk's ``imid_offset``)."""
+    return dataclasses.replace(index, imid_offset=int(index.n_images))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serialization (the checkpoint module stores these arrays and fields) and validation
+
+
+def to_arrays(index: Index):
+    """``(arrays, fields)``: the index as a PyTree of host arrays (each segment's real postings and images,
+    without padding) and a JSON-able dict of its other fields; :func:`from_arrays` inverts it."""
+    segs = {}
+    for i, s in enumerate(index.segments):
+        h = host(s)
+        e = int(h.offsets[-1])
+        segs[f"{i:05d}"] = {"vecs": h.vecs[:e], "words": h.words[:e], "images": h.images[:e],
+                            "norm_factor": h.norm_factor[: h.n_images]}
+    arrays = {"centroids": np.asarray(index.centroids), "counts": np.asarray(index.counts),
+              "idf": np.asarray(index.idf), "segments": segs}
+    fields = {"n_images": int(index.n_images), "imid_offset": index.imid_offset, "binary": index.binary,
+              "use_idf": index.use_idf, "dim": index.dim, "codebook_size_param": index.codebook_size_param,
+              "segment_ranges": [[host(s).image_start, host(s).n_images] for s in index.segments]}
+    return arrays, fields
+
+
+def _problem(where: str, what: str):
+    return ValueError(f"inconsistent index in {where}: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """The index-wide fields of a serialized index (single-device or sharded), checked."""
+
+    n_images: int
+    imid_offset: int
+    binary: bool
+    use_idf: bool
+    dim: int
+    centroids: np.ndarray
+    counts: np.ndarray
+    idf: np.ndarray
+
+
+def check_header(arrays, fields, *, where: str) -> Header:
+    """Read and check the index-wide fields (image count, offset, kind, codebook, counts, idf).
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    try:
+        n_images = int(fields["n_images"])
+        imid_offset = int(fields["imid_offset"])
+        binary, use_idf, dim = bool(fields["binary"]), bool(fields["use_idf"]), int(fields["dim"])
+        centroids = np.asarray(arrays["centroids"])
+        counts = np.asarray(arrays["counts"])
+        idf = np.asarray(arrays["idf"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _problem(where, f"missing or malformed field ({exc!r})") from None
+    if centroids.ndim != 2 or centroids.shape[1] != dim or centroids.dtype != np.float32:
+        raise _problem(where, f"centroids must be [K, {dim}] float32, got {centroids.shape} {centroids.dtype}")
+    k = centroids.shape[0]
+    if not np.isfinite(centroids).all():
+        raise _problem(where, "centroids hold NaN or inf")
+    if counts.shape != (k,) or idf.shape != (k,) or not np.issubdtype(counts.dtype, np.integer):
+        raise _problem(where, f"counts / idf must be [{k}] (the codebook size)")
+    if not np.isfinite(idf).all() or (idf < 0).any():
+        raise _problem(where, "idf holds NaN, inf or negative values")
+    if not 0 <= imid_offset <= n_images or n_images < 0 or n_images > 2**31 - 2:
+        raise _problem(where, f"imid_offset {imid_offset} / n_images {n_images} out of range")
+    return Header(n_images, imid_offset, binary, use_idf, dim, centroids, counts, idf)
+
+
+def check_postings(vecs, words, images, norm, *, n_images: int, n_words: int, width: int, binary: bool,
+                   name: str, where: str) -> None:
+    """Check one serialized block of postings (a segment, or a shard): ``vecs [E, width]`` (uint32 for ASMK*,
+    finite float32 for ASMK), ``words [E]`` non-decreasing in ``[0, K)``, local ``images [E]`` in
+    ``[0, n_images)`` and a finite, non-negative ``norm [n_images]``.
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    dtype = np.uint32 if binary else np.float32
+    e = words.shape[0]
+    if vecs.shape != (e, width) or vecs.dtype != dtype or images.shape != (e,) or words.ndim != 1:
+        raise _problem(where, f"{name} postings must be [E, {width}] {np.dtype(dtype)} with [E] words and images")
+    if norm.shape != (n_images,) or not np.isfinite(norm).all() or (norm < 0).any():
+        raise _problem(where, f"{name} normalization must be [{n_images}] finite, non-negative")
+    if e and (words.min() < 0 or words.max() >= n_words or (np.diff(words) < 0).any()):
+        raise _problem(where, f"{name} word ids must lie in [0, {n_words}) in non-decreasing order")
+    if e and (images.min() < 0 or images.max() >= n_images):
+        raise _problem(where, f"{name} image ids must lie in [0, {n_images})")
+    if not binary and not np.isfinite(vecs).all():
+        raise _problem(where, f"{name} vectors hold NaN or inf")
+
+
+def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
+    """An :class:`Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges (word ids below
+    ``K``, image ids inside their segment's range, word-major order, finite centroids / idf / norms, segments
+    tiling ``[0, n_images)``, ``0 <= imid_offset <= n_images``, counts adding up).
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    head = check_header(arrays, fields, where=where)
+    n_images, imid_offset, binary, use_idf, dim = head.n_images, head.imid_offset, head.binary, head.use_idf, head.dim
+    centroids, counts, idf, k = head.centroids, head.counts, head.idf, head.centroids.shape[0]
+    try:
+        ranges = [(int(a), int(b)) for a, b in fields["segment_ranges"]]
+        segs = arrays.get("segments") or {}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _problem(where, f"missing or malformed field ({exc!r})") from None
+    if len(segs) != len(ranges):
+        raise _problem(where, f"{len(segs)} segments but {len(ranges)} segment ranges")
+    width = packed_width(dim) if binary else dim
+    next_start, total = 0, np.zeros(k, np.int64)
+    segments = []
+    for (start, n), key in zip(ranges, sorted(segs)):
+        s = segs[key]
+        vecs, words = np.asarray(s["vecs"]), np.asarray(s["words"])
+        images, norm = np.asarray(s["images"]), np.asarray(s["norm_factor"])
+        name = f"segment {key}"
+        if start != next_start or n < 1 or n > MAX_SEGMENT_IMAGES:
+            raise _problem(where, f"{name} covers images [{start}, {start + n}), expected to start at {next_start}")
+        check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary, name=name,
+                       where=where)
+        total += np.bincount(words, minlength=k)
+        segments.append(make_segment(vecs, words, images.astype(np.int64) + start, image_start=start, n_images=n,
+                                     norm_factor=norm, n_words=k))
+        next_start = start + n
+    if next_start != n_images:
+        raise _problem(where, f"segments cover {next_start} images, n_images is {n_images}")
+    if not np.array_equal(total, counts):
+        raise _problem(where, "counts do not match the postings")
+    return Index(centroids=centroids, counts=counts.astype(np.int32), idf=idf.astype(np.float32),
+                 segments=tuple(segments), image_slots=_scalar(n_images),
+                 imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
+                 codebook_size_param=fields.get("codebook_size_param"))

@@ -1,0 +1,79 @@
+"""Up-front memory checks: estimate what an allocation needs and fail early, saying how much and what to do.
+
+The budget is what this process can still get: ``MemAvailable`` from ``/proc/meminfo``, capped by the cgroup's
+memory limit minus its current use where there is one (containers), or on a GPU backend the device's free
+memory. Where none of that can be read (another OS), nothing is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+MIN_CHECKED = 64 * 2**20  # smaller allocations are not checked (reading the limits costs ~0.3 ms)
+
+
+def _read_int(path: str):
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def host_available() -> int | None:
+    """Bytes of host memory this process can still allocate, or None where unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    limit = _read_int("/sys/fs/cgroup/memory.max")
+    usage = _read_int("/sys/fs/cgroup/memory.current")
+    if limit is None:  # cgroup v1
+        limit = _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        usage = _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes")
+    if limit is not None and limit < 1 << 60 and usage is not None:
+        room = max(0, limit - usage)
+        avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def device_available() -> int | None:
+    """Free bytes on the default JAX device when it is an accelerator that reports them, else None."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def require(nbytes: int, what: str, *, hint: str, device: bool = False) -> None:
+    """Raise ``ValueError`` before allocating ``nbytes`` for ``what`` if that is more than is available
+    (``JASMK_MEMORY_CHECK=0`` turns the check off)."""
+    if nbytes < MIN_CHECKED or os.environ.get("JASMK_MEMORY_CHECK", "1") == "0":
+        return
+    avail = device_available() if device else host_available()
+    if avail is not None and nbytes > avail:
+        where = "device" if device else "host"
+        raise ValueError(f"{what} needs {_fmt(nbytes)} of {where} memory but only {_fmt(avail)} is available; "
+                         f"{hint}")

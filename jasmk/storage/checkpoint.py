@@ -1,0 +1,727 @@
+"""Persistence: crash-safe Orbax checkpoints of PyTrees (codebook, index, head parameters) and asmk pickle
+import/export.
+
+A checkpoint is a directory::
+
+    CURRENT              {"format": "jasmk-checkpoint-2", "version": "v-<hex>"}: the live version
+    v-<hex>/arrays/      the Orbax-saved arrays
+    v-<hex>/meta.json    kind, static fields, format, and dtype/shape/crc32 of every array
+    .lock                present while a save runs (holds the writer's pid)
+
+A save writes a new ``v-<hex>`` folder, fsyncs it, then replaces ``CURRENT`` with ``os.replace`` (atomic),
+then deletes older versions. At every instant the directory holds the old or the new complete checkpoint,
+and a crash leaves at worst unreferenced folders that the next save deletes. Saves never replace anything
+that is not a jasmk checkpoint of the same kind. Loads check the format version and every array's checksum.
+Checkpoints of the first format (``arrays/`` and ``meta.json`` directly in the directory) still load, and
+saving over one converts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+import zlib
+
+import jax
+import numpy as np
+
+from ..core import ivf as ivf_mod
+from . import safepickle
+from ..core.codebook import Codebook
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "jasmk-checkpoint-2"
+_LEGACY_FORMAT = "jasmk-checkpoint-1"
+_FORMAT_PREFIX = "jasmk-checkpoint-"
+_POINTER = "CURRENT"
+_LOCK = ".lock"
+_META = "meta.json"
+_ARRAYS = "arrays"
+_VERSION_RE = re.compile(r"^v-[0-9a-f]{32}$")
+_POINTER_TMP_RE = re.compile(r"^CURRENT\.tmp-[0-9a-f]{32}$")
+_RESERVED_META = ("format", "arrays")
+_READ_ATTEMPTS = 5
+
+#: seconds a save waits for another save of the same checkpoint before giving up
+LOCK_TIMEOUT = 60.0
+#: a lock file without a readable pid is taken over once it is this many seconds old
+_LOCK_UNREADABLE_STALE_S = 10.0
+
+
+def _crash_point(step: str) -> None:
+    """Called between the steps of a save; does nothing (tests replace it to inject crashes or read along)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what is at a path
+
+
+def _read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _pointer_text(folder):
+    """The raw ``CURRENT`` text of ``folder``, or None."""
+    try:
+        with open(os.path.join(folder, _POINTER)) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _parse_pointer(folder, text):
+    try:
+        pointer = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt checkpoint pointer {os.path.join(folder, _POINTER)}: {exc}") from exc
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("format"), str) \
+            or not pointer["format"].startswith(_FORMAT_PREFIX):
+        raise ValueError(f"{folder} is not a jasmk checkpoint (bad {_POINTER} file)")
+    _check_format(folder, pointer["format"], _FORMAT)
+    version = pointer.get("version")
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(f"corrupt checkpoint pointer {os.path.join(folder, _POINTER)}: bad version {version!r}")
+    return version
+
+
+def _check_format(where, found, expected):
+    if found != expected:
+        raise ValueError(f"checkpoint {where} has format version {found!r}; this jasmk reads {_FORMAT!r} "
+                         f"(and the older {_LEGACY_FORMAT!r})")
+
+
+def _version_dir(path) -> str:
+    """The folder holding ``arrays/`` and ``meta.json`` of the live checkpoint at ``path`` (either layout)."""
+    path = os.path.abspath(os.fspath(path))
+    text = _pointer_text(path)
+    if text is None:
+        return path
+    return os.path.join(path, _parse_pointer(path, text))
+
+
+def _checkpoint_kind(folder):
+    """``(True, kind)`` if ``folder`` holds a jasmk checkpoint (either layout), ``(False, None)`` if not.
+
+    Raises:
+        ValueError: a jasmk checkpoint whose kind cannot be told (damaged) or of another format version.
+    """
+    if os.path.isfile(os.path.join(folder, _POINTER)):
+        version = _parse_pointer(folder, _pointer_text(folder) or "")
+        try:
+            meta = _read_json(os.path.join(folder, version, _META))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot tell what the checkpoint {folder} holds: {exc}") from exc
+        return True, meta.get("kind") if isinstance(meta, dict) else None
+    meta_path = os.path.join(folder, _META)
+    if os.path.isfile(meta_path):
+        try:
+            meta = _read_json(meta_path)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return False, None
+        if isinstance(meta, dict) and isinstance(meta.get("format"), str) \
+                and meta["format"].startswith(_FORMAT_PREFIX):
+            _check_format(folder, meta["format"], _LEGACY_FORMAT)
+            return True, meta.get("kind")
+    return False, None
+
+
+def _is_leftover(folder, name) -> bool:
+    """Whether ``name`` in ``folder`` is something a jasmk save creates (a lock, an unpublished version)."""
+    if name == _LOCK or _POINTER_TMP_RE.match(name):
+        return True
+    return bool(_VERSION_RE.match(name)) and os.path.isdir(os.path.join(folder, name))
+
+
+def enclosing_checkpoint(path):
+    """The jasmk checkpoint directory that ``path`` lies inside (not counting ``path`` itself), or None."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            if _checkpoint_kind(folder)[0]:
+                return folder
+        except ValueError:
+            return folder
+        up = os.path.dirname(folder)
+        if up == folder:
+            return None
+        folder = up
+
+
+def check_save_target(path, *, kind=None) -> str:
+    """Check that a checkpoint of ``kind`` may be saved at ``path`` without destroying anything.
+
+    Allowed: a missing path, an empty directory (or one holding only what a crashed jasmk save left), or a
+    jasmk checkpoint of the same kind (which the save replaces).
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        ValueError: an empty path, an existing file, a non-empty directory that is not a jasmk checkpoint,
+            a checkpoint of another kind or format version, or a path inside a checkpoint.
+    """
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) in ("", b""):
+        raise ValueError(f"checkpoint path must be a non-empty path, got {path!r}")
+    path = os.path.abspath(os.fspath(path))
+    inside = enclosing_checkpoint(path)
+    if inside is not None:
+        raise ValueError(f"refusing to save a checkpoint at {path}: it is inside the jasmk checkpoint {inside}")
+    if not os.path.lexists(path):
+        return path
+    if not os.path.isdir(path):
+        raise ValueError(f"refusing to save a checkpoint at {path}: a file is there (only a jasmk checkpoint "
+                         "of the same kind or an empty directory is replaced)")
+    try:
+        is_ckpt, found = _checkpoint_kind(path)
+    except ValueError as exc:
+        raise ValueError(f"refusing to save a checkpoint at {path}: {exc}") from None
+    if is_ckpt:
+        if found != kind:
+            raise ValueError(f"refusing to save a {kind!r} checkpoint at {path}: it holds a {found!r} checkpoint")
+        return path
+    others = [name for name in os.listdir(path) if not _is_leftover(path, name)]
+    if others:
+        raise ValueError(f"refusing to save a checkpoint at {path}: it is a non-empty directory that is not a "
+                         f"jasmk checkpoint (holds {sorted(others)[:5]})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# locking, syncing, cleaning
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
+
+
+def _take_over_if_stale(lock) -> bool:
+    """Delete ``lock`` if the process that wrote it is gone; True if it was deleted (or vanished)."""
+    try:
+        st = os.stat(lock)
+        with open(lock) as handle:
+            text = handle.read().strip()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = None
+    if pid is not None and _pid_alive(pid):
+        return False
+    if pid is None and time.time() - st.st_mtime < _LOCK_UNREADABLE_STALE_S:
+        return False  # being written right now
+    try:
+        now = os.stat(lock)
+        if (now.st_ino, now.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+            return False  # replaced meanwhile by a live writer
+        os.unlink(lock)
+    except FileNotFoundError:
+        return True
+    log.warning("took over the stale lock %s (its writer, pid %s, is gone)", lock, pid)
+    return True
+
+
+def _lock(folder, timeout: float) -> str:
+    lock = os.path.join(folder, _LOCK)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _take_over_if_stale(lock):
+                continue
+            if time.monotonic() >= deadline:
+                try:
+                    with open(lock) as handle:
+                        owner = handle.read().strip()
+                except OSError:
+                    owner = "?"
+                raise ValueError(f"checkpoint {folder} is being saved by another process: the lock {lock} "
+                                 f"(pid {owner}) was not released within {timeout:g} s; if no save is running, "
+                                 "delete that lock file") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            continue
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        return lock
+
+
+def _unlock(lock) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
+
+
+def _fsync_dir(folder) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder) -> None:
+    """fsync every file and directory under ``folder`` (Orbax does not)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _write_synced(path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _discard(folder, pointer_tmp) -> None:
+    """Remove an unpublished version folder and pointer temporary (best effort)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.unlink(pointer_tmp)
+
+
+def _collect_garbage(path, *, keep=None) -> None:
+    """Delete what earlier saves left in ``path``: unreferenced versions, pointer temporaries, and the
+    first-format ``arrays/`` + ``meta.json`` once a pointer exists. Runs under the lock."""
+    text = _pointer_text(path)
+    live = _parse_pointer(path, text) if text is not None else None
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if _POINTER_TMP_RE.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
+        elif _VERSION_RE.match(name) and name not in (live, keep) and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+            _crash_point("old-version-removed")
+    if live is not None:
+        if os.path.isfile(os.path.join(path, _META)):
+            os.unlink(os.path.join(path, _META))
+            _crash_point("legacy-meta-removed")
+        if os.path.isdir(os.path.join(path, _ARRAYS)):
+            shutil.rmtree(os.path.join(path, _ARRAYS), ignore_errors=True)
+    _fsync_dir(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checksums
+
+
+def _json_scalar(value):
+    """``json.dumps`` fallback: numpy scalars and 0-d arrays become Python numbers; anything else is an error."""
+    if isinstance(value, np.generic) or (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0):
+        return np.asarray(value).item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _key_name(key_path) -> str:
+    """``"a/0/b"`` for a PyTree key path: the same for dicts, sequences and dataclass fields, since Orbax
+    restores custom nodes as plain dicts and lists."""
+    parts = []
+    for entry in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _array_table(arrays) -> dict:
+    """``{key: {"dtype", "shape", "crc32"}}`` for every leaf of ``arrays`` (numpy arrays)."""
+    table = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
+        a = np.ascontiguousarray(leaf)
+        table[_key_name(key_path)] = {"dtype": str(a.dtype), "shape": list(a.shape),
+                                                 "crc32": zlib.crc32(a) if a.size else 0}
+    return table
+
+
+def _verify_arrays(where, tree, table) -> None:
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"corrupt checkpoint meta in {where}: bad 'arrays' table")
+    got = {_key_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    missing, extra = sorted(set(table) - set(got)), sorted(set(got) - set(table))
+    if missing or extra:
+        raise ValueError(f"checkpoint {where} does not hold the arrays its meta lists "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, spec in table.items():
+        a = np.ascontiguousarray(got[key])
+        if str(a.dtype) != spec.get("dtype") or list(a.shape) != spec.get("shape"):
+            raise ValueError(f"array {key} in checkpoint {where} is {a.dtype} {list(a.shape)}, its meta says "
+                             f"{spec.get('dtype')} {spec.get('shape')}")
+        if (zlib.crc32(a) if a.size else 0) != spec.get("crc32"):
+            raise ValueError(f"array {key} in checkpoint {where} is corrupt (checksum mismatch)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generic PyTree checkpoints
+
+
+def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | None = None) -> str:
+    """Save a PyTree of arrays to the directory ``path`` with a JSON-able ``meta`` dict, crash-safely.
+
+    ``path`` may be missing, an empty directory, or a jasmk checkpoint of the same ``meta["kind"]``; anything
+    else is refused. An existing checkpoint is replaced atomically: readers and crashes see the old or the
+    new complete checkpoint, never a missing or partial one. Concurrent saves to one path run one at a time.
+
+    Args:
+        path: the checkpoint directory.
+        tree: PyTree of arrays.
+        meta: JSON-serializable dict (``kind`` and static fields); ``format`` and ``arrays`` are reserved.
+        lock_timeout: seconds to wait for a concurrent save of the same path (default :data:`LOCK_TIMEOUT`).
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        ValueError: a refused path (see :func:`check_save_target`), bad meta, or a lock not released in time.
+    """
+    import orbax.checkpoint as ocp
+
+    meta = dict(meta or {})
+    kind = meta.get("kind")
+    path = check_save_target(path, kind=kind)
+    reserved = [k for k in _RESERVED_META if k in meta]
+    if reserved:
+        raise ValueError(f"checkpoint meta keys {reserved} are reserved")
+    arrays = jax.tree_util.tree_map(np.asarray, tree)
+    try:
+        meta_text = json.dumps({**meta, "format": _FORMAT, "arrays": _array_table(arrays)}, default=_json_scalar)
+    except TypeError as exc:
+        raise ValueError(f"checkpoint meta must be JSON-serializable: {exc}") from exc
+    created = not os.path.lexists(path)
+    os.makedirs(path, exist_ok=True)
+    if created:
+        _fsync_dir(os.path.dirname(path))
+    published = False
+    try:
+        lock = _lock(path, LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
+        try:
+            _crash_point("locked")
+            check_save_target(path, kind=kind)  # again: another writer may have saved meanwhile
+            _collect_garbage(path)
+            version = f"v-{uuid.uuid4().hex}"
+            vdir = os.path.join(path, version)
+            tmp = os.path.join(path, f"{_POINTER}.tmp-{uuid.uuid4().hex}")
+            try:
+                with ocp.PyTreeCheckpointer() as ckptr:
+                    ckptr.save(os.path.join(vdir, _ARRAYS), arrays)
+                _crash_point("arrays-written")
+                _write_synced(os.path.join(vdir, _META), meta_text)
+                _crash_point("meta-written")
+                _fsync_tree(vdir)
+                _fsync_dir(path)
+                _crash_point("version-synced")
+                _write_synced(tmp, json.dumps({"format": _FORMAT, "version": version}))
+                _crash_point("pointer-written")
+                os.replace(tmp, os.path.join(path, _POINTER))
+                published = True
+                _fsync_dir(path)
+                _crash_point("published")
+            except BaseException:
+                if not published:
+                    _discard(vdir, tmp)
+                raise
+            _collect_garbage(path, keep=version)
+            _crash_point("cleaned")
+        finally:
+            _unlock(lock)
+    except BaseException:
+        if created and not published:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty: what we made for nothing
+        raise
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _load_version(path, folder, target, *, expected_format):
+    """``(tree, meta)`` from ``folder`` (holding ``arrays/`` and ``meta.json``)."""
+    import orbax.checkpoint as ocp
+
+    meta_path = os.path.join(folder, _META)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"no jasmk checkpoint at {path} (missing directory or meta.json)")
+    try:
+        meta = _read_json(meta_path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt checkpoint meta at {meta_path}: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str) \
+            or not meta["format"].startswith(_FORMAT_PREFIX):
+        raise ValueError(f"{path} is not a jasmk checkpoint")
+    _check_format(path, meta["format"], expected_format)
+    if expected_format == _FORMAT and "arrays" not in meta:
+        raise ValueError(f"corrupt checkpoint meta at {meta_path}: no 'arrays' table")
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            if target is not None:
+                tree = ckptr.restore(os.path.join(folder, _ARRAYS), item=jax.tree_util.tree_map(np.asarray, target))
+            else:
+                tree = ckptr.restore(os.path.join(folder, _ARRAYS))
+    except Exception as exc:  # orbax raises many kinds of errors for damaged data
+        raise ValueError(f"corrupt or incomplete checkpoint arrays in {path}: {exc}") from exc
+    if expected_format == _FORMAT:
+        _verify_arrays(path, tree, meta["arrays"])
+    return tree, meta
+
+
+def load_tree(path, *, target=None):
+    """Load a checkpoint written by :func:`save_tree` (either format version), checking every array's checksum.
+
+    A save running meanwhile is safe: if the checkpoint changed under the read, it is read again.
+
+    Args:
+        path: the checkpoint directory.
+        target: optional PyTree with the expected structure (restores into that structure).
+
+    Returns:
+        ``(tree, meta)``.
+
+    Raises:
+        ValueError: missing, incomplete, corrupt checkpoint, or one of an unsupported format version.
+    """
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) in ("", b""):
+        raise ValueError(f"checkpoint path must be a non-empty path, got {path!r}")
+    path = os.path.abspath(os.fspath(path))
+    for attempt in range(_READ_ATTEMPTS):
+        text = _pointer_text(path)
+        try:
+            if not os.path.isdir(path):
+                raise ValueError(f"no jasmk checkpoint at {path} (missing directory or meta.json)")
+            if text is None:
+                return _load_version(path, path, target, expected_format=_LEGACY_FORMAT)
+            folder = os.path.join(path, _parse_pointer(path, text))
+            return _load_version(path, folder, target, expected_format=_FORMAT)
+        except ValueError:
+            if attempt + 1 < _READ_ATTEMPTS and _pointer_text(path) != text:
+                log.debug("checkpoint %s changed while being read: reading it again", path)
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------------------
+# codebook and index
+
+
+def save_codebook(path, codebook: Codebook) -> str:
+    """Save a :class:`~jasmk.codebook.Codebook` (atomic)."""
+    return save_tree(path, {"centroids": codebook.centroids},
+                     meta={"kind": "codebook", "size_param": codebook.size_param})
+
+
+def load_codebook(path) -> Codebook:
+    """Load a codebook saved with :func:`save_codebook`."""
+    tree, meta = load_tree(path)
+    if meta.get("kind") != "codebook":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a codebook")
+    if not isinstance(tree, dict) or "centroids" not in tree:
+        raise ValueError(f"codebook checkpoint {path} has no centroids")
+    centroids = np.asarray(tree["centroids"])
+    if centroids.ndim != 2 or not np.issubdtype(centroids.dtype, np.floating):
+        raise ValueError(f"codebook checkpoint {path} holds {centroids.dtype} centroids of shape {centroids.shape}, "
+                         "expected a float [K, D] array")
+    if not np.isfinite(centroids).all():
+        raise ValueError(f"codebook checkpoint {path} holds NaN or inf centroids")
+    try:
+        return Codebook.from_centroids(centroids, size_param=meta.get("size_param"))
+    except ValueError as exc:
+        raise ValueError(f"codebook checkpoint {path}: {exc}") from exc
+
+
+def save_index(path, index: ivf_mod.Index) -> str:
+    """Save an :class:`~jasmk.ivf.Index` (atomic): each segment's real postings, the per-word arrays, and the
+    other fields in the meta (:func:`jasmk.ivf.to_arrays`)."""
+    arrays, fields = ivf_mod.to_arrays(index)
+    return save_tree(path, arrays, meta={"kind": "index", "index": fields})
+
+
+def load_index(path) -> ivf_mod.Index:
+    """Load an index saved with :func:`save_index`, checking checksums, dtypes, shapes and ranges.
+
+    Indexes saved by jasmk 0.1 (one word-major posting array) load too, into segments."""
+    tree, meta = load_tree(path)
+    if meta.get("kind") != "index":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not an index")
+    if not isinstance(tree, dict):
+        raise ValueError(f"index checkpoint {path} holds no arrays")
+    if "index" in meta:
+        return ivf_mod.from_arrays(tree, meta["index"], where=str(path))
+    return _load_legacy_index(tree, meta, str(path))
+
+
+def _load_legacy_index(tree, meta, where: str) -> ivf_mod.Index:
+    """An index from the single-array layout of jasmk 0.1 checkpoints."""
+    need = ["centroids", "entry_vecs", "entry_words", "entry_images", "idf", "norm_factor"]
+    missing = [n for n in need if n not in tree] + [k for k in ("n_images", "n_entries", "binary") if k not in meta]
+    if missing:
+        raise ValueError(f"index checkpoint {where} lacks {missing}")
+    e, n = int(meta["n_entries"]), int(meta["n_images"])
+    centroids = np.asarray(tree["centroids"], np.float32)
+    k = centroids.shape[0] if centroids.ndim == 2 else 0
+    words = np.asarray(tree["entry_words"])[:e]
+    images = np.asarray(tree["entry_images"])[:e]
+    if e and (words.min() < 0 or words.max() >= k or (np.diff(words) < 0).any() or images.min() < 0
+              or images.max() >= n):
+        raise ValueError(f"inconsistent index in {where}: word or image ids out of range or out of order")
+    index = ivf_mod.from_postings(
+        centroids, np.asarray(tree["entry_vecs"])[:e], words, images, idf=np.asarray(tree["idf"], np.float32),
+        norm_factor=np.asarray(tree["norm_factor"], np.float32), n_images=n,
+        imid_offset=int(meta.get("imid_offset", 0)), binary=bool(meta["binary"]),
+        use_idf=bool(meta.get("use_idf", False)), codebook_size_param=meta.get("codebook_size_param"))
+    arrays, fields = ivf_mod.to_arrays(index)
+    return ivf_mod.from_arrays(arrays, fields, where=where)  # the same checks as a current checkpoint
+
+
+def save_sharded_index(path, sidx) -> str:
+    """Save a :class:`~jasmk.shard.ShardedIndex` (atomic, versioned, checksummed like :func:`save_index`): each
+    shard's real postings as its own arrays, the per-word arrays, and the shards' image ranges in the meta
+    (:func:`jasmk.shard.to_arrays`). The saving process must hold every shard (one process; multi-process
+    saves are not implemented)."""
+    from ..shard import sharded as shard_mod
+
+    arrays, fields = shard_mod.to_arrays(sidx)
+    return save_tree(path, arrays, meta={"kind": "sharded-index", "sharded_index": fields})
+
+
+def load_sharded_index(path, mesh, *, axis=None):
+    """Load a sharded index saved with :func:`save_sharded_index` onto the mesh axis ``axis`` of ``mesh``
+    (default: its first axis), checking checksums, dtypes, shapes and ranges. The axis may have another size
+    than the one saved: the postings are then split again by posting count. Each process sends only its own
+    shards to its devices."""
+    from ..shard import sharded as shard_mod
+
+    tree, meta = load_tree(path)
+    if meta.get("kind") != "sharded-index":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a sharded index")
+    if not isinstance(tree, dict) or not isinstance(meta.get("sharded_index"), dict):
+        raise ValueError(f"sharded index checkpoint {path} holds no arrays or fields")
+    return shard_mod.from_arrays(tree, meta["sharded_index"], mesh=mesh, axis=axis, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# asmk 0.1.1 pickles
+
+
+def _state(path_or_state):
+    """asmk's pickled state dict from a path (read with the restricted unpickler) or the dict itself."""
+    if isinstance(path_or_state, dict):
+        return path_or_state
+    return safepickle.load(path_or_state)  # refuses anything but numpy arrays and plain containers
+
+
+def load_asmk_codebook(path_or_state) -> Codebook:
+    """A codebook from asmk's codebook pickle (or its already loaded state dict)."""
+    from ..compat import codebook_from_state
+
+    return codebook_from_state(_state(path_or_state))
+
+
+def load_asmk_ivf(path_or_state, codebook: Codebook) -> ivf_mod.Index:
+    """An :class:`~jasmk.ivf.Index` from asmk's IVF pickle (or state dict), keeping its idf and normalization."""
+    state = _state(path_or_state)
+    if not isinstance(state, dict) or state.get("type") != "IVF" or "state" not in state:
+        raise ValueError("not an asmk IVF state dict (expected type 'IVF')")
+    st = state["state"]
+    counts = np.asarray(st["counts"], np.int64)
+    k = codebook.size
+    if counts.shape != (k,):
+        raise ValueError(f"the asmk IVF has {counts.shape[0]} words but the codebook has {k}")
+    vecs, images, words = [], [], []
+    for w in np.flatnonzero(counts):
+        vecs.append(np.asarray(st["ivf_vecs"][w][: counts[w]]))
+        images.append(np.asarray(st["ivf_image_ids"][w][: counts[w]], np.int64))
+        words.append(np.full(counts[w], w, np.int32))
+    if not vecs:
+        raise ValueError("the asmk IVF holds no entries")
+    vecs = np.concatenate(vecs)
+    binary = vecs.dtype == np.uint32
+    d = codebook.dim
+    width = -(-d // 32) if binary else d
+    if vecs.shape[1] != width:
+        raise ValueError(f"asmk IVF vectors have width {vecs.shape[1]}, the codebook implies {width}")
+    images = np.concatenate(images).astype(np.int32)
+    words = np.concatenate(words)
+    n_images = int(st["n_images"])
+    if images.min() < 0 or images.max() >= n_images:
+        raise ValueError(f"the asmk IVF holds image ids outside [0, {n_images})")
+    index = ivf_mod.from_postings(
+        codebook.centroids, vecs, words, images, idf=np.asarray(st["idf"], np.float32),
+        norm_factor=np.asarray(st["norm_factor"], np.float32), n_images=n_images,
+        imid_offset=int(st.get("imid_offset", 0)), binary=bool(binary),
+        use_idf=bool(state.get("params", {}).get("use_idf", False)), codebook_size_param=codebook.size_param,
+    )
+    arrays, fields = ivf_mod.to_arrays(index)
+    return ivf_mod.from_arrays(arrays, fields, where="the asmk IVF")
+
+
+def export_asmk_ivf(index: ivf_mod.Index) -> dict:
+    """asmk 0.1.1's IVF state dict for ``index`` (``asmk.inverted_file.IVF.initialize_from_state`` reads it)."""
+    counts = np.asarray(index.counts)
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    vecs, words, images = ivf_mod.entries(index)
+    images = images.astype(np.int64)
+    ivf_vecs, ivf_ids = [], []
+    for w in range(index.n_words):
+        if counts[w] == 0:
+            ivf_vecs.append(None)
+            ivf_ids.append(None)
+        else:
+            ivf_vecs.append(vecs[offsets[w]: offsets[w] + counts[w]].copy())
+            ivf_ids.append(images[offsets[w]: offsets[w] + counts[w]].copy())
+    norm = np.zeros(int(index.n_images))
+    np.add.at(norm, images, np.asarray(index.idf, np.float64)[words])
+    return {
+        "type": "IVF",
+        "params": {"use_idf": index.use_idf},
+        "state": {
+            "norm_factor": norm,
+            "n_images": int(index.n_images),
+            "ivf_vecs": ivf_vecs,
+            "ivf_image_ids": ivf_ids,
+            "counts": counts.astype(np.int32),
+            "idf": np.asarray(index.idf, np.float32),
+            "imid_offset": index.imid_offset,
+        },
+    }
+
+
+__all__ = [
+    "LOCK_TIMEOUT", "check_save_target", "enclosing_checkpoint", "export_asmk_ivf", "load_asmk_codebook",
+    "load_asmk_ivf", "load_codebook", "load_index", "load_sharded_index", "load_tree",
+    "save_codebook", "save_index", "save_sharded_index", "save_tree",
+]
