@@ -136,7 +136,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from jasmk.cli import configure_logging
+    from jasmk import configure_logging
 
     configure_logging(prefix="bench_vs_asmk")  # libraries' load-time INFO off; jasmk's own warnings on stderr
 

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import jasmk
-from jasmk import eval as jeval
+from jasmk import evaluation as jeval
 from jasmk import pairs as jpairs
 
 # Natural photos shipped inside the scikit-image wheel (skimage/data/*); the others need pooch and a network.

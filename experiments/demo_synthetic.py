@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 import jasmk
-from jasmk.cli import configure_logging
+from jasmk import configure_logging
 
 
 def make_scenes(rng, *, n_images, per_image, dim, n_scenes, noise):

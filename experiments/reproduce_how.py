@@ -307,7 +307,7 @@ def evaluate(dataset: str, feats_path: str, gnd_path: str, cb, params: dict, dis
     """Index the database (after the distractors, if any), query it and evaluate: the three protocols' results
     (percent) and timings."""
     import jasmk
-    from jasmk import eval as jeval
+    from jasmk import evaluation as jeval
 
     desc = load_pickle(feats_path, ["vecs", "imids", "qvecs", "qimids"], "HOW features",
                        f"{FEATURES_URL}{os.path.basename(feats_path)}")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jasmk.cli import configure_logging
+    from jasmk import configure_logging
 
     configure_logging(verbose=args.verbose, prefix="reproduce_how")
     if args.params and args.features:

@@ -7,24 +7,31 @@ Main entry points::
     index = jasmk.build_index(feats, ids, codebook=cb)
     result = jasmk.query(index, qfeats, qids)          # ids, ranks, scores
     S = jasmk.score_matrix(index, feats, ids)           # [n_query, n_db] dense scores
+    jasmk.save_index("idx", index); index = jasmk.load_index("idx")
 
-Submodules loaded on use: ``jasmk.mast3r`` (MASt3R's Retriever without asmk), ``jasmk.shard`` (an index over a
-JAX mesh), ``jasmk.show`` (pictures), ``jasmk.pairs``, ``jasmk.eval``, ``jasmk.head``, ``jasmk.compat``.
+Layers: :mod:`jasmk.core` (the engine: pure functions on arrays), :mod:`jasmk.storage` (what is written and
+read), :mod:`jasmk.head` (the Flax retrieval head), :mod:`jasmk.shard` (an index over a JAX mesh), and the
+integrations :mod:`jasmk.compat` (asmk's API), :mod:`jasmk.mast3r` (MASt3R's Retriever), :mod:`jasmk.pairs`,
+:mod:`jasmk.evaluation`, :mod:`jasmk.show` and :mod:`jasmk.cli`.
 """
 
 import logging
 
-from .core.aggregate import Aggregated
 from .api import (QueryResult, add_images, aggregate_images, build_index, query, query_aggregated, query_padded,
                   score_matrix, score_matrix_aggregated)
+from .core.aggregate import Aggregated
 from .core.codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
 from .core.ivf import Index
+from .logs import configure_logging
+from .storage.checkpoint import load_codebook, load_index, save_codebook, save_index
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Aggregated", "Codebook", "Index", "QueryResult", "add_images", "aggregate_images", "build_index",
-    "parse_size", "quantize", "quantize_jax", "query", "query_aggregated", "query_padded", "score_matrix", "score_matrix_aggregated", "train_codebook",
+    "Aggregated", "Codebook", "Index", "QueryResult", "__version__", "add_images", "aggregate_images", "build_index",
+    "configure_logging", "load_codebook", "load_index", "parse_size", "quantize", "quantize_jax", "query",
+    "query_aggregated", "query_padded", "save_codebook", "save_index", "score_matrix", "score_matrix_aggregated",
+    "train_codebook",
 ]

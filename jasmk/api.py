@@ -494,3 +494,7 @@ def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: in
     scores, pos = jax.lax.top_k(scores, k)  # ties: the lower position, i.e. the lower id, first
     ranks = jnp.take_along_axis(ids, pos, axis=1) - index.imid_offset
     return jnp.where(scores > score_mod.NEG_INF, ranks, -1), scores
+
+__all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QueryResult", "add_images",
+    "aggregate_images", "auto_codebook_plan", "build_index", "query", "query_aggregated", "query_padded",
+    "score_matrix", "score_matrix_aggregated"]

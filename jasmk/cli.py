@@ -12,10 +12,13 @@ import logging
 import math
 import os
 import sys
+import warnings
 import zipfile
 
 import numpy as np
 
+from . import logs
+from .logs import configure_logging as _configure_logging
 from .storage import atomic
 
 log = logging.getLogger("jasmk")
@@ -298,7 +301,7 @@ def _read_gnd(path):
 
 
 def _cmd_show(args):
-    from . import eval as jeval
+    from . import evaluation as jeval
     from . import show
 
     if not args.grid and not args.heatmap:
@@ -433,46 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# Loggers of the libraries jasmk loads whose INFO lines are load-time chatter, not news: faiss's "Loading faiss
-# with AVX2 support", JAX's "Unable to initialize backend 'tpu'" and platform fallback notes, Orbax's
-# "[process=0] [sync] Finished save" (through absl). The CLI and the experiments scripts turn them down by
-# calling configure_logging; importing jasmk configures no logging.
-THIRD_PARTY_LEVELS = {"faiss": logging.WARNING, "jax": logging.WARNING, "jax._src.xla_bridge": logging.ERROR,
-                      "absl": logging.WARNING, "orbax": logging.WARNING}
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A stream handler that writes to whatever ``sys.stderr`` is when a record comes (tests swap it)."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def configure_logging(*, verbose: bool = False, prefix: str = "jasmk") -> None:
-    """Logging for a program run (the CLI, the experiments scripts): jasmk's messages on stderr as
-    ``prefix: message``, INFO and up with ``verbose``, warnings and errors otherwise; the libraries' load-time
-    INFO lines (:data:`THIRD_PARTY_LEVELS`) off, their warnings kept. Progress bars are not affected."""
-    for name, level in THIRD_PARTY_LEVELS.items():
-        logging.getLogger(name).setLevel(level)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # XLA's C++ INFO lines (read when jaxlib loads)
-    logger = logging.getLogger("jasmk")
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        logger.addHandler(handler)
-    logger.propagate = False  # a library may give the root logger a handler (logging.info() does): print once
-    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
-
-
 def _persistent_compilation_cache() -> None:
     """Keep XLA's compiled programs on disk between CLI runs (``JAX_COMPILATION_CACHE_DIR`` wins; default
     ``~/.cache/jasmk/xla``), so that each run does not compile the same kernels again."""
@@ -490,7 +453,7 @@ def _persistent_compilation_cache() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    _configure_logging(verbose=args.verbose)
     _persistent_compilation_cache()
     try:
         args.func(args)
@@ -508,3 +471,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def __getattr__(name):
+    if name in ("configure_logging", "THIRD_PARTY_LEVELS"):
+        warnings.warn(f"jasmk.cli.{name} moved to jasmk.logs.{name} (also jasmk.{name} for configure_logging); "
+                      "the old path works until jasmk 0.3", DeprecationWarning, stacklevel=2)
+        return getattr(logs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["CliError", "build_parser", "main"]

@@ -450,3 +450,6 @@ def _save_npy(path, array) -> None:
     from .storage import atomic
 
     atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")
+
+__all__ = ["ASMK_PARAMS", "IMAGE_EXTENSIONS", "PATCH_SIZE", "Retriever", "features_to_jax", "image_paths",
+    "load_image"]

@@ -367,3 +367,6 @@ def load_pairs(path, *, names=None) -> np.ndarray:
             except (KeyError, ValueError):
                 raise ValueError(f"{path}:{line_no}: unknown image {line.strip()!r}") from None
     return np.asarray(rows, np.int64).reshape(-1, 2)
+
+__all__ = ["farthest_point_sampling", "load_pairs", "parse_scene_graph", "retrieval_pairs",
+    "retrieval_pairs_from_index", "save_pairs", "scene_graph_pairs"]

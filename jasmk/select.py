@@ -1,7 +1,7 @@
-"""Moved to :mod:`jasmk.head.select`; this old path is an alias of it that warns (until jasmk 0.3)."""
+"""Moved to :mod:`jasmk.head.selection`; this old path is an alias of it that warns (until jasmk 0.3)."""
 
 _JASMK_ALIAS = True
 
 from ._moved import alias  # noqa: E402
 
-alias(__name__, "jasmk.head.select")
+alias(__name__, "jasmk.head.selection")

@@ -180,7 +180,7 @@ def result_marks(ranks, gnd, *, n_db: int, protocol: str = "medium") -> np.ndarr
     ``protocol`` (``"easy"``, ``"medium"`` or ``"hard"``, see :data:`jasmk.eval.PROTOCOLS`) its positives are
     correct and its ignored images junk.
     """
-    from . import eval as jeval
+    from . import evaluation as jeval
 
     if protocol not in jeval.PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(jeval.PROTOCOLS)}, got {protocol!r}")
@@ -410,3 +410,6 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
     ax.set_title((title or f"scores {s.shape[0]} x {s.shape[1]}") + shown, fontsize=10)
     fig.tight_layout()
     return _save_png(fig, out, dpi=dpi)
+
+__all__ = ["BACKGROUND", "COLORS", "TILE_BACKGROUND", "block_max", "load_image", "result_marks", "results_grid",
+    "score_heatmap"]

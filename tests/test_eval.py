@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jasmk import eval as ev
+from jasmk import evaluation as ev
 
 
 def oracle_ap(pos, npos):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jasmk import head
-from jasmk.head import select, train, whiten
+from jasmk.head import selection as select, train, whiten
 
 
 def reference_whitening(x, s=1.0):

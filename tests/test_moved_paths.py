@@ -11,7 +11,7 @@ MOVED = {
     "jasmk.memory": "jasmk.core.memory", "jasmk.validate": "jasmk.core.validate", "jasmk.runtime": "jasmk.core.runtime",
     "jasmk.atomic": "jasmk.storage.atomic", "jasmk.safepickle": "jasmk.storage.safepickle",
     "jasmk.checkpoint": "jasmk.storage.checkpoint", "jasmk.whiten": "jasmk.head.whiten",
-    "jasmk.select": "jasmk.head.select", "jasmk.train": "jasmk.head.train",
+    "jasmk.select": "jasmk.head.selection", "jasmk.train": "jasmk.head.train", "jasmk.eval": "jasmk.evaluation",
 }
 
 

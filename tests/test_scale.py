@@ -240,7 +240,7 @@ def test_memory_is_checked_before_allocating(small_data, monkeypatch):
 def test_query_padded_and_small_inputs_are_checked(small_data):
     """query_padded validates shapes and parameters (also under vmap) and concrete values; smaller entry points
     reject what would otherwise be silently wrong."""
-    from jasmk import eval as jeval
+    from jasmk import evaluation as jeval
     from jasmk import head, pairs
 
     feats, ids, centroids = small_data
@@ -314,7 +314,7 @@ def test_xla_kernels_ignore_row_order(small_data):
 
 def test_eval_refuses_masks_beyond_memory(monkeypatch):
     """One ground-truth id of 10**9 would need [n_query, 10**9] masks: refused up front, naming the fix."""
-    from jasmk import eval as jeval
+    from jasmk import evaluation as jeval
     from jasmk.core import memory
 
     monkeypatch.setattr(memory, "host_available", lambda: 2**30)

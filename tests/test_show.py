@@ -76,7 +76,7 @@ def solid_images(n, rng):
 
 
 def expected_mark(d, g, protocol):
-    """Independent of jasmk.eval: the revisited protocols spelled out."""
+    """Independent of jasmk.evaluation: the revisited protocols spelled out."""
     easy, hard, junk = set(g["easy"]), set(g["hard"]), set(g.get("junk", []))
     pos = {"easy": easy, "medium": easy | hard, "hard": hard}[protocol]
     ign = {"easy": junk | hard, "medium": junk, "hard": junk | easy}[protocol]

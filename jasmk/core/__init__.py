@@ -3,3 +3,5 @@
 Nothing here reads or writes files or imports torch, flax or orbax (:mod:`jasmk.storage` stores what this layer
 makes; :mod:`jasmk.head` is the Flax retrieval head).
 """
+
+__all__ = []

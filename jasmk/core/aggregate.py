@@ -296,3 +296,6 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     collect(pending)
     agg = Aggregated(np.concatenate(out_vecs), np.concatenate(out_words), np.concatenate(out_images))
     return _sort_rows(agg) if sort else agg
+
+__all__ = ["Aggregated", "PAD_IMAGE", "aggregate", "aggregate_chunks", "aggregate_padded", "aligned_empty",
+    "binarize_and_pack", "image_chunks", "normalize_l2", "packed_width"]

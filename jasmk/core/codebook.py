@@ -401,3 +401,7 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
 
     ids = jax.lax.map(one_chunk, padded.reshape(n_chunks, chunk_size, d))
     return ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]
+
+__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "METHODS", "TIE_EPS",
+    "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax", "parse_size",
+    "quantize", "quantize_jax", "train_codebook"]

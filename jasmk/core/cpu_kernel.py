@@ -134,3 +134,5 @@ def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, 
         score(hseg.vecs, hseg.images, hseg.offsets, uwords, ustart, qv, qs, qwt, ktable, hseg.scale, q_scale[s0:s1],
               np.int64(hseg.n_images), out[s0:s1])
     return out
+
+__all__ = ["CACHE_BYTES", "available", "score_segment"]

@@ -284,3 +284,7 @@ def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: fl
         h = ivf_mod.host(seg)
         out[:, h.image_start:h.image_start + h.n_images] = np.asarray(s)[:b, :h.n_images]
     return out
+
+__all__ = ["Batch", "COSTS", "ENGINES", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
+    "backend", "batch_size", "batches", "check_engine", "dense_scores", "pairs_capacity", "query_scale", "ranked",
+    "score_segments", "top_k_host"]

@@ -625,3 +625,8 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> Index:
                  segments=tuple(segments), image_slots=_scalar(n_images),
                  imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
                  codebook_size_param=fields.get("codebook_size_param"))
+
+__all__ = ["ENTRY_BLOCK", "Header", "HostSegment", "Index", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES",
+    "MERGE_RATIO", "Segment", "add", "capacity", "check_header", "check_postings", "compact", "empty", "entries",
+    "from_arrays", "from_postings", "host", "inverse_sqrt", "make_segment", "on_device", "to_arrays",
+    "with_distractors"]

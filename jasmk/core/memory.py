@@ -77,3 +77,5 @@ def require(nbytes: int, what: str, *, hint: str, device: bool = False) -> None:
         where = "device" if device else "host"
         raise ValueError(f"{what} needs {_fmt(nbytes)} of {where} memory but only {_fmt(avail)} is available; "
                          f"{hint}")
+
+__all__ = ["MIN_CHECKED", "device_available", "host_available", "require"]

@@ -65,3 +65,5 @@ def float64():
     from jax.experimental import enable_x64  # jax < 0.8
 
     return enable_x64()
+
+__all__ = ["backend_started", "float64", "share_gpu_with_torch"]

@@ -266,3 +266,7 @@ def segment_top_k(scores, seg: Segment, *, k: int):
     equal scores keep ascending ids (padding slots, -inf, come last)."""
     top, idx = jax.lax.top_k(scores, k)
     return idx.astype(jnp.int32) + seg.image_start, top
+
+__all__ = ["ACC_BYTES", "FRAC_BITS", "LIMBS", "MAX_TERMS", "NEG_INF", "default_block", "dense_segment",
+    "from_limbs", "kernel_table", "query_scale", "segment_top_k", "selective_kernel", "sparse_or_dense",
+    "sparse_segment", "to_limbs"]

@@ -99,3 +99,5 @@ def finite_number(value, name: str) -> float:
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
+
+__all__ = ["descriptors", "finite_number", "image_ids", "multiple_assignment", "word_ids"]

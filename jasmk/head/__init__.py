@@ -2,3 +2,4 @@
 MASt3R checkpoint import (:mod:`jasmk.head.model` holds the head; its names are available here)."""
 
 from .model import *  # noqa: F401,F403
+from .model import __all__  # noqa: F401

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import runtime
-from . import select, whiten
+from . import selection, whiten
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class RetrievalHead(nn.Module):
     def features_and_attention(self, x):
         """``(features [..., N, dim], attention [..., N])``: attention from the projected features, then post-whitening."""
         _, h = self.project(x)
-        attn = select.attention_l2(h)
+        attn = selection.attention_l2(h)
         feat = self.postwhiten(h) if self.postwhiten is not None else h
         return feat, attn
 
@@ -196,12 +196,12 @@ class RetrievalHead(nn.Module):
             lead = feat.shape[:-2]
             return (jnp.zeros(lead + (0, feat.shape[-1]), feat.dtype), jnp.zeros(lead + (0,), attn.dtype),
                     jnp.zeros(lead + (0,), jnp.int32))
-        return select.how_select_local(feat, attn, nfeat=k)
+        return selection.how_select_local(feat, attn, nfeat=k)
 
     def forward_global(self, x):
         """Weighted SPoC global descriptor ``[..., dim]``."""
         feat, attn = self.features_and_attention(x)
-        return select.weighted_spoc(feat, attn)
+        return selection.weighted_spoc(feat, attn)
 
     def __call__(self, x):
         return self.forward_global(x)
@@ -498,3 +498,9 @@ def load_head(path):
                       "(jasmk.head.load_mast3r_checkpoint) and save the head anew: jasmk now keeps whitening in "
                       "float64", WhiteningPrecisionWarning, stacklevel=2)
     return config, device_variables(tree)
+
+__all__ = ["HeadConfig", "ILL_CONDITIONED", "RetrievalHead", "Whitener", "WhiteningPrecisionWarning",
+    "check_features", "config_from_args", "device_variables", "extract_global", "extract_local",
+    "head_from_mast3r", "infer_backbone_dim", "init_head", "load_head", "load_mast3r_checkpoint",
+    "mast3r_codebook_path", "parse_hdims", "read_mast3r_checkpoint", "resolve_nfeat", "save_head",
+    "variables_from_state_dict"]

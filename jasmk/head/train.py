@@ -94,3 +94,5 @@ def relearn_whitening(variables, config: HeadConfig, images, *, which: str, max_
         whitening[name] = {"m": jnp.asarray(m, jnp.float64), "p": jnp.asarray(p, jnp.float64)}
     log.info("re-learned %s-whitening from %d features", which, sum(len(c) for c in collected))
     return {**variables, "whitening": whitening}
+
+__all__ = ["contrastive_loss", "make_train_step", "relearn_whitening", "tuple_loss"]

@@ -104,3 +104,5 @@ def whiten(x, m, p):
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # outside the float64 scope: the dtype the user's JAX gives
     with runtime.float64():  # float64 numpy statistics become float64 JAX values here, not float32
         return _whiten_scoped(x, m, p, dtype)
+
+__all__ = ["learn_pca_whitening", "whiten"]

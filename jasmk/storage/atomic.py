@@ -43,3 +43,5 @@ def write_bytes_with(path, save, *, suffix: str = "") -> None:
     with replacing(path, suffix=suffix) as tmp:
         with open(tmp, "xb") as handle:
             save(handle)
+
+__all__ = ["replacing", "write_bytes_with"]

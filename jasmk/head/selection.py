@@ -62,3 +62,5 @@ def weighted_spoc(feat, attn):
     """
     v = jnp.sum(feat * attn[..., None], axis=-2)
     return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+__all__ = ["attention_l2", "how_select_local", "resolve_nfeat", "weighted_spoc"]
