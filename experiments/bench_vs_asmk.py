@@ -32,6 +32,7 @@ import numpy as np
 import jasmk
 from jasmk.core import aggregate as agg_mod
 from jasmk.core import ivf as ivf_mod
+from jasmk.storage import index_format
 
 log = logging.getLogger("bench")
 
@@ -216,7 +217,7 @@ def main(argv=None):
         rows.append(("end to end: query_ivf / query", f"{t_a:.1f}", f"{t_j:.1f}", f"{t_a / t_j:.2f}x"))
 
     asmk_bytes = len(pickle.dumps(built.inverted_file.state_dict(), protocol=4))
-    arrays = ivf_mod.to_arrays(index)[0]  # postings and per-word arrays; the centroids are not in asmk's IVF either
+    arrays = index_format.to_arrays(index)[0]  # postings and per-word arrays; the centroids are not in asmk's IVF either
     jasmk_bytes = sum(int(np.asarray(x).nbytes) for k, v in arrays.items() if k != "centroids"
                       for x in jax.tree_util.tree_leaves(v))
     log.info("")

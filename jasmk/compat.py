@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import sys
 import time
 
@@ -29,7 +28,8 @@ import numpy as np
 
 from . import api
 from .core import ivf as ivf_mod
-from .storage import atomic
+from .storage import asmk_format
+from .storage.asmk_format import codebook_from_state, codebook_state  # noqa: F401 (0.1 names)
 from .core import runtime, validate
 from .core.codebook import Codebook, have_faiss, quantize, train_codebook
 
@@ -38,22 +38,6 @@ log = logging.getLogger(__name__)
 asmk_method = sys.modules[__name__]  # ``from jasmk.compat import asmk_method`` mirrors ``from asmk import asmk_method``
 
 _BINARY_SHORTCUTS = {"bin": True, "nobin": False, True: True, False: False}
-
-
-def _load_pickle(path):
-    """Read an asmk cache or distractor pickle with the restricted unpickler (loading never runs code).
-
-    Raises:
-        ValueError: a damaged, empty or hostile file, or a directory.
-    """
-    from .storage import safepickle
-
-    return safepickle.load(path)
-
-
-def _save_pickle(path, data):
-    """Pickle ``data`` to ``path`` atomically (a temp file in the same folder, then a rename)."""
-    atomic.write_bytes_with(path, lambda handle: pickle.dump(data, handle), suffix=".pkl")
 
 
 def _fingerprint(vecs) -> str:
@@ -102,22 +86,6 @@ def _quantize(codebook, vecs, ma, gpu_id):
     return quantize(codebook, vecs, multiple_assignment=ma, method="auto", device=gpu_id)
 
 
-def codebook_state(codebook: Codebook) -> dict:
-    """asmk's codebook pickle content for ``codebook``."""
-    return {"type": "Codebook", "params": {"size": codebook.size_param},
-            "state": {"centroids": np.asarray(codebook.centroids, np.float32)}}
-
-
-def codebook_from_state(state) -> Codebook:
-    """A :class:`Codebook` from asmk's codebook pickle content."""
-    if not isinstance(state, dict) or state.get("type") != "Codebook" or "state" not in state:
-        raise ValueError("not an asmk codebook state dict (expected type 'Codebook')")
-    centroids = state["state"].get("centroids")
-    if centroids is None:
-        raise ValueError("the asmk codebook state holds no centroids (it was never trained)")
-    return Codebook.from_centroids(centroids, size_param=state.get("params", {}).get("size"))
-
-
 class ASMKMethod:
     """asmk's ``ASMKMethod`` on jasmk: each step returns a new object, ``self`` is never changed.
 
@@ -154,7 +122,7 @@ class ASMKMethod:
         _only_keys(cb_params, {"size"}, "codebook")
         time0 = time.time()
         if cache_path and os.path.exists(cache_path):
-            codebook = codebook_from_state(_load_pickle(cache_path))
+            codebook = asmk_format.codebook_from_state(asmk_format.read_pickle(cache_path))
             if codebook.size_param != cb_params["size"]:
                 raise ValueError(f"cached codebook {cache_path} has size {codebook.size_param!r}, "
                                  f"params ask for {cb_params['size']!r}")
@@ -166,7 +134,7 @@ class ASMKMethod:
             codebook = train_codebook(columns[0], size=cb_params["size"])
             metadata = {"train_time": time.time() - time0}
             if cache_path:
-                _save_pickle(cache_path, codebook_state(codebook))
+                asmk_format.write_pickle(cache_path, codebook_state(codebook))
         metadata["index_class"] = "jasmk"
         return self.__class__({**self.params, "train_codebook": step_params},
                               {**self.metadata, "train_codebook": metadata}, codebook=codebook)
@@ -258,9 +226,7 @@ class IvfBuilder:
         self.word_cache = None
         time0 = time.time()
         if cache_path and os.path.exists(cache_path):
-            from .storage import checkpoint
-
-            self.ivf = checkpoint.load_asmk_ivf(_load_pickle(cache_path), codebook)
+            self.ivf = asmk_format.load_asmk_ivf(asmk_format.read_pickle(cache_path), codebook)
             self.metadata = {"load_time": time.time() - time0}
             self.cache_path = None
         else:
@@ -275,9 +241,7 @@ class IvfBuilder:
 
     def initialize_with_distractors(self, path):
         """Start from the distractor ivf pickled at ``path``; added images are numbered after it."""
-        from .storage import checkpoint
-
-        self.ivf = ivf_mod.with_distractors(checkpoint.load_asmk_ivf(_load_pickle(path), self.codebook))
+        self.ivf = ivf_mod.with_distractors(asmk_format.load_asmk_ivf(asmk_format.read_pickle(path), self.codebook))
 
     def add(self, *columns, progress=None):
         """Add descriptors ``vecs`` (``[N, D]``) of images ``imids`` (``[N]``)."""
@@ -297,9 +261,7 @@ class IvfBuilder:
     def save(self):
         """Pickle the ivf in asmk's format to the cache path (if any); return metadata with ivf stats."""
         if self.cache_path:
-            from .storage import checkpoint
-
-            _save_pickle(self.cache_path, checkpoint.export_asmk_ivf(self.ivf))
+            asmk_format.write_pickle(self.cache_path, asmk_format.export_asmk_ivf(self.ivf))
         return {**self.metadata, "ivf_stats": self.ivf.stats()}
 
 

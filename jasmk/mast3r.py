@@ -46,6 +46,7 @@ import numpy as np
 
 from .head import model as head_mod
 from .core import runtime
+from .storage import asmk_format
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,6 @@ class Retriever:
     def __init__(self, modelname, backbone=None, device="cuda", *, batch_size: int = 1, num_workers: int = 0,
                  progress: bool = False):
         runtime.share_gpu_with_torch()  # before anything can start JAX
-        from . import compat
-
         modelname = os.fspath(modelname)
         if not os.path.isfile(modelname):
             raise ValueError(f"retrieval checkpoint {modelname} does not exist")
@@ -276,9 +275,9 @@ class Retriever:
 
         # the codebook (a Codebook holds numpy centroids: no device is touched)
         self.codebook_path = head_mod.mast3r_codebook_path(modelname)
-        cb_state = compat._load_pickle(self.codebook_path)
+        cb_state = asmk_format.read_pickle(self.codebook_path)
         centroids = self._check_codebook_state(cb_state, get("nclusters"))
-        self._codebook = compat.codebook_from_state(cb_state)
+        self._codebook = asmk_format.codebook_from_state(cb_state)
 
         # the head: its input dim from the weights, else the backbone's, else (identity head) the codebook's
         backbone_dim = None

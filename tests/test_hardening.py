@@ -430,10 +430,10 @@ def test_damaged_pickles_raise_value_error(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(ValueError, match="cannot read pickle"):
         checkpoint.load_asmk_codebook(path)
-    from jasmk import compat
+    from jasmk.storage import asmk_format
 
     with pytest.raises(ValueError):
-        compat._load_pickle(path)
+        asmk_format.read_pickle(path)
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

@@ -41,3 +41,16 @@ def test_names_the_0_1_readme_used_still_resolve():
                runtime.share_gpu_with_torch, configure_logging, load_mast3r_checkpoint, build_sharded):
         assert callable(fn)
     assert isinstance(HeadConfig, type) and isinstance(ShardedIndex, type)
+
+
+def test_moved_functions_forward_and_warn():
+    from jasmk import shard
+    from jasmk.storage import checkpoint
+
+    for name in ("save_sharded_index", "load_sharded_index"):
+        with pytest.warns(DeprecationWarning, match=f"moved to jasmk.shard.{name}"):
+            assert getattr(checkpoint, name) is getattr(shard, name)
+    from jasmk import cli, logs
+
+    with pytest.warns(DeprecationWarning, match="jasmk.logs.configure_logging"):
+        assert cli.configure_logging is logs.configure_logging

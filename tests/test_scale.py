@@ -6,7 +6,7 @@ import pytest
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
-from jasmk.storage import checkpoint
+from jasmk.storage import checkpoint, index_format
 from jasmk.core import engine, ivf
 from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
 
@@ -176,7 +176,7 @@ def test_checkpoint_keeps_segments_and_rejects_damage(tmp_path, monkeypatch):
     a, b = jasmk.query(index, feats, ids), jasmk.query(loaded, feats, ids)
     np.testing.assert_array_equal(a.ranks, b.ranks)
     np.testing.assert_array_equal(a.scores, b.scores)
-    arrays, fields = ivf.to_arrays(index)
+    arrays, fields = index_format.to_arrays(index)
     key = sorted(arrays["segments"])[0]
 
     def broken(**change):
@@ -205,7 +205,7 @@ def test_checkpoint_keeps_segments_and_rejects_damage(tmp_path, monkeypatch):
     ]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            ivf.from_arrays(*broken(**change))
+            index_format.from_arrays(*broken(**change))
 
 
 def test_engine_argument_is_checked(small_data):

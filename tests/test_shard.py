@@ -126,7 +126,7 @@ WORKER = textwrap.dedent("""
     res = shard.query(sidx, feats, ids, topk=7)
     S = shard.score_matrix(sidx, feats, ids)
     from jasmk.storage import checkpoint
-    loaded = checkpoint.load_sharded_index(sys.argv[6], mesh)  # saved from one device: split again onto four
+    loaded = shard.load_sharded_index(sys.argv[6], mesh)  # saved from one device: split again onto four
     res2 = shard.query(loaded, feats, ids, topk=7)
     np.savez(out, ranks=res.ranks, scores=res.scores, S=S, idf=np.asarray(sidx.idf.addressable_data(0)),
              local=np.array(shard.local_shards(mesh, "s")), held=np.array(held), ranks2=res2.ranks,
@@ -146,7 +146,7 @@ def test_two_processes_over_loopback(tmp_path):
     feats, ids, cent = data()
     m = ids < 16
     one = shard.build_sharded(feats[m], ids[m], codebook=cent, mesh=mesh_of(1), use_idf=True)
-    checkpoint.save_sharded_index(tmp_path / "ckpt", shard.add_images(one, feats[~m], ids[~m]))
+    shard.save_sharded_index(tmp_path / "ckpt", shard.add_images(one, feats[~m], ids[~m]))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -261,9 +261,9 @@ def test_four_devices_checkpoint_round_trip_onto_other_mesh_sizes(tmp_path, monk
     ref = jasmk.query(sidx_ref := jasmk.add_images(jasmk.build_index(feats[m], ids[m], codebook=cent, use_idf=True),
                                                    feats[~m], ids[~m]), feats, ids, topk=6)
     path = tmp_path / "sh"
-    checkpoint.save_sharded_index(path, sidx)
+    shard.save_sharded_index(path, sidx)
     for n in (4, 2, 3, 1):
-        loaded = checkpoint.load_sharded_index(path, mesh_of(n, "d"))
+        loaded = shard.load_sharded_index(path, mesh_of(n, "d"))
         assert loaded.n_shards == n and loaded.n_images == 24
         if n == 4:
             assert loaded.shard_ranges == sidx.shard_ranges
@@ -271,10 +271,10 @@ def test_four_devices_checkpoint_round_trip_onto_other_mesh_sizes(tmp_path, monk
     # shards without images or postings (2 images on 4 shards) save and load too (Orbax stores no empty arrays)
     tiny = shard.build_sharded(feats[ids < 2], ids[ids < 2], codebook=cent, mesh=mesh, use_idf=True)
     assert (tiny.shard_entries == 0).sum() == 2
-    checkpoint.save_sharded_index(tmp_path / "tiny", tiny)
+    shard.save_sharded_index(tmp_path / "tiny", tiny)
     want = jasmk.query(jasmk.build_index(feats[ids < 2], ids[ids < 2], codebook=cent, use_idf=True), feats, ids)
     for n in (4, 2):
-        assert_same(shard.query(checkpoint.load_sharded_index(tmp_path / "tiny", mesh_of(n)), feats, ids), want)
+        assert_same(shard.query(shard.load_sharded_index(tmp_path / "tiny", mesh_of(n)), feats, ids), want)
     # interrupted save: the old checkpoint stays
     import orbax.checkpoint as ocp
 
@@ -285,14 +285,14 @@ def test_four_devices_checkpoint_round_trip_onto_other_mesh_sizes(tmp_path, monk
 
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", boom)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_sharded_index(path, small)
+        shard.save_sharded_index(path, small)
     monkeypatch.undo()
-    assert checkpoint.load_sharded_index(path, mesh).n_images == 24
+    assert shard.load_sharded_index(path, mesh).n_images == 24
     with pytest.raises(ValueError, match="not a sharded index"):
         checkpoint.save_index(tmp_path / "single", sidx_ref)
-        checkpoint.load_sharded_index(tmp_path / "single", mesh)
+        shard.load_sharded_index(tmp_path / "single", mesh)
     with pytest.raises(ValueError, match="holds a 'index' checkpoint"):
-        checkpoint.save_sharded_index(tmp_path / "single", sidx)  # never replaces another kind
+        shard.save_sharded_index(tmp_path / "single", sidx)  # never replaces another kind
     # damaged arrays (checksums) and inconsistent contents
     arrays, fields = shard.to_arrays(sidx)
     key = sorted(arrays["shards"])[1]
@@ -319,7 +319,7 @@ def test_four_devices_checkpoint_round_trip_onto_other_mesh_sizes(tmp_path, monk
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ValueError, match="corrupt|checksum"):
-        checkpoint.load_sharded_index(path, mesh)
+        shard.load_sharded_index(path, mesh)
 
 
 @four_devices

@@ -55,6 +55,7 @@ from ..core import memory
 from ..core import score as score_mod
 from ..core.aggregate import PAD_IMAGE, Aggregated, packed_width
 from ..core.codebook import Codebook
+from ..storage import checkpoint, shard_format
 
 log = logging.getLogger(__name__)
 
@@ -685,97 +686,44 @@ def score_matrix(sidx: ShardedIndex, qfeats, qids, *, multiple_assignment: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
-# serialization (jasmk.checkpoint stores these) and validation
+# serialization: the format and its checks are in jasmk.storage.shard_format; here, the placement on a mesh
 
 
 def to_arrays(sidx: ShardedIndex):
-    """``(arrays, fields)``: each shard's real postings (local image ids) and normalization, the per-word arrays,
-    and the other fields (shard id ranges included); :func:`from_arrays` inverts it, onto any mesh."""
+    """``(arrays, fields)`` of :mod:`jasmk.storage.shard_format`: each shard's real postings (local image ids) and
+    normalization, the per-word arrays, and the other fields (shard id ranges included); :func:`from_arrays`
+    inverts it, onto any mesh."""
     h = _host_info(sidx)
     s = sidx.n_shards
     missing = [si for si in range(s) if si not in h.segments]
     if missing:
         raise ValueError(f"shards {missing[:5]} live in other processes: save a sharded index from a process "
                          "that holds every shard (multi-process saves are not implemented)")
-    shards = {}
+    postings = []
     for si in range(s):
         hs = ivf_mod.host(h.segments[si])
         e = int(hs.offsets[-1])
-        arrays = {"vecs": hs.vecs[:e], "words": hs.words[:e], "images": hs.images[:e],
-                  "norm_factor": hs.norm_factor[: hs.n_images]}
-        arrays = {name: a for name, a in arrays.items() if a.size}  # Orbax saves no zero-size arrays
-        if arrays:  # a shard without images or postings has none
-            shards[f"{si:05d}"] = arrays
-    arrays = {"centroids": sidx.__dict__["_host_centroids"], "counts": h.counts.astype(np.int32), "idf": h.idf,
-              "shards": shards}
-    fields = {"n_images": h.n_images, "imid_offset": sidx.imid_offset, "binary": sidx.binary,
-              "use_idf": sidx.use_idf, "dim": sidx.dim, "codebook_size_param": sidx.codebook_size_param,
-              "shard_ranges": [[[int(a), int(b)] for a, b in r] for r in h.ranges]}
-    return arrays, fields
-
-
-def _problem(where, what):
-    return ValueError(f"inconsistent sharded index in {where}: {what}")
+        postings.append((hs.vecs[:e], hs.words[:e], hs.images[:e], hs.norm_factor[: hs.n_images]))
+    return shard_format.to_arrays(sidx.__dict__["_host_centroids"], h.counts, h.idf, postings, ranges=h.ranges,
+                                  n_images=h.n_images, imid_offset=sidx.imid_offset, binary=sidx.binary,
+                                  use_idf=sidx.use_idf, dim=sidx.dim, codebook_size_param=sidx.codebook_size_param)
 
 
 def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -> ShardedIndex:
-    """A :class:`ShardedIndex` on ``mesh`` from :func:`to_arrays` output, after checking dtypes, shapes and
-    ranges (the checks of :func:`jasmk.ivf.from_arrays`, per shard, and the shards' ranges tiling
-    ``[0, n_images)`` without overlap). A mesh axis of the saved size keeps the shards as they were; another size
-    re-splits the postings by posting count (on the host: the whole index passes through this process's memory).
+    """A :class:`ShardedIndex` on ``mesh`` from :func:`to_arrays` output, after the checks of
+    :func:`jasmk.storage.shard_format.read`. A mesh axis of the saved size keeps the shards as they were; another
+    size re-splits the postings by posting count (on the host: the whole index passes through this process's
+    memory).
 
     Raises:
         ValueError: naming the first problem found.
     """
     mesh, axis = _check_mesh(mesh, axis)
-    head = ivf_mod.check_header(arrays, fields, where=where)
+    data = shard_format.read(arrays, fields, where=where, max_entries=MAX_SHARD_ENTRIES)
+    head, ranges, parts = data.header, data.ranges, data.parts
     n_images, imid_offset, binary, use_idf, dim = head.n_images, head.imid_offset, head.binary, head.use_idf, head.dim
     centroids, counts, idf, k = head.centroids, head.counts, head.idf, head.centroids.shape[0]
-    try:
-        ranges = [[(int(a), int(b)) for a, b in r] for r in fields["shard_ranges"]]
-        shards = arrays.get("shards") or {}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _problem(where, f"missing or malformed field ({exc!r})") from None
-    names = [f"{si:05d}" for si in range(len(ranges))]
-    if len(ranges) < 1 or not set(shards) <= set(names):
-        raise _problem(where, f"shards {sorted(set(shards) - set(names))[:5]} but {len(ranges)} shard range lists")
-    owner = np.full(n_images, -1, np.int64)
-    for si, r in enumerate(ranges):
-        for a, b in r:
-            if not 0 <= a < b <= n_images:
-                raise _problem(where, f"shard {si} range [{a}, {b}) lies outside [0, {n_images})")
-            if (owner[a:b] >= 0).any():
-                raise _problem(where, f"shard {si} range [{a}, {b}) overlaps another shard's images")
-            owner[a:b] = si
-        if any(r[i][1] > r[i + 1][0] for i in range(len(r) - 1)):
-            raise _problem(where, f"shard {si} ranges are not ascending")
-    if (owner < 0).any():
-        raise _problem(where, f"the shards do not cover image {int(np.flatnonzero(owner < 0)[0])}")
-    total = np.zeros(k, np.int64)
-    parts = []
     width = packed_width(dim) if binary else dim
-    dtype = np.uint32 if binary else np.float32
-    for si, key in enumerate(names):
-        sh = shards.get(key) or {}  # zero-size arrays are not saved
-        vecs = np.asarray(sh.get("vecs", np.zeros((0, width), dtype)))
-        words = np.asarray(sh.get("words", np.zeros(0, np.int32)))
-        images = np.asarray(sh.get("images", np.zeros(0, np.int32)))
-        norm = np.asarray(sh.get("norm_factor", np.zeros(0, np.float32)))
-        n = sum(b - a for a, b in ranges[si])
-        name = f"shard {key}"
-        ivf_mod.check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary,
-                               name=name, where=where)
-        e = words.shape[0]
-        if e > MAX_SHARD_ENTRIES:
-            raise _problem(where, f"{name} holds {e} postings, more than {MAX_SHARD_ENTRIES}")
-        if e > 1:
-            same = np.diff(words) == 0
-            if (np.diff(images.astype(np.int64))[same] <= 0).any():
-                raise _problem(where, f"{name} images must ascend within each word")
-        total += np.bincount(words, minlength=k) if e else 0
-        parts.append((vecs, words.astype(np.int32), images.astype(np.int64), norm.astype(np.float32), n))
-    if not np.array_equal(total, counts):
-        raise _problem(where, "counts do not match the postings")
     s = int(mesh.shape[axis])
     size_param = fields.get("codebook_size_param")
     if s == len(ranges):  # same layout: each shard as saved
@@ -805,6 +753,28 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
                           size_param=size_param)
 
 
+def save_sharded_index(path, sidx) -> str:
+    """Save a :class:`~jasmk.shard.ShardedIndex` (atomic, versioned, checksummed like :func:`jasmk.save_index`): each
+    shard's real postings as its own arrays, the per-word arrays, and the shards' image ranges in the meta
+    (:func:`to_arrays`). The saving process must hold every shard (one process; multi-process
+    saves are not implemented)."""
+    arrays, fields = to_arrays(sidx)
+    return checkpoint.save_tree(path, arrays, meta={"kind": "sharded-index", "sharded_index": fields})
+
+
+def load_sharded_index(path, mesh, *, axis=None):
+    """Load a sharded index saved with :func:`save_sharded_index` onto the mesh axis ``axis`` of ``mesh``
+    (default: its first axis), checking checksums, dtypes, shapes and ranges. The axis may have another size
+    than the one saved: the postings are then split again by posting count. Each process sends only its own
+    shards to its devices."""
+    tree, meta = checkpoint.load_tree(path)
+    if meta.get("kind") != "sharded-index":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a sharded index")
+    if not isinstance(tree, dict) or not isinstance(meta.get("sharded_index"), dict):
+        raise ValueError(f"sharded index checkpoint {path} holds no arrays or fields")
+    return from_arrays(tree, meta["sharded_index"], mesh=mesh, axis=axis, where=str(path))
+
+
 __all__ = ["MAX_SHARD_ENTRIES", "ShardedIndex", "add", "add_images", "build_sharded", "empty", "from_arrays",
-           "local_shards", "query", "query_aggregated", "score_matrix", "score_matrix_aggregated", "shard_index",
-           "to_arrays", "with_distractors"]
+           "load_sharded_index", "local_shards", "query", "query_aggregated", "save_sharded_index", "score_matrix",
+           "score_matrix_aggregated", "shard_index", "to_arrays", "with_distractors"]

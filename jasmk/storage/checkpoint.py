@@ -32,7 +32,8 @@ import jax
 import numpy as np
 
 from ..core import ivf as ivf_mod
-from . import safepickle
+from . import index_format, safepickle
+from .asmk_format import export_asmk_ivf, load_asmk_codebook, load_asmk_ivf  # noqa: F401 (0.1 names)
 from ..core.codebook import Codebook
 
 log = logging.getLogger(__name__)
@@ -565,8 +566,8 @@ def load_codebook(path) -> Codebook:
 
 def save_index(path, index: ivf_mod.Index) -> str:
     """Save an :class:`~jasmk.ivf.Index` (atomic): each segment's real postings, the per-word arrays, and the
-    other fields in the meta (:func:`jasmk.ivf.to_arrays`)."""
-    arrays, fields = ivf_mod.to_arrays(index)
+    other fields in the meta (:func:`jasmk.storage.index_format.to_arrays`)."""
+    arrays, fields = index_format.to_arrays(index)
     return save_tree(path, arrays, meta={"kind": "index", "index": fields})
 
 
@@ -580,7 +581,7 @@ def load_index(path) -> ivf_mod.Index:
     if not isinstance(tree, dict):
         raise ValueError(f"index checkpoint {path} holds no arrays")
     if "index" in meta:
-        return ivf_mod.from_arrays(tree, meta["index"], where=str(path))
+        return index_format.from_arrays(tree, meta["index"], where=str(path))
     return _load_legacy_index(tree, meta, str(path))
 
 
@@ -603,125 +604,24 @@ def _load_legacy_index(tree, meta, where: str) -> ivf_mod.Index:
         norm_factor=np.asarray(tree["norm_factor"], np.float32), n_images=n,
         imid_offset=int(meta.get("imid_offset", 0)), binary=bool(meta["binary"]),
         use_idf=bool(meta.get("use_idf", False)), codebook_size_param=meta.get("codebook_size_param"))
-    arrays, fields = ivf_mod.to_arrays(index)
-    return ivf_mod.from_arrays(arrays, fields, where=where)  # the same checks as a current checkpoint
+    arrays, fields = index_format.to_arrays(index)
+    return index_format.from_arrays(arrays, fields, where=where)  # the same checks as a current checkpoint
 
 
-def save_sharded_index(path, sidx) -> str:
-    """Save a :class:`~jasmk.shard.ShardedIndex` (atomic, versioned, checksummed like :func:`save_index`): each
-    shard's real postings as its own arrays, the per-word arrays, and the shards' image ranges in the meta
-    (:func:`jasmk.shard.to_arrays`). The saving process must hold every shard (one process; multi-process
-    saves are not implemented)."""
-    from ..shard import sharded as shard_mod
+def __getattr__(name):
+    # jasmk 0.1 had the sharded index's save and load here; they live with the sharded index now (the storage
+    # layer imports no layer above it), and this forward warns until jasmk 0.3
+    if name in ("save_sharded_index", "load_sharded_index"):
+        import importlib
+        import warnings
 
-    arrays, fields = shard_mod.to_arrays(sidx)
-    return save_tree(path, arrays, meta={"kind": "sharded-index", "sharded_index": fields})
-
-
-def load_sharded_index(path, mesh, *, axis=None):
-    """Load a sharded index saved with :func:`save_sharded_index` onto the mesh axis ``axis`` of ``mesh``
-    (default: its first axis), checking checksums, dtypes, shapes and ranges. The axis may have another size
-    than the one saved: the postings are then split again by posting count. Each process sends only its own
-    shards to its devices."""
-    from ..shard import sharded as shard_mod
-
-    tree, meta = load_tree(path)
-    if meta.get("kind") != "sharded-index":
-        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a sharded index")
-    if not isinstance(tree, dict) or not isinstance(meta.get("sharded_index"), dict):
-        raise ValueError(f"sharded index checkpoint {path} holds no arrays or fields")
-    return shard_mod.from_arrays(tree, meta["sharded_index"], mesh=mesh, axis=axis, where=str(path))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# asmk 0.1.1 pickles
-
-
-def _state(path_or_state):
-    """asmk's pickled state dict from a path (read with the restricted unpickler) or the dict itself."""
-    if isinstance(path_or_state, dict):
-        return path_or_state
-    return safepickle.load(path_or_state)  # refuses anything but numpy arrays and plain containers
-
-
-def load_asmk_codebook(path_or_state) -> Codebook:
-    """A codebook from asmk's codebook pickle (or its already loaded state dict)."""
-    from ..compat import codebook_from_state
-
-    return codebook_from_state(_state(path_or_state))
-
-
-def load_asmk_ivf(path_or_state, codebook: Codebook) -> ivf_mod.Index:
-    """An :class:`~jasmk.ivf.Index` from asmk's IVF pickle (or state dict), keeping its idf and normalization."""
-    state = _state(path_or_state)
-    if not isinstance(state, dict) or state.get("type") != "IVF" or "state" not in state:
-        raise ValueError("not an asmk IVF state dict (expected type 'IVF')")
-    st = state["state"]
-    counts = np.asarray(st["counts"], np.int64)
-    k = codebook.size
-    if counts.shape != (k,):
-        raise ValueError(f"the asmk IVF has {counts.shape[0]} words but the codebook has {k}")
-    vecs, images, words = [], [], []
-    for w in np.flatnonzero(counts):
-        vecs.append(np.asarray(st["ivf_vecs"][w][: counts[w]]))
-        images.append(np.asarray(st["ivf_image_ids"][w][: counts[w]], np.int64))
-        words.append(np.full(counts[w], w, np.int32))
-    if not vecs:
-        raise ValueError("the asmk IVF holds no entries")
-    vecs = np.concatenate(vecs)
-    binary = vecs.dtype == np.uint32
-    d = codebook.dim
-    width = -(-d // 32) if binary else d
-    if vecs.shape[1] != width:
-        raise ValueError(f"asmk IVF vectors have width {vecs.shape[1]}, the codebook implies {width}")
-    images = np.concatenate(images).astype(np.int32)
-    words = np.concatenate(words)
-    n_images = int(st["n_images"])
-    if images.min() < 0 or images.max() >= n_images:
-        raise ValueError(f"the asmk IVF holds image ids outside [0, {n_images})")
-    index = ivf_mod.from_postings(
-        codebook.centroids, vecs, words, images, idf=np.asarray(st["idf"], np.float32),
-        norm_factor=np.asarray(st["norm_factor"], np.float32), n_images=n_images,
-        imid_offset=int(st.get("imid_offset", 0)), binary=bool(binary),
-        use_idf=bool(state.get("params", {}).get("use_idf", False)), codebook_size_param=codebook.size_param,
-    )
-    arrays, fields = ivf_mod.to_arrays(index)
-    return ivf_mod.from_arrays(arrays, fields, where="the asmk IVF")
-
-
-def export_asmk_ivf(index: ivf_mod.Index) -> dict:
-    """asmk 0.1.1's IVF state dict for ``index`` (``asmk.inverted_file.IVF.initialize_from_state`` reads it)."""
-    counts = np.asarray(index.counts)
-    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    vecs, words, images = ivf_mod.entries(index)
-    images = images.astype(np.int64)
-    ivf_vecs, ivf_ids = [], []
-    for w in range(index.n_words):
-        if counts[w] == 0:
-            ivf_vecs.append(None)
-            ivf_ids.append(None)
-        else:
-            ivf_vecs.append(vecs[offsets[w]: offsets[w] + counts[w]].copy())
-            ivf_ids.append(images[offsets[w]: offsets[w] + counts[w]].copy())
-    norm = np.zeros(int(index.n_images))
-    np.add.at(norm, images, np.asarray(index.idf, np.float64)[words])
-    return {
-        "type": "IVF",
-        "params": {"use_idf": index.use_idf},
-        "state": {
-            "norm_factor": norm,
-            "n_images": int(index.n_images),
-            "ivf_vecs": ivf_vecs,
-            "ivf_image_ids": ivf_ids,
-            "counts": counts.astype(np.int32),
-            "idf": np.asarray(index.idf, np.float32),
-            "imid_offset": index.imid_offset,
-        },
-    }
+        warnings.warn(f"jasmk.checkpoint.{name} moved to jasmk.shard.{name}; the old path works until jasmk 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("jasmk.shard"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "LOCK_TIMEOUT", "check_save_target", "enclosing_checkpoint", "export_asmk_ivf", "load_asmk_codebook",
-    "load_asmk_ivf", "load_codebook", "load_index", "load_sharded_index", "load_tree",
-    "save_codebook", "save_index", "save_sharded_index", "save_tree",
+    "load_asmk_ivf", "load_codebook", "load_index", "load_tree", "save_codebook", "save_index", "save_tree",
 ]
