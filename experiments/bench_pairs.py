@@ -45,9 +45,9 @@ def one(args) -> dict:
     from bench_scale import K, make_postings
 
     import jasmk
+    from jasmk import pairs
     from jasmk.core import aggregate as agg_mod
     from jasmk.core import ivf as ivf_mod
-    from jasmk import pairs
 
     width = args.bits // 32
     rng = np.random.default_rng(args.seed)

@@ -57,9 +57,9 @@ def child(args):
     from jax.sharding import Mesh
 
     import jasmk
+    from jasmk import shard
     from jasmk.core import aggregate as agg_mod
     from jasmk.core import ivf
-    from jasmk import shard
 
     n = len(jax.devices())
     width = args.bits // 32

@@ -62,7 +62,9 @@ def timed(fn, repeat, warmup=False):
 
 
 def asmk_method_with(centroids, *, binary, ma_build, ma_query, topk):
-    from asmk import asmk_method, codebook as cdb_pkg, index as idx_pkg
+    from asmk import asmk_method
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
 
     params = {
         "index": {"gpu_id": None},
@@ -217,7 +219,8 @@ def main(argv=None):
         rows.append(("end to end: query_ivf / query", f"{t_a:.1f}", f"{t_j:.1f}", f"{t_a / t_j:.2f}x"))
 
     asmk_bytes = len(pickle.dumps(built.inverted_file.state_dict(), protocol=4))
-    arrays = index_format.to_arrays(index)[0]  # postings and per-word arrays; the centroids are not in asmk's IVF either
+    # postings and per-word arrays; the centroids are not in asmk's IVF either
+    arrays = index_format.to_arrays(index)[0]
     jasmk_bytes = sum(int(np.asarray(x).nbytes) for k, v in arrays.items() if k != "centroids"
                       for x in jax.tree_util.tree_leaves(v))
     log.info("")

@@ -68,7 +68,8 @@ def main():
     res = jasmk.query(index, feats, ids, multiple_assignment=5, alpha=3.0, similarity_threshold=0.0)
     print(f"query: {len(res.ids)} images in {time.perf_counter() - t:.2f}s")
     m = mean_average_precision(res.ranks, labels, labels)
-    chance = mean_average_precision(np.array([rng.permutation(args.images) for _ in range(args.images)]), labels, labels)
+    shuffled = np.array([rng.permutation(args.images) for _ in range(args.images)])
+    chance = mean_average_precision(shuffled, labels, labels)
     print(f"mAP (same-scene retrieval, self excluded): {100 * m:.1f}  (random ranking: {100 * chance:.1f})")
     scores = jasmk.score_matrix(index, feats, ids)
     print(f"score matrix: {scores.shape}, diagonal is the row maximum for "

@@ -17,8 +17,17 @@ integrations :mod:`jasmk.compat` (asmk's API), :mod:`jasmk.mast3r` (MASt3R's Ret
 
 import logging
 
-from .api import (QueryResult, add_images, aggregate_images, build_index, query, query_aggregated, query_padded,
-                  score_matrix, score_matrix_aggregated)
+from .api import (
+                  QueryResult,
+                  add_images,
+                  aggregate_images,
+                  build_index,
+                  query,
+                  query_aggregated,
+                  query_padded,
+                  score_matrix,
+                  score_matrix_aggregated,
+)
 from .core.aggregate import Aggregated
 from .core.codebook import Codebook, parse_size, quantize, quantize_jax, train_codebook
 from .core.ivf import Index

@@ -18,9 +18,8 @@ import numpy as np
 from .core import aggregate as agg_mod
 from .core import engine as engine_mod
 from .core import ivf as ivf_mod
-from .core import memory
+from .core import memory, validate
 from .core import score as score_mod
-from .core import validate
 from .core.codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -49,21 +48,22 @@ class QueryResult(typing.NamedTuple):
     scores: np.ndarray
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm progress bar on stderr (a no-op when disabled)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _as_codebook(codebook) -> Codebook:
+def as_codebook(codebook) -> Codebook:
     if isinstance(codebook, Codebook):
         return codebook
     if codebook is None:
         raise ValueError("a codebook is required, got None: pass codebook=jasmk.train_codebook(...) or a [K, D] "
                          "array (build_index trains one when codebook= is left out)")
     if isinstance(codebook, str):
-        raise ValueError(f"codebook must be a Codebook or [K, D] centroids (or 'auto' for build_index), got {codebook!r}")
+        raise ValueError(f"codebook must be a Codebook or [K, D] centroids (or 'auto' for build_index), "
+                         f"got {codebook!r}")
     return Codebook.from_centroids(codebook)
 
 
@@ -80,7 +80,7 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
     Returns:
         :class:`~jasmk.aggregate.Aggregated` rows sorted by (image, word).
     """
-    cb = _as_codebook(centroids)
+    cb = as_codebook(centroids)
     x = validate.descriptors(feats, dim=cb.dim, allow_empty=allow_empty)
     imids = validate.image_ids(ids, x.shape[0])
     if word_ids is None and x.shape[0] == 0:
@@ -196,7 +196,7 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         validate.image_ids(ids, x.shape[0])  # bad ids fail before minutes of k-means
         codebook = _train_auto_codebook(x, sample=codebook_sample, seed=seed)
         feats = x
-    cb = _as_codebook(codebook)
+    cb = as_codebook(codebook)
     if distractors is not None:
         if distractors.dim != cb.dim or distractors.n_words != cb.size:
             raise ValueError("the distractor index was built with a different codebook")
@@ -221,14 +221,14 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
 def _run_batches(index, agg, fn, progress: bool, desc: str):
     """``fn(batch)`` for each :class:`~jasmk.engine.Batch` of the query images in ``agg``, with a progress bar."""
     out = []
-    with _progress(int(np.unique(agg.images).size), desc, progress) as bar:
-        for batch in engine_mod.batches(index, agg):
+    with progress_bar(int(np.unique(agg.images).size), desc, progress) as bar:
+        for batch in engine_mod.batches(agg, **engine_mod.layout(index)):
             out.append(fn(batch))
             bar.update(len(batch.ids))
     return out
 
 
-def _check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, engine="auto"):
+def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, engine="auto"):
     engine_mod.check_engine(engine)
     if engine == "sparse-cpu" and not index.binary:
         raise ValueError("engine 'sparse-cpu' scores ASMK* (binary) indexes only; use 'sparse-xla' or 'dense'")
@@ -268,7 +268,7 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
     """
-    _check_query_params(index, alpha, similarity_threshold, topk, engine)
+    check_query_params(index, alpha, similarity_threshold, topk, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
@@ -282,8 +282,8 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     """:func:`query` for query images already aggregated (:func:`aggregate_images`, or rows kept from an
     earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word).
     ``query_ids`` as in :func:`query` (with it, ``agg`` may hold no rows)."""
-    alpha, thr = _check_query_params(index, alpha, similarity_threshold, topk, engine)
-    _check_aggregated(index, agg, allow_empty=query_ids is not None)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, topk, engine)
+    check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
     named = None if query_ids is None else _named_query_ids(query_ids, present)
     n_q = present.size if named is None else named.size
@@ -342,7 +342,7 @@ def _rows_of(named: np.ndarray, ids: np.ndarray):
     return np.flatnonzero(hit), pos[hit]
 
 
-def _check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_empty: bool = False) -> None:
+def check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_empty: bool = False) -> None:
     if agg.vecs.ndim != 2 or agg.vecs.shape[1] != index.width or agg.vecs.dtype != (
             np.uint32 if index.binary else np.float32):
         raise ValueError(f"aggregated query rows must be [R, {index.width}] "
@@ -367,7 +367,7 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
     internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
     Retriever builds from asmk's ranks and scores. ``engine`` as in :func:`query`.
     """
-    _check_query_params(index, alpha, similarity_threshold, None, engine)
+    check_query_params(index, alpha, similarity_threshold, None, engine)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
@@ -379,8 +379,8 @@ def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, al
                             similarity_threshold: float = 0.0, progress: bool = False,
                             engine: str = "auto", query_ids=None) -> np.ndarray:
     """:func:`score_matrix` for query images already aggregated (as :func:`query_aggregated`)."""
-    alpha, thr = _check_query_params(index, alpha, similarity_threshold, None, engine)
-    _check_aggregated(index, agg, allow_empty=query_ids is not None)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, None, engine)
+    check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
     named = None if query_ids is None else _named_query_ids(query_ids, present)
     n_q = present.size if named is None else named.size
@@ -496,5 +496,6 @@ def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: in
     return jnp.where(scores > score_mod.NEG_INF, ranks, -1), scores
 
 __all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QueryResult", "add_images",
-    "aggregate_images", "auto_codebook_plan", "build_index", "query", "query_aggregated", "query_padded",
-    "score_matrix", "score_matrix_aggregated"]
+           "aggregate_images", "as_codebook", "auto_codebook_plan", "build_index", "check_aggregated",
+           "check_query_params", "progress_bar", "query", "query_aggregated", "query_padded", "score_matrix",
+           "score_matrix_aggregated"]

@@ -17,9 +17,12 @@ import zipfile
 
 import numpy as np
 
-from . import logs
+import jasmk
+
+from . import evaluation as jeval
+from . import logs, pairs, show
 from .logs import configure_logging as _configure_logging
-from .storage import atomic
+from .storage import atomic, checkpoint, safepickle
 
 log = logging.getLogger("jasmk")
 
@@ -118,8 +121,6 @@ def _load_feats(path, *, need_ids: bool):
 
 
 def _load_codebook(path):
-    from .storage import checkpoint
-
     if path.endswith(".pkl"):
         return checkpoint.load_asmk_codebook(path)  # restricted unpickler: never runs code
     return checkpoint.load_codebook(path)
@@ -151,8 +152,6 @@ def _check_not_input(out, inputs):
 
 def _check_out_checkpoint(out, *, kind, inputs):
     """Fail before any work if the checkpoint ``out`` would replace an input or anything not of ``kind``."""
-    from .storage import checkpoint
-
     if not out:
         raise CliError("--out is empty")
     _check_not_input(out, inputs)
@@ -164,8 +163,6 @@ def _check_out_checkpoint(out, *, kind, inputs):
 
 def _check_out_file(out, *, inputs):
     """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint."""
-    from .storage import checkpoint
-
     if not out:
         raise CliError("--out is empty")
     if os.path.isdir(out):
@@ -181,9 +178,6 @@ def _check_out_file(out, *, inputs):
 
 
 def _cmd_codebook(args):
-    import jasmk
-    from .storage import checkpoint
-
     _check_out_checkpoint(args.out, kind="codebook", inputs=[args.feats])
     feats, _ = _load_feats(args.feats, need_ids=False)
     cb = jasmk.train_codebook(feats, size=args.size, niter=args.niter, seed=args.seed)
@@ -192,9 +186,6 @@ def _cmd_codebook(args):
 
 
 def _cmd_index(args):
-    import jasmk
-    from .storage import checkpoint
-
     _check_out_checkpoint(args.out, kind="index", inputs=[args.feats, args.codebook])
     feats, ids = _load_feats(args.feats, need_ids=True)
     index = jasmk.build_index(feats, ids, codebook=_load_codebook(args.codebook), binary=args.binary,
@@ -209,9 +200,6 @@ def _query_kwargs(args):
 
 
 def _cmd_query(args):
-    import jasmk
-    from .storage import checkpoint
-
     _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
@@ -221,9 +209,6 @@ def _cmd_query(args):
 
 
 def _cmd_score_matrix(args):
-    import jasmk
-    from .storage import checkpoint
-
     _check_out_file(args.out, inputs=[args.index, args.qfeats])
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
@@ -233,8 +218,6 @@ def _cmd_score_matrix(args):
 
 
 def _cmd_pairs(args):
-    from . import pairs
-
     source = args.scores if args.scores is not None else args.index
     if (args.scores is None) == (args.index is None):
         raise CliError("give either a score matrix (SCORES) or --index with --feats, not both")
@@ -252,16 +235,13 @@ def _cmd_pairs(args):
             raise CliError(f"{args.scores} must be a .npy score matrix, not an .npz")
         p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
     else:  # straight from the index: no n x n matrix (O(n (Na + k)) memory)
-        import jasmk
-        from .storage import checkpoint
-
         index = checkpoint.load_index(args.index)
         feats, ids = _load_feats(args.feats, need_ids=True)
         rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param), feats, ids,
                                       binary=index.binary, multiple_assignment=args.ma)
         p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=args.alpha,
                                                    similarity_threshold=args.threshold, progress=not args.quiet)
-    pairs.save_pairs(args.out, p, names=names)  # atomic itself (jasmk.atomic); the path was checked above
+    pairs.save_pairs(args.out, p, names=names)  # atomic itself (jasmk.storage.atomic); the path was checked above
     log.info("%d pairs (%d key images) saved to %s", len(p), len(keys), args.out)
 
 
@@ -281,8 +261,6 @@ def _read_gnd(path):
     """Revisited ground truth: a .json list of {easy, hard, junk} dicts (or {"gnd": [...]}), or a gnd .pkl."""
     import json
 
-    from .storage import safepickle
-
     if not os.path.isfile(path):
         raise CliError(f"no such ground-truth file: {path}")
     if path.endswith(".pkl"):
@@ -301,15 +279,12 @@ def _read_gnd(path):
 
 
 def _cmd_show(args):
-    from . import evaluation as jeval
-    from . import show
-
     if not args.grid and not args.heatmap:
         raise CliError("give --grid PNG (results grid) and/or --heatmap PNG (score matrix heat map)")
     inputs = [args.results, args.images, args.query_images, args.gnd]
     for out in filter(None, (args.grid, args.heatmap)):
         _check_out_file(out, inputs=inputs)
-        show._check_out(out)
+        show.check_out_path(out)
     if args.grid and args.heatmap and _same_path(args.grid, args.heatmap):
         raise CliError("--grid and --heatmap name the same file")
     data, files = _load_arrays(args.results)
@@ -369,7 +344,8 @@ def _cmd_show(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jasmk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jasmk", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     talk = ap.add_mutually_exclusive_group()
     talk.add_argument("--quiet", action="store_true", help="no progress bars")
     talk.add_argument("--verbose", action="store_true", help="also print jasmk's info messages (on stderr)")

@@ -28,10 +28,10 @@ import numpy as np
 
 from . import api
 from .core import ivf as ivf_mod
-from .storage import asmk_format
-from .storage.asmk_format import codebook_from_state, codebook_state  # noqa: F401 (0.1 names)
 from .core import runtime, validate
 from .core.codebook import Codebook, have_faiss, quantize, train_codebook
+from .storage import asmk_format
+from .storage.asmk_format import codebook_from_state, codebook_state  # noqa: F401 (0.1 names)
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,10 @@ import os
 
 import numpy as np
 
-from .head import model as head_mod
+from . import api
 from .core import runtime
-from .storage import asmk_format
+from .head import model as head_mod
+from .storage import asmk_format, atomic
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class Retriever:
         self.batch_size, self.num_workers, self.progress = int(batch_size), int(num_workers), bool(progress)
         self.device = _check_device(device)
         args, state = head_mod.read_mast3r_checkpoint(modelname)
-        get = head_mod._getter(args)
+        get = head_mod.args_getter(args)
 
         # the backbone
         if backbone is None:
@@ -390,8 +391,6 @@ class Retriever:
         Returns:
             ``[n_images, n_images] float64``, ``[query, database]``.
         """
-        from . import api
-
         self._start()
         p = ASMK_PARAMS
         ma_q = p["query_multiple_assignment"]
@@ -446,8 +445,6 @@ def _check_npy_out(path) -> str:
 def _save_npy(path, array) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically (temp file, fsync, rename); an existing file is
     replaced only if it is itself a ``.npy`` array (checked before the work is lost: nothing else is overwritten)."""
-    from .storage import atomic
-
     atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")
 
 __all__ = ["ASMK_PARAMS", "IMAGE_EXTENSIONS", "PATCH_SIZE", "Retriever", "features_to_jax", "image_paths",

@@ -33,8 +33,10 @@ import re
 
 import numpy as np
 
-from .storage import atomic
+from . import api as api_mod
+from .core import engine as engine_mod
 from .core import memory
+from .storage import atomic
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +240,10 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
     Returns:
         ``(pairs [P, 2] int64, key_images [na] int64)``, as :func:`retrieval_pairs`.
     """
-    from . import api as api_mod
-    from .core import engine as engine_mod
-
     na, k = _check_count(na, "Na"), _check_count(k, "k")
     seed = _check_seed(seed)
-    alpha, thr = api_mod._check_query_params(index, alpha, similarity_threshold, None, engine)
-    api_mod._check_aggregated(index, query_agg)
+    alpha, thr = api_mod.check_query_params(index, alpha, similarity_threshold, None, engine)
+    api_mod.check_aggregated(index, query_agg)
     if index.imid_offset:
         raise ValueError(f"the index holds {index.imid_offset} distractor images: pairs need the index of the "
                          "images alone (query ids = index ids)")
@@ -274,15 +273,15 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
     def row(a: int) -> np.ndarray:  # image a as a query against every image: a row of the matrix
         sel = slice(int(starts[a]), int(stops[a]))
         one = query_agg._replace(vecs=query_agg.vecs[sel], words=query_agg.words[sel], images=images[sel])
-        (batch,) = engine_mod.batches(index, one)
+        (batch,) = engine_mod.batches(one, **engine_mod.layout(index))
         return 1.0 - scores_of(batch)[0].astype(np.float64)
 
     keys = _fps(row, n, na, seed)
     key_scores = np.zeros((n, na), np.float32) if na else None
     nn = np.zeros((n, kk), np.int64) if kk else None
     if na or kk:
-        with api_mod._progress(n, "pairs", progress) as bar:
-            for batch in engine_mod.batches(index, query_agg):
+        with api_mod.progress_bar(n, "pairs", progress) as bar:
+            for batch in engine_mod.batches(query_agg, **engine_mod.layout(index)):
                 q = np.asarray(batch.ids, np.int64)
                 s = scores_of(batch)
                 if na:

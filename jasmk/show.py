@@ -29,6 +29,9 @@ import os
 
 import numpy as np
 
+from . import evaluation as jeval
+from .storage import atomic, checkpoint
+
 log = logging.getLogger(__name__)
 
 # RGB uint8 frame colours.
@@ -48,7 +51,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # checks and writing
 
 
-def _check_out(out) -> str:
+def check_out_path(out) -> str:
     """The PNG path ``out``, after checking that writing it destroys nothing jasmk did not write."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise ValueError(f"out must be a non-empty .png path, got {out!r}")
@@ -64,8 +67,6 @@ def _check_out(out) -> str:
             head = handle.read(len(_PNG_MAGIC))
         if head != _PNG_MAGIC:
             raise ValueError(f"refusing to replace {out}: it exists and is not a PNG picture")
-    from .storage import checkpoint
-
     inside = checkpoint.enclosing_checkpoint(out)
     if inside is not None:
         raise ValueError(f"refusing to write {out}: it is inside the jasmk checkpoint {inside}")
@@ -74,8 +75,6 @@ def _check_out(out) -> str:
 
 def _save_png(fig, out: str, *, dpi) -> str:
     """``fig`` written to ``out`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    from .storage import atomic
-
     atomic.write_bytes_with(out, lambda handle: fig.savefig(handle, format="png", dpi=dpi), suffix=".png")
     log.debug("picture saved to %s", out)
     return out
@@ -180,8 +179,6 @@ def result_marks(ranks, gnd, *, n_db: int, protocol: str = "medium") -> np.ndarr
     ``protocol`` (``"easy"``, ``"medium"`` or ``"hard"``, see :data:`jasmk.eval.PROTOCOLS`) its positives are
     correct and its ignored images junk.
     """
-    from . import evaluation as jeval
-
     if protocol not in jeval.PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(jeval.PROTOCOLS)}, got {protocol!r}")
     r = _check_ranks(ranks, n_db)
@@ -246,7 +243,7 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
     Returns:
         ``out``.
     """
-    out = _check_out(out)
+    out = check_out_path(out)
     if not isinstance(database, (list, tuple)) or not database:
         raise ValueError("database must be a non-empty list of image paths or arrays")
     if not isinstance(queries, (list, tuple)) or not queries:
@@ -369,7 +366,7 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
     Returns:
         ``out``.
     """
-    out = _check_out(out)
+    out = check_out_path(out)
     s = np.asarray(scores)
     if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 1:
         raise ValueError(f"scores must be a non-empty [n_query, n_db] matrix, got shape {s.shape}")
@@ -411,5 +408,5 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
     fig.tight_layout()
     return _save_png(fig, out, dpi=dpi)
 
-__all__ = ["BACKGROUND", "COLORS", "TILE_BACKGROUND", "block_max", "load_image", "result_marks", "results_grid",
-    "score_heatmap"]
+__all__ = ["BACKGROUND", "COLORS", "TILE_BACKGROUND", "block_max", "check_out_path", "load_image", "result_marks",
+           "results_grid", "score_heatmap"]

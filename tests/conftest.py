@@ -30,9 +30,10 @@ def asmk_params(*, size, binary=True, use_idf=False, ma_build=1, ma_query=5, alp
 
 def asmk_with_centroids(params, centroids):
     """An asmk ASMKMethod whose codebook holds exactly ``centroids``."""
-    from asmk import asmk_method, codebook as cdb_pkg, index as idx_pkg
+    from asmk import asmk_method
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
 
-    method = asmk_method.ASMKMethod.initialize_untrained(params)
     cdb = cdb_pkg.Codebook(idx_pkg.initialize_index(None), size=params["train_codebook"]["codebook"]["size"])
     cdb.index(np.ascontiguousarray(centroids, dtype=np.float32))
     return asmk_method.ASMKMethod(params, {}, codebook=cdb)
@@ -93,3 +94,5 @@ def small_data():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU that JAX can use (skipped elsewhere)")
+    config.addinivalue_line("markers", "slow: runs a subprocess, a notebook or several processes "
+                                       "(a quick run leaves them out: -m 'not slow')")

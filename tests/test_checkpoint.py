@@ -5,10 +5,10 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
 
 import jasmk
 from jasmk.storage import checkpoint
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
 
 
 def test_codebook_and_index_round_trip(tmp_path, small_data):
@@ -109,7 +109,6 @@ def test_import_asmk_pickles(tmp_path, small_data, binary, use_idf):
 
 def test_compat_ivf_cache_and_distractors_paths(tmp_path, small_data):
     """jasmk.compat pickles its ivf in asmk's format: asmk loads jasmk's cache and vice versa."""
-    from asmk import asmk_method as ref_method
     from jasmk.compat import asmk_method
 
     feats, ids, centroids = small_data

@@ -2,17 +2,18 @@
 
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
 
 import jasmk
 from jasmk import cli
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
 
 
 def test_cli_end_to_end(tmp_path, small_data, capsys):
     feats, ids, _ = small_data
     np.save(tmp_path / "train.npy", feats)
     np.savez(tmp_path / "db.npz", feats=feats, ids=ids)
-    assert cli.main(["--quiet", "codebook", str(tmp_path / "train.npy"), "--size", "64", "--out", str(tmp_path / "cb")]) == 0
+    out = str(tmp_path / "cb")
+    assert cli.main(["--quiet", "codebook", str(tmp_path / "train.npy"), "--size", "64", "--out", out]) == 0
     assert cli.main(["--quiet", "index", str(tmp_path / "db.npz"), "--codebook", str(tmp_path / "cb"),
                      "--use-idf", "--out", str(tmp_path / "idx")]) == 0
     assert cli.main(["--quiet", "query", str(tmp_path / "idx"), str(tmp_path / "db.npz"), "--topk", "10",
@@ -60,7 +61,8 @@ def test_cli_bad_input_exits_cleanly(tmp_path, small_data, capsys):
         ["pairs", str(tmp_path / "nan.npy"), "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
         ["pairs", str(tmp_path / "nan.npy"), "--scene-graph", "swin-3", "--out", str(tmp_path / "p.txt")],
         ["pairs", "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
-        ["pairs", "--index", str(tmp_path / "nope"), "--scene-graph", "retrieval-2-2", "--out", str(tmp_path / "p.txt")],
+        ["pairs", "--index", str(tmp_path / "nope"), "--scene-graph", "retrieval-2-2",
+         "--out", str(tmp_path / "p.txt")],
         ["pairs", str(tmp_path / "nan.npy"), "--index", str(tmp_path / "nope"), "--feats", str(tmp_path / "noids.npz"),
          "--out", str(tmp_path / "p.txt")],
     ]

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
 
 import jasmk
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
 
 pytest.importorskip("asmk")
 

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import asmk_params, assert_same_ranking
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
 from jasmk.core import engine as engine_mod
 from jasmk.core import ivf
 from jasmk.core import score as score_mod
-from conftest import asmk_params, assert_same_ranking
 
 
 def numpy_pack(x):
@@ -224,6 +224,7 @@ def test_bad_input_errors(small_data):
 def test_compat_facade_mast3r_flow(tmp_path, small_data):
     """MASt3R's Retriever flow, with one import changed, against asmk; codebook pickles are interchangeable."""
     from asmk import asmk_method as ref_method
+
     from jasmk.compat import asmk_method
 
     feats, ids, _ = small_data
@@ -360,6 +361,13 @@ def test_aggregation_is_bit_exact_with_asmk_kernel():
                     np.testing.assert_allclose(agg.vecs, ref_vecs, rtol=1e-6, atol=1e-7)
 
 
+def _sizes(index):
+    """The index sizes batch_size takes (engine.layout without the idf)."""
+    sizes = engine_mod.layout(index)
+    del sizes["idf"]
+    return sizes
+
+
 def test_batch_size_respects_memory_budgets(small_data):
     """The query batch is a power of two, at most the queries there are, and keeps the dense word table and the
     accumulator of the largest segment bounded."""
@@ -367,13 +375,13 @@ def test_batch_size_respects_memory_budgets(small_data):
     for binary in (True, False):
         index = jasmk.build_index(feats, ids, codebook=centroids, binary=binary)
         for n_q, rows in [(1, 10), (3, 10), (1000, 5000), (1000, 50)]:
-            b = engine_mod.batch_size(index, n_q, rows)
+            b = engine_mod.batch_size(n_q, rows, **_sizes(index))
             assert b & (b - 1) == 0 and 1 <= b <= max(1, 1 << (n_q - 1).bit_length()) and b <= 64
             assert (min(index.n_words, b * rows) + 1) * b * index.width * 4 <= 64 * 2**20
-        assert engine_mod.batch_size(index, 3, 10) == 4
+        assert engine_mod.batch_size(3, 10, **_sizes(index)) == 4
     seg = index.segments[0]
     big = dataclasses.replace(index, segments=(dataclasses.replace(
         seg, norm_factor=np.zeros(ivf.MAX_SEGMENT_IMAGES, np.float32)),))  # only the image capacity matters
-    b = engine_mod.batch_size(big, 1000, 10)
+    b = engine_mod.batch_size(1000, 10, **_sizes(big))
     assert score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * b * 4 <= score_mod.ACC_BYTES
     assert b == 64 or score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * 2 * b * 4 > score_mod.ACC_BYTES

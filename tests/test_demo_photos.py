@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import load_experiment
 
 cv2 = pytest.importorskip("cv2")
@@ -79,7 +78,8 @@ def test_retrieval_far_above_random(demo_run):
 
 def _opencv_doc_pairs():
     demo = _demo()
-    have = [os.path.isfile(os.path.join(demo.OPENCV_DATA, f)) or os.path.isfile(os.path.join(demo.OPENCV_DATA, f + ".gz"))
+    have = [os.path.isfile(os.path.join(demo.OPENCV_DATA, f))
+            or os.path.isfile(os.path.join(demo.OPENCV_DATA, f + ".gz"))
             for _, files in demo.REAL_SCENES for f in files]
     return sum(have) >= 6
 

@@ -326,7 +326,6 @@ def test_reproduce_how_follows_asmk_parameter_files(how_layout, capsys):
 
 def test_reproduce_how_uses_asmk_codebook_pkl(how_layout, capsys, tmp_path):
     from asmk import asmk_method
-
     from conftest import asmk_params
 
     rh = _import_reproduce_how()
@@ -351,8 +350,9 @@ def test_reproduce_how_uses_asmk_codebook_pkl(how_layout, capsys, tmp_path):
 
 
 def test_reproduce_how_with_distractors(how_layout, capsys, tmp_path):
-    import jasmk
     from conftest import asmk_params, asmk_with_centroids
+
+    import jasmk
 
     rh = _import_reproduce_how()
     root, train, sets = how_layout

@@ -4,12 +4,11 @@
 import jax
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
 
 import jasmk
-from jasmk.core import codebook as cb_mod
 from jasmk import compat
-
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
+from jasmk.core import codebook as cb_mod
 
 
 def _gpus():

@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import asmk_params, clustered_data
 
 import jasmk
-from jasmk.storage import checkpoint, safepickle
 from jasmk import cli
-from conftest import asmk_params, clustered_data
+from jasmk.storage import checkpoint, safepickle
 
 
 def centroids(seed, k=8, d=4):
@@ -454,6 +454,7 @@ def test_safe_unpickler_reads_numpy_and_containers(protocol):
 @pytest.mark.parametrize("binary", [True, False])
 def test_real_asmk_pickles_load_through_the_safe_path(tmp_path, binary):
     from asmk import asmk_method as ref_method
+
     from jasmk.compat import asmk_method
 
     feats, ids = clustered_data(np.random.default_rng(3), n_images=10, per_image=40, dim=16)
@@ -482,8 +483,9 @@ def test_real_asmk_pickles_load_through_the_safe_path(tmp_path, binary):
 
 def test_mast3r_checkpoint_loads_weights_only(tmp_path):
     torch = pytest.importorskip("torch")
-    from jasmk import head
     from test_head import make_mast3r_checkpoint
+
+    from jasmk import head
 
     path = str(tmp_path / "retrieval.pth")
     make_mast3r_checkpoint(path, c=8, hdims="8_6", residual=False, prewhiten=1, postwhiten=None, nfeat=4)

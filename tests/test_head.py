@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from jasmk import head
-from jasmk.head import selection as select, train, whiten
+from jasmk.head import selection as select
+from jasmk.head import train, whiten
 
 
 def reference_whitening(x, s=1.0):
@@ -92,7 +93,8 @@ def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, n
     projector, dims = mast3r_projector(c, hdims)
     with torch.no_grad():
         for prm in projector.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3 + (1.0 if prm.ndim == 1 and prm.shape[0] in dims else 0))
+            offset = 1.0 if prm.ndim == 1 and prm.shape[0] in dims else 0
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3 + offset)
     state = {f"projector.{k}": v for k, v in projector.state_dict().items()}
     state["backbone.enc.weight"] = torch.zeros(3)  # frozen-backbone keys are ignored
     whiteners = {}
@@ -103,7 +105,8 @@ def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, n
             state[f"{name}.m"], state[f"{name}.p"] = m, p
             whiteners[name] = (m, p)
     args = argparse.Namespace(pretrained="x", freeze_backbone=1, prewhiten=prewhiten, hdims=hdims, residual=residual,
-                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=imsize, nclusters=nclusters)
+                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=imsize,
+                              nclusters=nclusters)
     torch.save({"args": args, "model": state}, path)
     return projector, whiteners
 
@@ -556,6 +559,7 @@ def test_a_float32_head_saved_by_the_old_jasmk_loads_and_warns_once_if_ill_condi
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_float64_whitening_under_the_users_global_x64():
     """A user who turned jax_enable_x64 on gets the same features (and float32 ones, as without it)."""
     import subprocess

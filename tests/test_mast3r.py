@@ -314,6 +314,7 @@ FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", [False, True])
 def test_constructing_the_retriever_starts_no_jax(setup, compute):
     """Before the first call nothing starts JAX, so a fork (torch's DataLoader workers) is safe; the control run

@@ -33,6 +33,7 @@ def test_notebook_is_stored_without_outputs():
         assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_notebook_runs_and_its_map_is_right(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # one extra cell (in memory only) hands the rankings and the ground truth back to the test

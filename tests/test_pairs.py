@@ -148,8 +148,9 @@ def test_bad_input(tmp_path):
 import functools  # noqa: E402
 import tracemalloc  # noqa: E402
 
-import jasmk  # noqa: E402
 from conftest import clustered_data  # noqa: E402
+
+import jasmk  # noqa: E402
 
 DUPLICATES = [(5, 17), (40, 41), (100, 7)]  # (source, copy): the copy holds the same descriptors
 

@@ -20,8 +20,8 @@ PIL_Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("asmk")
 
 from conftest import asmk_params  # noqa: E402
-from test_mast3r import reference_load  # noqa: E402
 from test_head import mast3r_projector, reference_whitening  # noqa: E402
+from test_mast3r import reference_load  # noqa: E402
 from test_pairs import mast3r_oracle  # noqa: E402
 
 C = 64          # backbone channels (MASt3R: 1024)

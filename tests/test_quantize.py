@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jasmk
-from jasmk.core import codebook as cb_mod
 from jasmk import compat
+from jasmk.core import codebook as cb_mod
 from jasmk.head import whiten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +60,8 @@ def test_quantizer_and_whitening_matmuls_run_at_full_precision():
 def _sq_dist64(x, c):
     x = x.astype(np.float64)
     c = c.astype(np.float64)
-    return (x * x).sum(1)[:, None] + (c * c).sum(1)[None, :] - 2 * x @ c.T, (x * x).sum(1)[:, None] + (c * c).sum(1)[None, :]
+    scale = (x * x).sum(1)[:, None] + (c * c).sum(1)[None, :]
+    return scale - 2 * x @ c.T, scale
 
 
 @pytest.mark.parametrize("k,d,ma", [(64, 16, 1), (300, 32, 5), (1024, 128, 3)])
@@ -202,6 +203,7 @@ LAZY = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user_setting", [None, "true"])
 def test_compat_and_codebook_load_start_no_jax_and_fork_cleanly(tmp_path, user_setting):
     code = LAZY.format(root=ROOT, params=_params(0), tmp=str(tmp_path))
@@ -241,6 +243,7 @@ NO_FAISS = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 def test_without_faiss_quantization_and_training_use_jax_and_faiss_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", NO_FAISS.format(root=ROOT)], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -255,8 +258,8 @@ def test_real_valued_query_program_has_no_reduced_precision_dot(max_pairs):
 
     rng = np.random.default_rng(0)
     f = rng.standard_normal((300, 16)).astype(np.float32)
-    index = jasmk.build_index(f, np.repeat(np.arange(10), 30), codebook=rng.standard_normal((32, 16)).astype(np.float32),
-                              binary=False)
+    index = jasmk.build_index(f, np.repeat(np.arange(10), 30),
+                              codebook=rng.standard_normal((32, 16)).astype(np.float32), binary=False)
     jp = jax.make_jaxpr(lambda i, a, b: api._query_padded(i, a, b, topk=3, max_pairs=max_pairs))(
         index, f[:60].reshape(2, 30, 16), np.ones((2, 30), bool))
     dots = _dots(jp.jaxpr)

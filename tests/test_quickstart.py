@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
 
 import jasmk
 from jasmk import api
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
 
 
 class _Records(logging.Handler):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,7 @@ def _noise(lines, own=None):
             and any(re.search(pattern, line) for pattern in NOISE)]
 
 
+@pytest.mark.slow
 def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((1600, 16)).astype(np.float32)
@@ -69,6 +71,7 @@ def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "S.npy"), np.load(tmp_path / "S2.npy"))
 
 
+@pytest.mark.slow
 def test_synthetic_demo_is_quiet(tmp_path):
     args = [str(ROOT / "experiments" / "demo_synthetic.py"), "--images", "16", "--per-image", "80",
             "--codebook", "32"]

@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import pytest
+from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
-from jasmk.storage import checkpoint, index_format
 from jasmk.core import engine, ivf
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
+from jasmk.storage import checkpoint, index_format
 
 
 def random_rows(rng, n_images, rows, k, width, first=0):
@@ -299,7 +299,7 @@ def test_xla_kernels_ignore_row_order(small_data):
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids, use_idf=True)
     agg = jasmk.aggregate_images(centroids, feats, ids, binary=True, multiple_assignment=5, sort=False)
-    batch = next(engine.batches(index, agg))
+    batch = next(engine.batches(agg, **engine.layout(index)))
     perm = np.random.default_rng(0).permutation(batch.n_rows)
     shuffled = engine.Batch(batch.ids, batch.vecs.copy(), batch.words.copy(), batch.slots.copy(), batch.n_rows,
                             batch.max_rows, batch.n_queries, batch.q_scale)

@@ -16,13 +16,13 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import clustered_data
 from jax.sharding import Mesh
 
 import jasmk
-from jasmk.storage import checkpoint
 from jasmk import shard
 from jasmk.shard import sharded
-from conftest import clustered_data
+from jasmk.storage import checkpoint
 
 FOUR = len(jax.devices()) >= 4
 four_devices = pytest.mark.skipif(not FOUR, reason="needs 4 JAX devices: run by test_four_virtual_devices")
@@ -88,6 +88,7 @@ def test_one_device_mesh_matches_index_and_checks_input():
             fn()
 
 
+@pytest.mark.slow
 def test_four_virtual_devices():
     """The four-device tests of this file, in a subprocess started with four virtual CPU devices."""
     if FOUR:
@@ -134,6 +135,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback(tmp_path):
     """Two JAX processes (2 CPU devices each, one 4-device mesh) joined by jax.distributed over loopback: each
     process builds and holds only its own shards; adds (cross-process psum of counts), the merged top-k and the
@@ -152,7 +154,8 @@ def test_two_processes_over_loopback(tmp_path):
         port = sock.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [subprocess.Popen([sys.executable, str(script), str(i), "2", str(port), str(tmp_path / f"out{i}.npz"),
-                               HERE, str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               HERE, str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
     for p in procs:

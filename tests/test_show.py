@@ -232,6 +232,7 @@ def test_heatmap_size_and_hot_cell_survives_downsampling(tmp_path):
     assert not (tmp_path / "nan.png").exists()
 
 
+@pytest.mark.slow
 def test_import_jasmk_does_not_import_matplotlib():
     code = ("import sys, jasmk, jasmk.show, jasmk.cli; "
             "assert 'matplotlib' not in sys.modules and 'PIL' not in sys.modules, sorted(sys.modules)")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ivf, validate
+from . import ivf, memory, validate
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,6 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
         if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         chunk = min(int(chunk_size), max(n, 1))
-    from . import memory
-
     memory.require(4 * chunk * codebook.size + 4 * codebook.size * codebook.dim, "the JAX quantizer's distance table",
                    hint="pass a smaller chunk_size", device=True)
     rows = ivf.capacity(n, minimum=1, multiple=chunk)
@@ -403,5 +401,5 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
     return ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]
 
 __all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "METHODS", "TIE_EPS",
-    "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax", "parse_size",
-    "quantize", "quantize_jax", "train_codebook"]
+           "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax",
+           "parse_size", "quantize", "quantize_jax", "train_codebook"]

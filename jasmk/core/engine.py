@@ -33,9 +33,8 @@ import logging
 import jax
 import numpy as np
 
-from . import cpu_kernel
+from . import cpu_kernel, memory
 from . import ivf as ivf_mod
-from . import memory
 from . import score as score_mod
 from .aggregate import Aggregated
 
@@ -105,41 +104,48 @@ def query_scale(idf: np.ndarray, words: np.ndarray, slots: np.ndarray, n_queries
     return ivf_mod.inverse_sqrt(qn)
 
 
-def batch_size(index: ivf_mod.Index, n_queries: int, max_rows: int) -> int:
+def batch_size(n_queries: int, max_rows: int, *, n_words: int, width: int, image_capacity: int) -> int:
     """Query images scored together: the largest power of two <= 64 whose dense word table
     (``min(K, B * max_rows) x B x W`` words) fits in 64 MiB and whose score accumulator (at least
-    ``I x B x LIMBS`` int32 for the largest segment) fits in 256 MiB, and no more than the queries
-    there are."""
-    i_cap = max([s.image_capacity for s in index.segments] or [1])
+    ``I x B x LIMBS`` int32 for the largest segment's ``image_capacity``) fits in 256 MiB, and no more than the
+    queries there are."""
     b = 1
     while b < MAX_BATCH:
         nb = 2 * b
-        if (min(index.n_words, nb * max_rows) + 1) * nb * index.width * 4 > TABLE_BYTES:
+        if (min(n_words, nb * max_rows) + 1) * nb * width * 4 > TABLE_BYTES:
             break
-        if score_mod.LIMBS * i_cap * nb * 4 > score_mod.ACC_BYTES:
+        if score_mod.LIMBS * image_capacity * nb * 4 > score_mod.ACC_BYTES:
             break
         b = nb
     return min(b, 1 << max(0, (int(n_queries) - 1).bit_length()))  # powers of two: few compiled shapes
 
 
-def batches(index: ivf_mod.Index, agg: Aggregated):
-    """Yield :class:`Batch` es of the query images in ``agg`` (rows grouped by image, ascending)."""
+def layout(index: ivf_mod.Index) -> dict:
+    """What batching needs to know of an index, as the keyword arguments of :func:`batches`."""
+    return {"n_words": index.n_words, "width": index.width, "idf": index.idf,
+            "image_capacity": max([s.image_capacity for s in index.segments] or [1])}
+
+
+def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: int):
+    """Yield :class:`Batch` es of the query images in ``agg`` (rows grouped by image, ascending) for an index of
+    ``n_words`` words, ``width``-wide rows, ``idf [K]`` and segments of at most ``image_capacity`` image slots
+    (:func:`layout` gives these for an :class:`~jasmk.core.ivf.Index`; the sharded index passes its own)."""
     bounds = np.flatnonzero(np.diff(agg.images)) + 1
     starts = np.concatenate([[0], bounds]).astype(np.int64)
     stops = np.concatenate([bounds, [agg.images.shape[0]]]).astype(np.int64)
     n_q = starts.size
-    b = batch_size(index, n_q, int((stops - starts).max()))
+    b = batch_size(n_q, int((stops - starts).max()), n_words=n_words, width=width, image_capacity=image_capacity)
     slot_of_row = np.repeat(np.arange(n_q), stops - starts)
-    idf = np.asarray(index.idf, np.float32)
-    width = agg.vecs.shape[1]
-    sort_dtype = np.uint16 if index.n_words <= 1 << 16 else np.int32
+    idf = np.asarray(idf, np.float32)
+    row_width = agg.vecs.shape[1]
+    sort_dtype = np.uint16 if n_words <= 1 << 16 else np.int32
     for i in range(0, n_q, b):
         j = min(i + b, n_q)
         s, e = starts[i], stops[j - 1]
         r = int(e - s)
         order = np.argsort(agg.words[s:e].astype(sort_dtype), kind="stable") + s
         cap = ivf_mod.capacity(r, minimum=64, steps=ROW_STEPS)
-        vecs = np.zeros((cap, width), agg.vecs.dtype)
+        vecs = np.zeros((cap, row_width), agg.vecs.dtype)
         vecs[:r] = agg.vecs[order]
         words = np.zeros(cap, np.int32)
         words[:r] = agg.words[order]
@@ -154,26 +160,29 @@ def pairs_capacity(pairs: int) -> int:
     return ivf_mod.capacity(pairs, minimum=1024, steps=PAIR_STEPS)
 
 
-def _choose(seg: ivf_mod.Segment, batch: Batch, pairs: int, engine: str, binary: bool, width: int) -> str:
-    """The kernel for one segment and batch (cost model unless forced)."""
+def choose_kernel(*, kernel: str, capacity: int, n_queries: int, max_rows: int, pairs: int, binary: bool,
+                  width: int) -> str:
+    """The kernel for one segment (``capacity`` postings) and one batch (``n_queries`` images, at most
+    ``max_rows`` rows each, ``pairs`` touched posting-row pairs): the cost model's cheapest unless ``kernel`` forces
+    one (``"auto"``, ``"sparse"``, or a kernel name)."""
     be = backend()
     cpu_ok = be == "cpu" and binary and cpu_kernel.available()
-    if engine in ("sparse", "auto") and cpu_ok:
+    if kernel in ("sparse", "auto") and cpu_ok:
         # on the CPU the compiled kernel beat both XLA kernels at every size measured
         return "sparse-cpu"
-    if batch.max_rows > score_mod.MAX_TERMS:
-        if cpu_ok and engine in ("auto", "sparse", "sparse-cpu"):
+    if max_rows > score_mod.MAX_TERMS:
+        if cpu_ok and kernel in ("auto", "sparse", "sparse-cpu"):
             return "sparse-cpu"
-        raise ValueError(f"a query image has {batch.max_rows} aggregated rows; the XLA kernels' fixed-point sums "
+        raise ValueError(f"a query image has {max_rows} aggregated rows; the XLA kernels' fixed-point sums "
                          f"hold at most {score_mod.MAX_TERMS} per image (split the image's descriptors, or use "
                          "the CPU kernel for ASMK*)")
-    if engine == "sparse":
+    if kernel == "sparse":
         return "sparse-xla"
-    if engine != "auto":
-        return engine
+    if kernel != "auto":
+        return kernel
     c = COSTS[be]
     scale = max(1.0, width / 2)
-    cost = {"dense": (c["dense-posting"] + c["dense-pair"] * batch.n_queries) * seg.capacity * scale
+    cost = {"dense": (c["dense-posting"] + c["dense-pair"] * n_queries) * capacity * scale
             + c["dense-fixed"]}
     xla_bytes = pairs_capacity(pairs) * (width + 4) * 4
     if xla_bytes <= PAIRS_BYTES:
@@ -232,7 +241,8 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
     for seg in index.segments:
         h = ivf_mod.host(seg)
         pairs = int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
-        kind = _choose(seg, batch, pairs, engine, index.binary, index.width)
+        kind = choose_kernel(kernel=engine, capacity=seg.capacity, n_queries=batch.n_queries,
+                             max_rows=batch.max_rows, pairs=pairs, binary=index.binary, width=index.width)
         if kind == "sparse-cpu":
             if cpu_rows is None:
                 ktable = _kernel_table(float(alpha32), float(thr32), 32 * index.width)
@@ -286,5 +296,5 @@ def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: fl
     return out
 
 __all__ = ["Batch", "COSTS", "ENGINES", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
-    "backend", "batch_size", "batches", "check_engine", "dense_scores", "pairs_capacity", "query_scale", "ranked",
-    "score_segments", "top_k_host"]
+           "backend", "batch_size", "batches", "check_engine", "choose_kernel", "dense_scores", "layout",
+           "pairs_capacity", "query_scale", "ranked", "score_segments", "top_k_host"]

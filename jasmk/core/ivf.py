@@ -291,7 +291,7 @@ def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_f
                          _padded(local.astype(np.int32), order, cap, PAD_IMAGE), offsets, norm, image_start, n_images)
 
 
-def _merge(a: Segment, b: Segment, n_words: int) -> Segment:
+def merge_segments(a: Segment, b: Segment, n_words: int) -> Segment:
     """One segment holding ``a`` then ``b`` (adjacent image ranges, ``a`` first), in O(postings): within each
     word, ``a``'s postings (lower images) come before ``b``'s, so every row's new position is its old one plus
     the other segment's postings of lower words (and, for ``b``, ``a``'s postings of its own word)."""
@@ -347,13 +347,13 @@ def _compact(segments: list, n_words: int, *, eager: bool = False) -> list:
         out = []
         for s in segments:
             if out and _mergeable(out[-1], s, eager=True):
-                out[-1] = _merge(out[-1], s, n_words)
+                out[-1] = merge_segments(out[-1], s, n_words)
             else:
                 out.append(s)
         return out
     while len(segments) >= 2 and _mergeable(segments[-2], segments[-1], eager=False):
         b = segments.pop()
-        segments[-1] = _merge(segments[-1], b, n_words)
+        segments[-1] = merge_segments(segments[-1], b, n_words)
     return segments
 
 
@@ -443,7 +443,7 @@ def add(index: Index, agg: Aggregated) -> Index:
     k = index.n_words
     n_images = int(images.max()) + 1
     # image slots are max id + 1: a stray huge id would allocate per-slot arrays for every id below it
-    memory.require((n_images - old_n) * 16 + _add_bytes(agg), f"adding images up to id {n_images - 1}",
+    memory.require((n_images - old_n) * 16 + add_bytes(agg), f"adding images up to id {n_images - 1}",
                    hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
@@ -455,7 +455,7 @@ def add(index: Index, agg: Aggregated) -> Index:
         idf[touched] = np.log(n_images / counts[touched]) ** 2
     segments = list(index.segments)
     if index.use_idf:  # every image's normalization moves with the refreshed idf (asmk recomputes it all)
-        segments = [_renormalized(s, idf) for s in segments]
+        segments = [renormalized(s, idf) for s in segments]
     norm_new = np.bincount(images - old_n, weights=idf[new_words], minlength=n_images - old_n)
     for s, e, r0, r1 in _split_ranges(old_n, n_images - old_n, images):
         segments.append(make_segment(new_vecs[r0:r1], new_words[r0:r1], images[r0:r1], image_start=s,
@@ -466,13 +466,13 @@ def add(index: Index, agg: Aggregated) -> Index:
                                image_slots=_scalar(n_images))
 
 
-def _add_bytes(agg: Aggregated) -> int:
+def add_bytes(agg: Aggregated) -> int:
     """Host bytes an add of ``agg`` allocates for its new segment (postings copied once, plus sort indices)."""
     rows = int(agg.words.shape[0])
     return rows * (int(np.asarray(agg.vecs).itemsize) * int(agg.vecs.shape[1]) + 4 + 4 + 8)
 
 
-def _renormalized(seg: Segment, idf: np.ndarray) -> Segment:
+def renormalized(seg: Segment, idf: np.ndarray) -> Segment:
     """``seg`` with ``norm_factor`` recomputed from ``idf`` (float64 sums, as a fresh build makes them)."""
     h = host(seg)
     e = int(h.offsets[-1])
@@ -501,5 +501,6 @@ def from_segments(centroids, counts, idf, segments, *, n_images: int, imid_offse
 
 
 __all__ = ["ENTRY_BLOCK", "HostSegment", "Index", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES", "MERGE_RATIO",
-           "Segment", "add", "capacity", "compact", "empty", "entries", "from_postings", "from_segments", "host",
-           "inverse_sqrt", "make_segment", "on_device", "with_distractors"]
+           "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries", "from_postings",
+           "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments", "on_device", "renormalized",
+           "with_distractors"]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import runtime
+from ..storage import checkpoint
 from . import selection, whiten
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class RetrievalHead(nn.Module):
         self.prewhiten = Whitener(cfg.backbone_dim) if cfg.prewhiten else None
         self.postwhiten = Whitener(cfg.dim) if cfg.postwhiten else None
         self.linears = [nn.Dense(h, precision=HIGHEST, name=f"linear_{i}") for i, h in enumerate(cfg.hdims)]
-        self.norms = [nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=f"norm_{i}") for i in range(len(cfg.hdims) - 1)]
+        self.norms = [nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=f"norm_{i}")
+                      for i in range(len(cfg.hdims) - 1)]
 
     def project(self, x):
         """Backbone features ``[..., N, C]`` -> (pre-whitened input, projected features ``[..., N, dim]``)."""
@@ -181,7 +183,8 @@ class RetrievalHead(nn.Module):
         return xw, h
 
     def features_and_attention(self, x):
-        """``(features [..., N, dim], attention [..., N])``: attention from the projected features, then post-whitening."""
+        """``(features [..., N, dim], attention [..., N])``: attention from the projected features, then
+        post-whitening."""
         _, h = self.project(x)
         attn = selection.attention_l2(h)
         feat = self.postwhiten(h) if self.postwhiten is not None else h
@@ -277,7 +280,7 @@ def extract_global(variables, config: HeadConfig, feats):
 # MASt3R checkpoint import
 
 
-def _getter(args):
+def args_getter(args):
     if isinstance(args, dict):
         return lambda k, d=None: args.get(k, d)
     return lambda k, d=None: getattr(args, k, d)
@@ -290,7 +293,7 @@ def config_from_args(args) -> HeadConfig:
     reads it off the weights). ``prewhiten`` / ``postwhiten`` are MASt3R's re-learning frequencies: ``None`` for
     no whitening. As in MASt3R's ``RetrievalModel``, a post-whitening other than ``-1`` needs a projector.
     """
-    get = _getter(args)
+    get = args_getter(args)
     backbone_dim = get("backbone_dim")
     hdims = parse_hdims(get("hdims", "") or "")
     postwhiten = get("postwhiten")
@@ -320,7 +323,7 @@ def infer_backbone_dim(state: dict, args) -> int | None:
     there is no projector (``hdims == ''``, so the output dim is ``C``), ``postwhiten.m [1, C]``.
     """
     keys = ["prewhiten.m", "projector.0.weight"]
-    if not parse_hdims(_getter(args)("hdims", "") or ""):
+    if not parse_hdims(args_getter(args)("hdims", "") or ""):
         keys.append("postwhiten.m")
     for key in keys:
         if key in state:
@@ -415,7 +418,7 @@ def load_mast3r_checkpoint(path, *, backbone_dim: int | None = None):
 
 def head_from_mast3r(args, state: dict, *, backbone_dim: int | None = None, source="the checkpoint"):
     """:func:`load_mast3r_checkpoint` on a checkpoint already read (:func:`read_mast3r_checkpoint`)."""
-    get = _getter(args)
+    get = args_getter(args)
     found = get("backbone_dim")
     if found is None:
         found = infer_backbone_dim(state, args)
@@ -462,8 +465,6 @@ def mast3r_codebook_path(checkpoint_path) -> str:
 
 def save_head(path, config: HeadConfig, variables) -> str:
     """Save head variables and config as an atomic Orbax checkpoint (the whitening as float64)."""
-    from ..storage import checkpoint
-
     tree = dict(variables)
     if "whitening" in tree:
         tree["whitening"] = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree["whitening"])
@@ -479,8 +480,6 @@ def load_head(path):
     :data:`ILL_CONDITIONED`, as MASt3R's whitening of LayerNorm'd tokens is) one
     :class:`WhiteningPrecisionWarning` says to import the MASt3R ``.pth`` again.
     """
-    from ..storage import checkpoint
-
     tree, meta = checkpoint.load_tree(path)
     if meta.get("kind") != "head":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a retrieval head")
@@ -500,7 +499,7 @@ def load_head(path):
     return config, device_variables(tree)
 
 __all__ = ["HeadConfig", "ILL_CONDITIONED", "RetrievalHead", "Whitener", "WhiteningPrecisionWarning",
-    "check_features", "config_from_args", "device_variables", "extract_global", "extract_local",
-    "head_from_mast3r", "infer_backbone_dim", "init_head", "load_head", "load_mast3r_checkpoint",
-    "mast3r_codebook_path", "parse_hdims", "read_mast3r_checkpoint", "resolve_nfeat", "save_head",
-    "variables_from_state_dict"]
+           "args_getter", "check_features", "config_from_args", "device_variables", "extract_global",
+           "extract_local", "head_from_mast3r", "infer_backbone_dim", "init_head", "load_head",
+           "load_mast3r_checkpoint", "mast3r_codebook_path", "parse_hdims", "read_mast3r_checkpoint",
+           "resolve_nfeat", "save_head", "variables_from_state_dict"]

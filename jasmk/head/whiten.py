@@ -89,7 +89,8 @@ _whiten_scoped.defvjp(_whiten_scoped_fwd, _whiten_scoped_bwd)
 
 def whiten(x, m, p):
     """Apply whitening in float64, as MASt3R does: ``((x as float64) - m) @ p`` at full precision, returned in
-    ``x``'s dtype (as JAX has it: float32 for float64 input unless ``jax_enable_x64`` is on). Works eagerly and inside a jitted function, with or without ``jax_enable_x64``.
+    ``x``'s dtype (as JAX has it: float32 for float64 input unless ``jax_enable_x64`` is on). Works eagerly and
+    inside a jitted function, with or without ``jax_enable_x64``.
 
     Args:
         x: ``[..., D]`` descriptors (float32 or float64).

@@ -41,12 +41,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .. import api
 from ..core import engine as engine_mod
@@ -368,7 +368,7 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
     n_images = int(images.max()) + 1
     if n_images > 2**31 - 2:
         raise ValueError(f"image ids up to {n_images - 1} do not fit int32 internal ids")
-    memory.require((n_images - old_n) * 16 + ivf_mod._add_bytes(agg), f"adding images up to id {n_images - 1}",
+    memory.require((n_images - old_n) * 16 + ivf_mod.add_bytes(agg), f"adding images up to id {n_images - 1}",
                    hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
@@ -396,12 +396,12 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
         if si in segments:
             seg = segments[si]
             if sidx.use_idf and n_old:
-                seg = ivf_mod._renormalized(seg, idf)
+                seg = ivf_mod.renormalized(seg, idf)
             if b > a:
                 new = ivf_mod.make_segment(new_vecs[r0:r1], new_words[r0:r1], images[r0:r1] - a + n_old,
                                            image_start=n_old, n_images=b - a,
                                            norm_factor=norm_new[a - old_n:b - old_n], n_words=k)
-                seg = ivf_mod._merge(seg, new, k) if n_old else new
+                seg = ivf_mod.merge_segments(seg, new, k) if n_old else new
             segments[si] = seg
         if b > a:
             if ranges[si] and ranges[si][-1][1] == a:
@@ -478,7 +478,7 @@ def build_sharded(feats, ids, *, codebook, mesh, axis=None, binary: bool = True,
     ``distractors``: a :class:`ShardedIndex` on the same mesh (or a single-device index, sharded first) whose
     images stay before the new ones. Other arguments as :func:`jasmk.build_index`.
     """
-    cb = api._as_codebook(codebook)
+    cb = api.as_codebook(codebook)
     mesh, axis = _check_mesh(mesh, axis)
     if distractors is not None:
         if isinstance(distractors, ivf_mod.Index):
@@ -512,11 +512,10 @@ def add_images(sidx: ShardedIndex, feats, ids, *, multiple_assignment: int = 1, 
 # scoring
 
 
-def _engine_view(sidx: ShardedIndex):
-    """What :func:`jasmk.engine.batches` reads of an index (batch size from the largest shard's slots)."""
-    i_cap = int(sidx.norm_factor.shape[1])
-    return types.SimpleNamespace(n_words=sidx.n_words, width=sidx.width, idf=_host_info(sidx).idf,
-                                 segments=(types.SimpleNamespace(image_capacity=i_cap),))
+def _layout(sidx: ShardedIndex) -> dict:
+    """What :func:`jasmk.core.engine.batches` needs (batch size from the largest shard's slots)."""
+    return {"n_words": sidx.n_words, "width": sidx.width, "idf": _host_info(sidx).idf,
+            "image_capacity": int(sidx.norm_factor.shape[1])}
 
 
 def _kernel(sidx: ShardedIndex, batch, engine: str):
@@ -524,9 +523,9 @@ def _kernel(sidx: ShardedIndex, batch, engine: str):
     h = _host_info(sidx)
     words = batch.words[: batch.n_rows]
     pairs = int((h.offsets[:, words + 1] - h.offsets[:, words]).sum(axis=1).max())
-    view = types.SimpleNamespace(capacity=int(sidx.vecs.shape[1]))
-    kind = engine_mod._choose(view, batch, pairs, "sparse-xla" if engine == "sparse" else engine, False,
-                              sidx.width)
+    kind = engine_mod.choose_kernel(kernel="sparse-xla" if engine == "sparse" else engine,
+                                    capacity=int(sidx.vecs.shape[1]), n_queries=batch.n_queries,
+                                    max_rows=batch.max_rows, pairs=pairs, binary=False, width=sidx.width)
     if kind == "sparse-xla":
         cap = engine_mod.pairs_capacity(pairs)
         memory.require(3 * cap * (sidx.width + 4) * 4, f"the sparse kernel's {pairs} pairs per shard",
@@ -597,7 +596,7 @@ def _check(sidx: ShardedIndex, alpha, threshold, topk, engine):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES} for a sharded index (the numba CPU kernel cannot run "
                          f"inside shard_map), got {engine!r}")
-    return api._check_query_params(sidx, alpha, threshold, topk, engine)
+    return api.check_query_params(sidx, alpha, threshold, topk, engine)
 
 
 def _batch_inputs(sidx: ShardedIndex, batch):
@@ -613,7 +612,7 @@ def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
 
     ``engine``: ``"auto"``, ``"dense"``, ``"sparse"`` / ``"sparse-xla"`` (XLA kernels only)."""
     alpha, thr = _check(sidx, alpha, similarity_threshold, topk, engine)
-    api._check_aggregated(sidx, agg)
+    api.check_aggregated(sidx, agg)
     n = sidx.n_images
     n_q = int(np.unique(agg.images).size)
     k = n if topk is None else min(int(topk), n)
@@ -623,7 +622,7 @@ def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
     k_shard = i_cap if topk is None else min(int(topk), i_cap)
     a32, t32 = np.float32(alpha), np.float32(thr)
     out_ids, out_ranks, out_scores = [], [], []
-    for batch in engine_mod.batches(_engine_view(sidx), agg):
+    for batch in engine_mod.batches(agg, **_layout(sidx)):
         kind, cap = _kernel(sidx, batch, engine)
         ids, scores = _ranked(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries, k=k_shard,
                               kind=kind, pairs_cap=cap)
@@ -651,7 +650,7 @@ def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float
                             similarity_threshold: float = 0.0, engine: str = "auto") -> np.ndarray:
     """:func:`jasmk.score_matrix_aggregated` on a sharded index: each shard's block placed by columns."""
     alpha, thr = _check(sidx, alpha, similarity_threshold, None, engine)
-    api._check_aggregated(sidx, agg)
+    api.check_aggregated(sidx, agg)
     h = _host_info(sidx)
     n_q = int(np.unique(agg.images).size)
     memory.require(2 * n_q * h.n_images * 4, f"a dense {n_q} x {h.n_images} score matrix",
@@ -660,7 +659,7 @@ def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float
     cols = [_gids(r, i_cap) for r in h.ranges]
     a32, t32 = np.float32(alpha), np.float32(thr)
     rows = []
-    for batch in engine_mod.batches(_engine_view(sidx), agg):
+    for batch in engine_mod.batches(agg, **_layout(sidx)):
         kind, cap = _kernel(sidx, batch, engine)
         blocks = _to_host(_block_scores(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries,
                                         kind=kind, pairs_cap=cap))

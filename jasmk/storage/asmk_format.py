@@ -54,8 +54,6 @@ def _state(path_or_state):
 
 def load_asmk_codebook(path_or_state) -> Codebook:
     """A codebook from asmk's codebook pickle (or its already loaded state dict)."""
-    from ..compat import codebook_from_state
-
     return codebook_from_state(_state(path_or_state))
 
 

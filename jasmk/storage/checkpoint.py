@@ -32,9 +32,9 @@ import jax
 import numpy as np
 
 from ..core import ivf as ivf_mod
-from . import index_format, safepickle
-from .asmk_format import export_asmk_ivf, load_asmk_codebook, load_asmk_ivf  # noqa: F401 (0.1 names)
 from ..core.codebook import Codebook
+from . import index_format
+from .asmk_format import export_asmk_ivf, load_asmk_codebook, load_asmk_ivf  # noqa: F401 (0.1 names)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from ..core import ivf
 from ..core.aggregate import packed_width
 
 
-
 def to_arrays(index: ivf.Index):
     """``(arrays, fields)``: the index as a PyTree of host arrays (each segment's real postings and images,
     without padding) and a JSON-able dict of its other fields; :func:`from_arrays` inverts it."""
@@ -106,9 +105,9 @@ def check_postings(vecs, words, images, norm, *, n_images: int, n_words: int, wi
 
 
 def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
-    """An :class:`~jasmk.core.ivf.Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges (word ids below
-    ``K``, image ids inside their segment's range, word-major order, finite centroids / idf / norms, segments
-    tiling ``[0, n_images)``, ``0 <= imid_offset <= n_images``, counts adding up).
+    """An :class:`~jasmk.core.ivf.Index` from :func:`to_arrays` output, after checking dtypes, shapes and ranges
+    (word ids below ``K``, image ids inside their segment's range, word-major order, finite centroids / idf /
+    norms, segments tiling ``[0, n_images)``, ``0 <= imid_offset <= n_images``, counts adding up).
 
     Raises:
         ValueError: naming the first problem found.
