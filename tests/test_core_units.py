@@ -385,3 +385,30 @@ def test_batch_size_respects_memory_budgets(small_data):
     b = engine_mod.batch_size(1000, 10, **_sizes(big))
     assert score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * b * 4 <= score_mod.ACC_BYTES
     assert b == 64 or score_mod.LIMBS * ivf.MAX_SEGMENT_IMAGES * 2 * b * 4 > score_mod.ACC_BYTES
+
+
+def test_cache_fields_are_neither_leaves_nor_static_metadata(small_data):
+    """Host and device copies live in a declared ``caches`` field that PyTree transforms, jit cache keys and
+    checkpoints do not see."""
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    leaves, treedef = jax.tree_util.tree_flatten(index)
+    ivf.on_device(index)
+    ivf.host(index.segments[0])
+    jasmk.query(index, feats[ids < 2], ids[ids < 2], engine="sparse-xla")
+    assert index.caches and index.segments[0].caches
+    leaves2, treedef2 = jax.tree_util.tree_flatten(index)
+    assert treedef2 == treedef and len(leaves2) == len(leaves)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.caches == {} and rebuilt.segments[0].caches == {}
+    assert "caches" not in repr(index)
+
+
+def test_reprs_are_short(small_data):
+    feats, ids, centroids = small_data
+    cb = jasmk.Codebook.from_centroids(centroids)
+    index = jasmk.build_index(feats, ids, codebook=cb)
+    assert repr(cb) == f"Codebook(size={cb.size}, dim={cb.dim}, size_param={cb.size_param!r})"
+    text = repr(index)
+    assert text.startswith("Index(ASMK*, images=") and f"postings={index.n_entries}" in text
+    assert "\n" not in text and len(text) < 200

@@ -107,6 +107,9 @@ class Codebook:
     def dim(self) -> int:
         return int(self.centroids.shape[1])
 
+    def __repr__(self) -> str:
+        return f"Codebook(size={self.size}, dim={self.dim}, size_param={self.size_param!r})"
+
     @classmethod
     def from_centroids(cls, centroids, *, size_param=None) -> "Codebook":
         c = validate.descriptors(centroids, name="centroids")

@@ -194,10 +194,9 @@ def _device_idf(index: ivf_mod.Index):
     """The index's idf on the device, cached on the index object."""
     if isinstance(index.idf, jax.Array):
         return index.idf
-    cached = index.__dict__.get("_device_idf")
+    cached = index.caches.get("device idf")
     if cached is None:
-        cached = jax.device_put(index.idf)
-        object.__setattr__(index, "_device_idf", cached)
+        cached = index.caches["device idf"] = jax.device_put(index.idf)
     return cached
 
 

@@ -95,6 +95,9 @@ class Segment:
     scale: jax.Array
     image_start: jax.Array
     n_images: jax.Array
+    #: host and device copies made on demand (:func:`host`, :func:`on_device`): neither a PyTree leaf nor static
+    #: metadata, so checkpoints and jit cache keys do not see it; a PyTree transform starts with an empty one
+    caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_entries(self) -> int:
@@ -128,23 +131,21 @@ def on_device(tree):
     object: segments are made on the host (a transfer call costs ~0.15 ms on the CPU, more than a small add),
     and the XLA kernels move each segment once, the first time they score it. ``jax.device_put(index)`` moves a
     whole index at once (do that before calling :func:`jasmk.query_padded` in a loop)."""
-    cached = tree.__dict__.get("_device")
+    cached = tree.caches.get("device")
     if cached is None:
         if all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree)):
             return tree
-        cached = jax.device_put(tree)
-        object.__setattr__(tree, "_device", cached)
+        cached = tree.caches["device"] = jax.device_put(tree)
     return cached
 
 
 def host(seg: Segment) -> HostSegment:
     """Cached numpy views of ``seg`` (the segment's arrays never change: segments are immutable)."""
-    cached = seg.__dict__.get("_host")
+    cached = seg.caches.get("host")
     if cached is None:
-        cached = HostSegment(np.asarray(seg.vecs), np.asarray(seg.words), np.asarray(seg.images),
-                             np.asarray(seg.offsets), np.asarray(seg.norm_factor), np.asarray(seg.scale),
-                             int(seg.image_start), int(seg.n_images))
-        object.__setattr__(seg, "_host", cached)
+        cached = seg.caches["host"] = HostSegment(
+            np.asarray(seg.vecs), np.asarray(seg.words), np.asarray(seg.images), np.asarray(seg.offsets),
+            np.asarray(seg.norm_factor), np.asarray(seg.scale), int(seg.image_start), int(seg.n_images))
     return cached
 
 
@@ -182,6 +183,14 @@ class Index:
     use_idf: bool
     dim: int
     codebook_size_param: object = None
+    #: device copies made on demand (:func:`on_device`, the device idf): neither a PyTree leaf nor static metadata
+    caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        kind = "ASMK*" if self.binary else "ASMK"
+        return (f"Index({kind}, images={self.n_images}, words={self.n_words}, dim={self.dim}, "
+                f"postings={self.n_entries}, segments={len(self.segments)}, use_idf={self.use_idf}, "
+                f"imid_offset={self.imid_offset})")
 
     @property
     def n_words(self) -> int:
@@ -325,8 +334,7 @@ def _segment_from(vecs, words, images, offsets, norm, image_start: int, n_images
     scale = inverse_sqrt(norm)
     seg = Segment(vecs=vecs, words=words, images=images, offsets=offsets, norm_factor=norm, scale=scale,
                   image_start=_scalar(image_start), n_images=_scalar(n_images))
-    object.__setattr__(seg, "_host", HostSegment(vecs, words, images, offsets, norm, scale, int(image_start),
-                                                 int(n_images)))
+    seg.caches["host"] = HostSegment(vecs, words, images, offsets, norm, scale, int(image_start), int(n_images))
     return seg
 
 

@@ -118,6 +118,18 @@ class ShardedIndex:
     use_idf: bool
     dim: int
     codebook_size_param: object = None
+    #: the host bookkeeping (shard ranges, per-shard offsets and segments) and the host centroids: neither a PyTree
+    #: leaf nor static metadata; a PyTree transform starts without them (see :func:`_host_info`)
+    caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        kind = "ASMK*" if self.binary else "ASMK"
+        try:
+            sizes = f"images={self.n_images}, postings={self.n_entries}"
+        except ValueError:  # rebuilt by a PyTree transform: no host bookkeeping
+            sizes = "no host bookkeeping"
+        return (f"ShardedIndex({kind}, {sizes}, words={self.n_words}, dim={self.dim}, shards={self.n_shards} on "
+                f"axis {self.axis!r}, use_idf={self.use_idf}, imid_offset={self.imid_offset})")
 
     @property
     def n_shards(self) -> int:
@@ -172,7 +184,7 @@ class _Host:
 
 
 def _host_info(sidx: ShardedIndex) -> _Host:
-    h = sidx.__dict__.get("_hostinfo")
+    h = sidx.caches.get("host")
     if h is None:
         raise ValueError("this ShardedIndex has lost its host bookkeeping (it was rebuilt by a PyTree transform); "
                          "use the index returned by jasmk.shard functions")
@@ -319,15 +331,15 @@ def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, 
                        idf=_replicated(mesh, h.idf), image_slots=_replicated(mesh, np.int32(h.n_images)),
                        mesh=mesh, axis=axis, imid_offset=int(imid_offset), binary=bool(binary),
                        use_idf=bool(use_idf), dim=int(dim), codebook_size_param=size_param, **arrays)
-    object.__setattr__(out, "_hostinfo", h)
-    object.__setattr__(out, "_host_centroids", np.asarray(centroids, np.float32))
+    out.caches["host"] = h
+    out.caches["centroids"] = np.asarray(centroids, np.float32)
     log.debug("sharded index: %d images, postings per shard %s, capacity %d x %d", h.n_images, entries.tolist(),
               c, i_cap)
     return out
 
 
 def _fields(sidx: ShardedIndex) -> dict:
-    return dict(centroids=sidx.__dict__["_host_centroids"], mesh=sidx.mesh, axis=sidx.axis,
+    return dict(centroids=sidx.caches["centroids"], mesh=sidx.mesh, axis=sidx.axis,
                 imid_offset=sidx.imid_offset, binary=sidx.binary, use_idf=sidx.use_idf, dim=sidx.dim,
                 size_param=sidx.codebook_size_param)
 
@@ -461,13 +473,12 @@ def shard_index(index: ivf_mod.Index, mesh, *, axis=None) -> ShardedIndex:
 def with_distractors(sidx: ShardedIndex) -> ShardedIndex:
     """Use ``sidx`` as a distractor set: later adds are numbered after its images (asmk's ``imid_offset``)."""
     out = dataclasses.replace(sidx, imid_offset=int(sidx.n_images))
-    for key in ("_hostinfo", "_host_centroids"):
-        object.__setattr__(out, key, sidx.__dict__[key])
+    out.caches.update(sidx.caches)
     return out
 
 
 def _codebook(sidx: ShardedIndex) -> Codebook:
-    return Codebook(sidx.__dict__["_host_centroids"], sidx.codebook_size_param)
+    return Codebook(sidx.caches["centroids"], sidx.codebook_size_param)
 
 
 def build_sharded(feats, ids, *, codebook, mesh, axis=None, binary: bool = True, use_idf: bool = False,
@@ -703,7 +714,7 @@ def to_arrays(sidx: ShardedIndex):
         hs = ivf_mod.host(h.segments[si])
         e = int(hs.offsets[-1])
         postings.append((hs.vecs[:e], hs.words[:e], hs.images[:e], hs.norm_factor[: hs.n_images]))
-    return shard_format.to_arrays(sidx.__dict__["_host_centroids"], h.counts, h.idf, postings, ranges=h.ranges,
+    return shard_format.to_arrays(sidx.caches["centroids"], h.counts, h.idf, postings, ranges=h.ranges,
                                   n_images=h.n_images, imid_offset=sidx.imid_offset, binary=sidx.binary,
                                   use_idf=sidx.use_idf, dim=sidx.dim, codebook_size_param=sidx.codebook_size_param)
 
