@@ -108,9 +108,9 @@ def auto_codebook_plan(n_descriptors: int, *, sample: int = AUTO_SAMPLE, seed: i
         ValueError: fewer than ``39 * AUTO_MIN_WORDS`` (624) descriptors, or a bad ``sample``.
     """
     n = int(n_descriptors)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not validate.is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+    if not validate.is_int(sample) or sample < 1:
         raise ValueError(f"codebook_sample must be a positive int, got {sample!r}")
     m = min(n, int(sample))
     need = FAISS_MIN_PER_WORD * AUTO_MIN_WORDS
@@ -238,7 +238,7 @@ def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, 
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0 (a negative power of a zero similarity is infinite), got {alpha}")
     thr = validate.finite_number(similarity_threshold, "similarity_threshold")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
+    if topk is not None and (not validate.is_int(topk) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
     return alpha, thr
 
@@ -426,9 +426,9 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
     if n * int(multiple_assignment) > score_mod.MAX_TERMS:
         raise ValueError(f"{n} rows x multiple assignment {multiple_assignment} exceed the {score_mod.MAX_TERMS} "
                          "aggregated rows per image that the fixed-point sums hold; query fewer rows per image")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
+    if topk is not None and (not validate.is_int(topk) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))
+    if max_pairs is not None and (not validate.is_int(max_pairs)
                                   or max_pairs < 1):
         raise ValueError(f"max_pairs must be a positive int or None, got {max_pairs!r}")
     if not isinstance(feats, jax.core.Tracer):

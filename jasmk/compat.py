@@ -70,7 +70,7 @@ def _gpu_id(params):
         raise ValueError(f"index params must be a dict like {{'gpu_id': 0}}, got {index!r}")
     _only_keys(index, {"gpu_id"}, "index")
     gpu = index.get("gpu_id")
-    if gpu is not None and (isinstance(gpu, (bool, np.bool_)) or not isinstance(gpu, (int, np.integer)) or gpu < 0):
+    if gpu is not None and (not validate.is_int(gpu) or gpu < 0):
         raise ValueError(f"index gpu_id must be None or a GPU number >= 0, got {gpu!r}")
     return None if gpu is None else int(gpu)
 

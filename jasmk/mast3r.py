@@ -45,7 +45,7 @@ import os
 import numpy as np
 
 from . import api
-from .core import runtime
+from .core import runtime, validate
 from .head import model as head_mod
 from .storage import asmk_format, atomic
 
@@ -252,7 +252,7 @@ class Retriever:
         if not os.path.isfile(modelname):
             raise ValueError(f"retrieval checkpoint {modelname} does not exist")
         for value, name, low in ((batch_size, "batch_size", 1), (num_workers, "num_workers", 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if not validate.is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.batch_size, self.num_workers, self.progress = int(batch_size), int(num_workers), bool(progress)
         self.device = _check_device(device)
@@ -296,7 +296,7 @@ class Retriever:
             raise ValueError(f"the codebook {self.codebook_path} holds {centroids.shape[1]}-dim words but the head "
                              f"of {modelname} gives {self.config.dim}-dim features")
         imsize = info["imsize"]
-        if isinstance(imsize, bool) or not isinstance(imsize, (int, np.integer)) or imsize < PATCH_SIZE:
+        if not validate.is_int(imsize) or imsize < PATCH_SIZE:
             raise ValueError(f"checkpoint args.imsize must be an int >= {PATCH_SIZE}, got {imsize!r}")
         if imsize == 224:
             raise ValueError("checkpoint args.imsize is 224: MASt3R's retrieval reads images at 512 only")

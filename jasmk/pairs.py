@@ -35,7 +35,7 @@ import numpy as np
 
 from . import api as api_mod
 from .core import engine as engine_mod
-from .core import memory
+from .core import memory, validate
 from .storage import atomic
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,13 @@ def _check_matrix(scores) -> np.ndarray:
 
 
 def _check_count(x, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+    if not validate.is_int(x) or x < 0:
         raise ValueError(f"{name} must be an int >= 0, got {x!r}")
     return int(x)
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+    if not validate.is_int(seed) or not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     return int(seed)
 

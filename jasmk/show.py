@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from . import evaluation as jeval
+from .core import validate
 from .storage import atomic, checkpoint
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _save_png(fig, out: str, *, dpi) -> str:
 
 
 def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not validate.is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 

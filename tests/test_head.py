@@ -65,9 +65,11 @@ def test_selection_and_spoc_match_numpy():
     # vmappable: per-image calls equal the batched call
     per = jax.vmap(lambda f_, a_: select.weighted_spoc(f_, a_))(jnp.asarray(feat), jnp.asarray(attn))
     np.testing.assert_allclose(np.asarray(per), g, rtol=1e-6)
-    for bad in (-1.5, 0.5, "x"):
+    for bad in (-1.5, "x", True, float("nan")):
         with pytest.raises(ValueError):
             select.resolve_nfeat(bad, 10)
+    assert select.resolve_nfeat is head.resolve_nfeat  # one rule, MASt3R's: 0 < nfeat < 1 keeps int(nfeat) = 0
+    assert select.resolve_nfeat(0.5, 10) == 0
 
 
 def mast3r_projector(c, hdims):

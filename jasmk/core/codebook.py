@@ -264,7 +264,7 @@ def accelerator_device(device=None):
     if device is None:
         d = jax.devices()[0]
         return None if d.platform == "cpu" else d
-    if isinstance(device, (int, np.integer)) and not isinstance(device, (bool, np.bool_)):
+    if validate.is_int(device):
         try:
             gpus = jax.devices("gpu")
         except RuntimeError:
@@ -348,7 +348,7 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
         _, ids = _cached(_flat_cache, codebook.centroids, None, make).search(x, ma)
         return ids.astype(np.int32)
     if method == "hnsw":
-        if isinstance(ef_search, (bool, np.bool_)) or not isinstance(ef_search, (int, np.integer)) or ef_search < 1:
+        if not validate.is_int(ef_search) or ef_search < 1:
             raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
         index = hnsw_index(codebook.centroids)
         index.hnsw.efSearch = max(int(ef_search), ma)
@@ -361,7 +361,7 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
     if chunk_size is None:
         chunk = _chunk_rows(codebook.size, n)
     else:
-        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        if not validate.is_int(chunk_size) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         chunk = min(int(chunk_size), max(n, 1))
     memory.require(4 * chunk * codebook.size + 4 * codebook.size * codebook.dim, "the JAX quantizer's distance table",

@@ -91,6 +91,11 @@ def word_ids(ids, n: int, n_words: int, ma: int) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python or numpy) and not a bool: the one test for counts, sizes, seeds."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def finite_number(value, name: str) -> float:
     try:
         v = float(value)
@@ -100,4 +105,4 @@ def finite_number(value, name: str) -> float:
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
 
-__all__ = ["descriptors", "finite_number", "image_ids", "multiple_assignment", "word_ids"]
+__all__ = ["descriptors", "finite_number", "image_ids", "is_int", "multiple_assignment", "word_ids"]

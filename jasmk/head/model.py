@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import warnings
 
@@ -30,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import runtime
+from ..core import runtime, validate
 from ..storage import checkpoint
 from . import selection, whiten
+from .selection import resolve_nfeat
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +45,6 @@ ILL_CONDITIONED = 1e3
 
 class WhiteningPrecisionWarning(UserWarning):
     """The head's whitening is not float64, so its results differ from MASt3R's."""
-
-
-def resolve_nfeat(nfeat, n: int) -> int:
-    """Local features kept out of ``n``, by MASt3R's ``how_select_local`` rule.
-
-    ``nfeat < 0`` is a fraction: ``int(-nfeat * n)`` (``nfeat`` must be >= -1); otherwise ``int(nfeat)`` (so
-    ``0 <= nfeat < 1`` keeps none, as in MASt3R). Never more than ``n``.
-    """
-    if isinstance(nfeat, (bool, np.bool_)):
-        raise ValueError(f"nfeat must be a number, got {nfeat!r}")
-    try:
-        v = float(nfeat)
-    except (TypeError, ValueError):
-        raise ValueError(f"nfeat must be a number, got {nfeat!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"nfeat must be finite, got {nfeat!r}")
-    if v < 0:
-        if v < -1:
-            raise ValueError(f"a fractional nfeat must lie in [-1, 0), got {nfeat}")
-        k = int(-v * n)
-    else:
-        k = int(v)
-    return min(k, int(n))
 
 
 def parse_hdims(hdims) -> tuple[int, ...]:
@@ -423,7 +400,7 @@ def head_from_mast3r(args, state: dict, *, backbone_dim: int | None = None, sour
     if found is None:
         found = infer_backbone_dim(state, args)
     if backbone_dim is not None:
-        if isinstance(backbone_dim, bool) or not isinstance(backbone_dim, (int, np.integer)) or backbone_dim < 1:
+        if not validate.is_int(backbone_dim) or backbone_dim < 1:
             raise ValueError(f"backbone_dim must be a positive int, got {backbone_dim!r}")
         if found is not None and int(found) != int(backbone_dim):
             raise ValueError(f"backbone_dim={backbone_dim} but {source} is for {found}-channel backbone features")

@@ -6,29 +6,34 @@ All functions take any number of leading batch dimensions and are vmappable and 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def resolve_nfeat(nfeat, n: int) -> int:
-    """Number of features kept: ``nfeat >= 1`` is a count, ``-1 <= nfeat < 0`` a fraction ``int(-nfeat * n)``
-    of the ``n`` available; never more than ``n``."""
-    if isinstance(nfeat, bool):
+    """Local features kept out of ``n``, by MASt3R's ``how_select_local`` rule.
+
+    ``nfeat < 0`` is a fraction: ``int(-nfeat * n)`` (``nfeat`` must be >= -1); otherwise ``int(nfeat)`` (so
+    ``0 <= nfeat < 1`` keeps none, as in MASt3R). Never more than ``n``.
+    """
+    if isinstance(nfeat, (bool, np.bool_)):
         raise ValueError(f"nfeat must be a number, got {nfeat!r}")
     try:
         v = float(nfeat)
     except (TypeError, ValueError):
         raise ValueError(f"nfeat must be a number, got {nfeat!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"nfeat must be finite, got {nfeat!r}")
     if v < 0:
         if v < -1:
             raise ValueError(f"a fractional nfeat must lie in [-1, 0), got {nfeat}")
         k = int(-v * n)
     else:
-        if v < 1 and v != 0:
-            raise ValueError(f"nfeat must be >= 1 (a count) or in [-1, 0) (a fraction), got {nfeat}")
         k = int(v)
-    return min(k, n)
+    return min(k, int(n))
 
 
 def attention_l2(feat):
@@ -43,7 +48,7 @@ def how_select_local(feat, attn, *, nfeat):
     Args:
         feat: ``[..., N, C]`` local features.
         attn: ``[..., N]`` attention (padding rows should carry ``-inf``).
-        nfeat: count (>= 1) or fraction (in [-1, 0)) of ``N``; static.
+        nfeat: count or fraction of ``N`` by MASt3R's rule (:func:`resolve_nfeat`); static.
 
     Returns:
         ``(features [..., k, C], attention [..., k], indices [..., k] int32)``, by decreasing attention.
