@@ -22,7 +22,7 @@ import jasmk
 from . import evaluation as jeval
 from . import logs, pairs, show
 from .logs import configure_logging as _configure_logging
-from .storage import atomic, checkpoint, safepickle
+from .storage import atomic, checkpoint, paths, safepickle
 
 log = logging.getLogger("jasmk")
 
@@ -165,12 +165,8 @@ def _check_out_file(out, *, inputs):
     """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint."""
     if not out:
         raise CliError("--out is empty")
-    if os.path.isdir(out):
-        raise CliError(f"refusing to write --out {out}: it is an existing directory")
     _check_not_input(out, inputs)
-    inside = checkpoint.enclosing_checkpoint(out)
-    if inside is not None:
-        raise CliError(f"refusing to write --out {out}: it is inside the jasmk checkpoint {inside}")
+    paths.check_file_target(out, name="--out")
 
 
 # ---------------------------------------------------------------------------------------------------------

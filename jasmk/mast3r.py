@@ -47,7 +47,7 @@ import numpy as np
 from . import api
 from .core import runtime, validate
 from .head import model as head_mod
-from .storage import asmk_format, atomic
+from .storage import asmk_format, atomic, paths
 
 log = logging.getLogger(__name__)
 
@@ -431,15 +431,8 @@ class Retriever:
 
 
 def _check_npy_out(path) -> str:
-    """``path`` if a ``.npy`` may be written there: not a folder, and not an existing file other than a ``.npy``."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"outfile {path} is a folder")
-    if os.path.exists(path):
-        with open(path, "rb") as handle:
-            if handle.read(6) != b"\x93NUMPY":
-                raise ValueError(f"outfile {path} exists and is not a .npy array: not replacing it")
-    return path
+    """``path`` if a ``.npy`` may be written there (:func:`jasmk.storage.paths.check_file_target`)."""
+    return paths.check_file_target(path, magic=paths.NPY_MAGIC, what=".npy array", name="outfile")
 
 
 def _save_npy(path, array) -> None:

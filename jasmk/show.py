@@ -31,7 +31,7 @@ import numpy as np
 
 from . import evaluation as jeval
 from .core import validate
-from .storage import atomic, checkpoint
+from .storage import atomic, paths
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ COLORS = {
 BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (235, 235, 235)
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,25 +52,11 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_out_path(out) -> str:
-    """The PNG path ``out``, after checking that writing it destroys nothing jasmk did not write."""
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
-        raise ValueError(f"out must be a non-empty .png path, got {out!r}")
-    out = os.fspath(out)
-    if not out.lower().endswith(".png"):
+    """The PNG path ``out``, after checking that writing it destroys nothing jasmk did not write
+    (:func:`jasmk.storage.paths.check_file_target`)."""
+    if isinstance(out, (str, os.PathLike)) and os.fspath(out) and not os.fspath(out).lower().endswith(".png"):
         raise ValueError(f"out must end in .png (the picture is a PNG), got {out!r}")
-    if os.path.isdir(out):
-        raise ValueError(f"refusing to write {out}: it is an existing directory")
-    if os.path.lexists(out):
-        if not os.path.isfile(out):
-            raise ValueError(f"refusing to write {out}: it exists and is not a regular file")
-        with open(out, "rb") as handle:
-            head = handle.read(len(_PNG_MAGIC))
-        if head != _PNG_MAGIC:
-            raise ValueError(f"refusing to replace {out}: it exists and is not a PNG picture")
-    inside = checkpoint.enclosing_checkpoint(out)
-    if inside is not None:
-        raise ValueError(f"refusing to write {out}: it is inside the jasmk checkpoint {inside}")
-    return out
+    return paths.check_file_target(out, magic=paths.PNG_MAGIC, what="PNG picture")
 
 
 def _save_png(fig, out: str, *, dpi) -> str:

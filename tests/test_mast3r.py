@@ -176,7 +176,7 @@ def test_retriever_matches_mast3r_with_asmk(setup, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for bad in (notes, tmp_path):
-        with pytest.raises(ValueError, match="not a .npy|is a folder"):
+        with pytest.raises(ValueError, match="not a .npy|existing directory"):
             retriever(setup["folder"], outfile=str(bad))
     assert notes.read_text() == "mine" and len(backbone.calls) == calls
     assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp-")]
