@@ -306,8 +306,8 @@ def test_xla_kernels_ignore_row_order(small_data):
     for a in ("vecs", "words", "slots"):
         getattr(shuffled, a)[: batch.n_rows] = getattr(batch, a)[: batch.n_rows][perm]
     for kind in ("dense", "sparse-xla"):
-        a = [np.asarray(o) for _, o in engine.score_segments(index, batch, 3.0, 0.0, engine=kind)]
-        b = [np.asarray(o) for _, o in engine.score_segments(index, shuffled, 3.0, 0.0, engine=kind)]
+        a = [np.asarray(o) for _, _, o in engine.score_segments(index, batch, 3.0, 0.0, engine=kind)]
+        b = [np.asarray(o) for _, _, o in engine.score_segments(index, shuffled, 3.0, 0.0, engine=kind)]
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
 

@@ -225,8 +225,8 @@ def top_k_host(scores: np.ndarray, k: int):
 
 
 def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, engine: str = "auto"):
-    """Yield ``(segment, [B, I] scores)`` for each segment of ``index`` (a JAX array, or a numpy array from
-    the CPU kernel), each from the kernel :func:`_choose` picks."""
+    """Yield ``(segment, kernel, [B, I] scores)`` for each segment of ``index``, each from the kernel
+    :func:`choose_kernel` picks (``"sparse-cpu"`` gives a host numpy array, the XLA kernels a JAX array)."""
     r = batch.n_rows
     words = batch.words[:r]
     alpha32, thr32 = np.float32(alpha), np.float32(threshold)
@@ -257,7 +257,7 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
         else:
             out = score_mod.dense_segment(*xla_args(seg), n_queries=batch.n_queries)
         log.debug("segment of %d postings, %d pairs: %s", seg.capacity, pairs, kind)
-        yield seg, out
+        yield seg, kind, out
 
 
 def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, topk: int | None,
@@ -265,9 +265,9 @@ def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *
     """``(ranks [b, k] int64, scores [b, k] float32)`` of a batch: best first, ranks in ids minus
     ``imid_offset``, equal scores in ascending id order, ``k = min(topk, n_images)``."""
     ids, scores = [], []
-    for seg, out in score_segments(index, batch, alpha, threshold, engine=engine):
+    for seg, kind, out in score_segments(index, batch, alpha, threshold, engine=engine):
         k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
-        if isinstance(out, np.ndarray):  # from the CPU kernel: rank on the host too
+        if kind == "sparse-cpu":  # scores on the host: rank on the host too
             pos, s = top_k_host(out, k)
             i = pos + ivf_mod.host(seg).image_start
         else:
@@ -289,7 +289,7 @@ def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: fl
     """``[b, n_images] float32`` scores of a batch (columns: internal image ids)."""
     b = len(batch.ids)
     out = np.zeros((b, int(index.n_images)), np.float32)
-    for seg, s in score_segments(index, batch, alpha, threshold, engine=engine):
+    for seg, _, s in score_segments(index, batch, alpha, threshold, engine=engine):
         h = ivf_mod.host(seg)
         out[:, h.image_start:h.image_start + h.n_images] = np.asarray(s)[:b, :h.n_images]
     return out
