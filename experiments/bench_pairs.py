@@ -63,17 +63,17 @@ def one(args) -> dict:
     out = {"n": args.n, "method": args.method, "postings": int(words.size), "build_s": time.perf_counter() - t0}
     warm = images < min(64, args.n)
     jasmk.query_aggregated(index, agg_mod.Aggregated(qvecs[warm], words[warm], images[warm]), topk=10,
-                           engine=args.engine)
+                           kernel=args.engine)
     jasmk.query_aggregated(index, agg_mod.Aggregated(qvecs[:args.rows], words[:args.rows], images[:args.rows]),
-                           topk=10, engine=args.engine)
+                           topk=10, kernel=args.engine)
     out["rss_built_gib"] = _rss_gib()
     t0 = time.perf_counter()
     if args.method == "index":
         p, keys = pairs.retrieval_pairs_from_index(index, qagg, na=args.na, k=args.k, seed=args.seed,
-                                                   engine=args.engine)
+                                                   kernel=args.engine)
         out["pairs_s"] = time.perf_counter() - t0
     else:
-        s = jasmk.score_matrix_aggregated(index, qagg, engine=args.engine)
+        s = jasmk.score_matrix_aggregated(index, qagg, kernel=args.engine)
         out["matrix_s"] = time.perf_counter() - t0
         p, keys = pairs.retrieval_pairs(s, na=args.na, k=args.k, seed=args.seed)
         out["pairs_s"] = time.perf_counter() - t0

@@ -195,13 +195,13 @@ def main(argv=None):
             sq = q_imgs[: args.single]
             singles = [agg_of(vecs, words, images, [i], args.rows) for i in sq]
             for a in singles:  # compile (once per shape on the capacity ladders) and warm up
-                jasmk.query_aggregated(index, a, topk=100, engine=eng)
+                jasmk.query_aggregated(index, a, topk=100, kernel=eng)
             t0 = time.perf_counter()
             for a in singles:
-                jasmk.query_aggregated(index, a, topk=100, engine=eng)
+                jasmk.query_aggregated(index, a, topk=100, kernel=eng)
             t1 = 1e3 * (time.perf_counter() - t0) / len(singles)
-            jasmk.query_aggregated(index, qagg, topk=100, engine=eng)  # compile
-            tb, resb = timed(lambda: jasmk.query_aggregated(index, qagg, topk=100, engine=eng), 2)
+            jasmk.query_aggregated(index, qagg, topk=100, kernel=eng)  # compile
+            tb, resb = timed(lambda: jasmk.query_aggregated(index, qagg, topk=100, kernel=eng), 2)
             tb = 1e3 * tb / args.queries
             row[f"{eng}_single_ms"], row[f"{eng}_batch_ms"] = t1, tb
             msg = (f"jasmk {eng:10s}: one at a time {t1:7.2f} ms/query, batch of {args.queries} {tb:7.2f} ms/query"

@@ -228,10 +228,12 @@ def _run_batches(index, agg, fn, progress: bool, desc: str):
     return out
 
 
-def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, engine="auto"):
-    engine_mod.check_engine(engine)
-    if engine == "sparse-cpu" and not index.binary:
-        raise ValueError("engine 'sparse-cpu' scores ASMK* (binary) indexes only; use 'sparse-xla' or 'dense'")
+def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, kernel="auto"):
+    """``(alpha, threshold)`` after checking a query's parameters against ``index`` (a ``ValueError`` says
+    what is wrong)."""
+    engine_mod.check_kernel(kernel)
+    if kernel == "sparse-cpu" and not index.binary:
+        raise ValueError("kernel 'sparse-cpu' scores ASMK* (binary) indexes only; use 'sparse-xla' or 'dense'")
     if index.n_entries == 0:
         raise ValueError("the index is empty: build it with images first")
     alpha = validate.finite_number(alpha, "alpha")
@@ -245,7 +247,8 @@ def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, 
 
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "auto",
-          word_ids=None, progress: bool = False, engine: str = "auto", query_ids=None) -> QueryResult:
+          word_ids=None, progress: bool = False, kernel: str = "auto", engine: str | None = None,
+          query_ids=None) -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -257,8 +260,9 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
         topk: number of results per query (None: all database image slots).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
         progress: show a progress bar on stderr.
-        engine: ``"auto"`` (per batch and segment, the cheaper of the dense scan and the sparse kernels),
-            ``"dense"``, ``"sparse"``, ``"sparse-xla"`` or ``"sparse-cpu"`` (see :mod:`jasmk.engine`).
+        kernel: ``"auto"`` (per batch and segment, the cheaper of the dense scan and the sparse kernels),
+            ``"dense"``, ``"sparse"``, ``"sparse-xla"`` or ``"sparse-cpu"`` (see :mod:`jasmk.core.engine`).
+        engine: jasmk 0.1's name for ``kernel`` (warns; until 0.3).
         query_ids: optional ``[n_query] int`` distinct query image ids, one result row each in this order. An
             image named here without descriptors (e.g. a blank photo) gets a row of zero scores ranking the
             database in ascending id order (as asmk orders all-zero scores); every id in ``qids`` must be named.
@@ -268,21 +272,23 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
     """
-    check_query_params(index, alpha, similarity_threshold, topk, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine)
+    check_query_params(index, alpha, similarity_threshold, topk, kernel)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
     return query_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold, topk=topk,
-                            progress=progress, engine=engine, query_ids=query_ids)
+                            progress=progress, kernel=kernel, query_ids=query_ids)
 
 
 def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
                      similarity_threshold: float = 0.0, topk: int | None = None, progress: bool = False,
-                     engine: str = "auto", query_ids=None) -> QueryResult:
+                     kernel: str = "auto", engine: str | None = None, query_ids=None) -> QueryResult:
     """:func:`query` for query images already aggregated (:func:`aggregate_images`, or rows kept from an
     earlier step): ``agg`` rows grouped by image in ascending id order, one row per (image, word).
     ``query_ids`` as in :func:`query` (with it, ``agg`` may hold no rows)."""
-    alpha, thr = check_query_params(index, alpha, similarity_threshold, topk, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, topk, kernel)
     check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
     named = None if query_ids is None else _named_query_ids(query_ids, present)
@@ -292,7 +298,7 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
                    hint="pass a smaller topk (topk=None ranks every image slot)")
 
     def fn(batch):
-        return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, engine=engine)
+        return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, kernel=kernel)
 
     if present.size:
         ids, ranks, scores = zip(*_run_batches(index, agg, fn, progress, "query"))
@@ -359,27 +365,29 @@ def check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_emp
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
                  similarity_threshold: float = 0.0, quantizer: str = "auto", word_ids=None,
-                 progress: bool = False, engine: str = "auto", query_ids=None) -> np.ndarray:
+                 progress: bool = False, kernel: str = "auto", engine: str | None = None, query_ids=None) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending), or ``query_ids[i]`` when given (an image named
     there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image with
     internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
-    Retriever builds from asmk's ranks and scores. ``engine`` as in :func:`query`.
+    Retriever builds from asmk's ranks and scores. ``kernel`` as in :func:`query`.
     """
-    check_query_params(index, alpha, similarity_threshold, None, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine)
+    check_query_params(index, alpha, similarity_threshold, None, kernel)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
     return score_matrix_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold,
-                                   progress=progress, engine=engine, query_ids=query_ids)
+                                   progress=progress, kernel=kernel, query_ids=query_ids)
 
 
 def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
                             similarity_threshold: float = 0.0, progress: bool = False,
-                            engine: str = "auto", query_ids=None) -> np.ndarray:
+                            kernel: str = "auto", engine: str | None = None, query_ids=None) -> np.ndarray:
     """:func:`score_matrix` for query images already aggregated (as :func:`query_aggregated`)."""
-    alpha, thr = check_query_params(index, alpha, similarity_threshold, None, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, None, kernel)
     check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
     named = None if query_ids is None else _named_query_ids(query_ids, present)
@@ -388,7 +396,7 @@ def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, al
                    hint="use jasmk.query(..., topk=k) for the best k per query, or query fewer images at a time")
     if present.size:
         rows = _run_batches(index, agg,
-                            lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, engine=engine),
+                            lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, kernel=kernel),
                             progress, "score matrix")
         scores = np.concatenate(rows)
     else:

@@ -212,7 +212,8 @@ def _first_k(scores: np.ndarray, kk: int, exclude=None) -> np.ndarray:
 
 def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int = 0, knn_excludes_self: bool = False,
                                symmetrize: bool = False, alpha: float = 3.0, similarity_threshold: float = 0.0,
-                               engine: str = "auto", progress: bool = False):
+                               kernel: str = "auto", progress: bool = False,
+                               engine: str | None = None):
     """:func:`retrieval_pairs` of the score matrix of a collection against its own index, without the matrix.
 
     The result is identical to ``retrieval_pairs(jasmk.score_matrix_aggregated(index, query_agg, ...), ...)``
@@ -234,7 +235,8 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
             ``0..n-1`` present, grouped ascending, e.g. ``jasmk.aggregate_images(index.centroids, feats, ids,
             binary=index.binary, multiple_assignment=5)`` (MASt3R: 5 assignments for queries, 1 in the index).
         na, k, seed, knn_excludes_self, symmetrize: as :func:`retrieval_pairs`.
-        alpha, similarity_threshold, engine: scoring, as :func:`jasmk.query`.
+        alpha, similarity_threshold, kernel: scoring, as :func:`jasmk.query` (``engine``: 0.1's name for
+            ``kernel``, warns).
         progress: a progress bar on stderr for the pass over the images.
 
     Returns:
@@ -242,7 +244,8 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
     """
     na, k = _check_count(na, "Na"), _check_count(k, "k")
     seed = _check_seed(seed)
-    alpha, thr = api_mod.check_query_params(index, alpha, similarity_threshold, None, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine)
+    alpha, thr = api_mod.check_query_params(index, alpha, similarity_threshold, None, kernel)
     api_mod.check_aggregated(index, query_agg)
     if index.imid_offset:
         raise ValueError(f"the index holds {index.imid_offset} distractor images: pairs need the index of the "
@@ -265,7 +268,7 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
                    f"a batch of {rows_per_batch} score rows)", hint="ask for fewer key images (Na) or neighbours (k)")
 
     def scores_of(batch) -> np.ndarray:
-        s = engine_mod.dense_scores(index, batch, alpha, thr, engine=engine)
+        s = engine_mod.dense_scores(index, batch, alpha, thr, kernel=kernel)
         if not np.isfinite(s).all():
             raise ValueError("the index gives NaN or inf scores: check the indexed and query vectors")
         return s

@@ -148,7 +148,7 @@ def test_each_engine_matches_a_numpy_loop(small_data, engine, monkeypatch):
         index = jasmk.add_images(index, feats[m], ids[m])
     assert len(index.segments) >= 4
     agg = jasmk.aggregate_images(centroids, feats, ids, binary=True, multiple_assignment=5)
-    S = jasmk.score_matrix(index, feats, ids, engine=engine)
+    S = jasmk.score_matrix(index, feats, ids, kernel=engine)
     for q in (0, 5, 9, 23):
         m = agg.images == q
         ref = _oracle_scores(index, agg.vecs[m], agg.words[m], 3.0, 0.0, True)
@@ -166,9 +166,9 @@ def test_scores_do_not_depend_on_batching_or_engine(small_data, binary, monkeypa
     index = jasmk.add_images(index, feats[ids >= 12], ids[ids >= 12])
     agg = jasmk.aggregate_images(centroids, feats, ids, binary=binary, multiple_assignment=5, sort=False)
     engines = ["dense", "sparse-xla", "auto"] + (["sparse-cpu"] if binary else [])
-    ref = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine="dense")
+    ref = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, kernel="dense")
     for engine in engines:
-        together = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, engine=engine)
+        together = jasmk.query_aggregated(index, agg, alpha=2.0, similarity_threshold=0.05, kernel=engine)
         if binary:  # fixed-point sums: every kernel gives the same bits
             np.testing.assert_array_equal(together.scores, ref.scores)
             np.testing.assert_array_equal(together.ranks, ref.ranks)
@@ -179,15 +179,15 @@ def test_scores_do_not_depend_on_batching_or_engine(small_data, binary, monkeypa
         for q in (0, 7, 23):
             m = agg.images == q
             alone = jasmk.query_aggregated(index, jasmk.Aggregated(agg.vecs[m], agg.words[m], agg.images[m]),
-                                           alpha=2.0, similarity_threshold=0.05, engine=engine)
+                                           alpha=2.0, similarity_threshold=0.05, kernel=engine)
             np.testing.assert_array_equal(alone.scores[0], together.scores[q])
             np.testing.assert_array_equal(alone.ranks[0], together.ranks[q])
     # rows of a query in another order (a permutation within each image) give the same bits
     perm = np.concatenate([np.flatnonzero(agg.images == i)[::-1] for i in range(24)])
     shuffled = jasmk.Aggregated(agg.vecs[perm], agg.words[perm], agg.images[perm])
-    again = jasmk.query_aggregated(index, shuffled, alpha=2.0, similarity_threshold=0.05, engine=engines[-1])
+    again = jasmk.query_aggregated(index, shuffled, alpha=2.0, similarity_threshold=0.05, kernel=engines[-1])
     np.testing.assert_array_equal(again.scores, jasmk.query_aggregated(
-        index, agg, alpha=2.0, similarity_threshold=0.05, engine=engines[-1]).scores)
+        index, agg, alpha=2.0, similarity_threshold=0.05, kernel=engines[-1]).scores)
 
 
 def test_bad_input_errors(small_data):
@@ -330,7 +330,7 @@ def test_scores_close_to_float64_oracle_with_many_query_rows():
     ref = ref / np.sqrt(norm) / np.sqrt(idf[q.words].sum())
     assert len(q.words) > 1000
     for engine in ("dense", "sparse-xla"):
-        got = jasmk.score_matrix_aggregated(index, q, alpha=1.0, similarity_threshold=-1.0, engine=engine)[0]
+        got = jasmk.score_matrix_aggregated(index, q, alpha=1.0, similarity_threshold=-1.0, kernel=engine)[0]
         np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
 
 
@@ -395,7 +395,7 @@ def test_cache_fields_are_neither_leaves_nor_static_metadata(small_data):
     leaves, treedef = jax.tree_util.tree_flatten(index)
     ivf.on_device(index)
     ivf.host(index.segments[0])
-    jasmk.query(index, feats[ids < 2], ids[ids < 2], engine="sparse-xla")
+    jasmk.query(index, feats[ids < 2], ids[ids < 2], kernel="sparse-xla")
     assert index.caches and index.segments[0].caches
     leaves2, treedef2 = jax.tree_util.tree_flatten(index)
     assert treedef2 == treedef and len(leaves2) == len(leaves)

@@ -47,7 +47,7 @@ def test_gpu_scores_match_asmk(binary, engine):
     ref = asmk_with_centroids(params, cent).build_ivf(feats, ids)
     _, _, rranks, rscores = ref.query_ivf(feats, ids)
     index = jasmk.build_index(feats, ids, codebook=cb, binary=binary, quantizer="faiss")
-    res = jasmk.query(index, feats, ids, quantizer="faiss", engine=engine)
+    res = jasmk.query(index, feats, ids, quantizer="faiss", kernel=engine)
     assert jax.devices()[0].platform == "gpu"
     # full float32 precision: TF32 would be off by ~1e-3 for real-valued ASMK
     assert_same_ranking(res.ranks, res.scores, rranks, rscores, atol=2e-5)

@@ -54,3 +54,23 @@ def test_moved_functions_forward_and_warn():
 
     with pytest.warns(DeprecationWarning, match="jasmk.logs.configure_logging"):
         assert cli.configure_logging is logs.configure_logging
+
+
+def test_engine_keyword_is_now_kernel_and_warns(small_data):
+    import numpy as np
+
+    import jasmk
+
+    feats, ids, centroids = small_data
+    index = jasmk.build_index(feats, ids, codebook=centroids)
+    q = ids < 3
+    want = jasmk.query(index, feats[q], ids[q], kernel="dense", topk=5)
+    with pytest.warns(DeprecationWarning, match="engine= is now called kernel=") as caught:
+        got = jasmk.query(index, feats[q], ids[q], engine="dense", topk=5)
+    assert caught[0].filename == __file__
+    np.testing.assert_array_equal(got.ranks, want.ranks)
+    with pytest.warns(DeprecationWarning):
+        s = jasmk.score_matrix(index, feats[q], ids[q], engine="sparse-xla")
+    np.testing.assert_allclose(s, jasmk.score_matrix(index, feats[q], ids[q], kernel="sparse-xla"))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        jasmk.query(index, feats[q], ids[q], kernel="fast")

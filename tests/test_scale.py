@@ -79,8 +79,8 @@ def test_segment_limits_split_and_score_like_one_segment(small_data, monkeypatch
     check_invariants(split)
     for topk in (7, None):
         for eng in ("dense", "sparse-xla", "auto"):
-            a = jasmk.query(split, feats, ids, topk=topk, engine=eng)
-            b = jasmk.query(full, feats, ids, topk=topk, engine=eng)
+            a = jasmk.query(split, feats, ids, topk=topk, kernel=eng)
+            b = jasmk.query(full, feats, ids, topk=topk, kernel=eng)
             np.testing.assert_array_equal(a.ranks, b.ranks)
             np.testing.assert_array_equal(a.scores, b.scores)
     assert b.ranks.shape[1] == int(full.n_images)
@@ -124,7 +124,7 @@ def test_no_recompilation_after_add():
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     for eng in ("dense", "sparse-xla", "sparse-cpu"):
-        jasmk.query_aggregated(index, q, topk=10, engine=eng)  # warm up
+        jasmk.query_aggregated(index, q, topk=10, kernel=eng)  # warm up
     grown = ivf.add(index, random_rows(rng, 1, 40, k, width, first=60))
     grown = ivf.add(grown, random_rows(rng, 2, 40, k, width, first=61))
     assert len(grown.segments) == 2  # a small tail segment on the same capacity steps as the first
@@ -132,7 +132,7 @@ def test_no_recompilation_after_add():
     compiles.clear()
     for idx in (grown, other):
         for eng in ("dense", "sparse-xla", "sparse-cpu"):
-            res = jasmk.query_aggregated(idx, q, topk=10, engine=eng)
+            res = jasmk.query_aggregated(idx, q, topk=10, kernel=eng)
     assert compiles == [], f"{len(compiles)} compilations after an add"
     assert res.ranks.shape == (1, 10)
 
@@ -144,7 +144,7 @@ def test_query_padded_over_segments_matches_query(small_data, monkeypatch):
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
     assert len(index.segments) == 3
-    ref = jasmk.query(index, feats, ids, topk=5, quantizer="jax", engine="dense")
+    ref = jasmk.query(index, feats, ids, topk=5, quantizer="jax", kernel="dense")
     b = 4
     n = int(np.bincount(ids).max())
     padded = np.zeros((b, n, feats.shape[1]), np.float32)
@@ -211,8 +211,8 @@ def test_checkpoint_keeps_segments_and_rejects_damage(tmp_path, monkeypatch):
 def test_engine_argument_is_checked(small_data):
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
-    with pytest.raises(ValueError, match="engine must be one of"):
-        jasmk.query(index, feats, ids, engine="gpu-magic")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        jasmk.query(index, feats, ids, kernel="gpu-magic")
     assert engine.pairs_capacity(3000) == 4096 and engine.pairs_capacity(5000) == 8192
     assert ivf.capacity(4097, multiple=ivf.ENTRY_BLOCK) % ivf.ENTRY_BLOCK == 0
 
@@ -306,8 +306,8 @@ def test_xla_kernels_ignore_row_order(small_data):
     for a in ("vecs", "words", "slots"):
         getattr(shuffled, a)[: batch.n_rows] = getattr(batch, a)[: batch.n_rows][perm]
     for kind in ("dense", "sparse-xla"):
-        a = [np.asarray(o) for _, _, o in engine.score_segments(index, batch, 3.0, 0.0, engine=kind)]
-        b = [np.asarray(o) for _, _, o in engine.score_segments(index, shuffled, 3.0, 0.0, engine=kind)]
+        a = [np.asarray(o) for _, _, o in engine.score_segments(index, batch, 3.0, 0.0, kernel=kind)]
+        b = [np.asarray(o) for _, _, o in engine.score_segments(index, shuffled, 3.0, 0.0, kernel=kind)]
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
 

@@ -71,7 +71,7 @@ def test_one_device_mesh_matches_index_and_checks_input():
     sidx = shard.build_sharded(feats, ids, codebook=cent, mesh=mesh, use_idf=True)
     assert_same(shard.query(sidx, feats, ids, topk=5), jasmk.query(ref, feats, ids, topk=5))
     cases = [
-        (lambda: shard.query(sidx, feats, ids, engine="sparse-cpu"), "cannot run inside shard_map"),
+        (lambda: shard.query(sidx, feats, ids, kernel="sparse-cpu"), "cannot run inside shard_map"),
         (lambda: shard.query(sidx, feats, ids, alpha=-1.0), "alpha"),
         (lambda: shard.query(sidx, feats, ids, topk=0), "topk"),
         (lambda: shard.build_sharded(feats, ids, codebook=cent, mesh="mesh"), "jax.sharding.Mesh"),
@@ -208,10 +208,10 @@ def test_four_devices_query_and_score_matrix_match_one_device():
         entries = sidx.shard_entries
         assert entries.sum() == ref.n_entries and entries.min() > 0.7 * entries.max()  # balanced by postings
         for topk, eng in queries:
-            assert_same(shard.query(sidx, feats, qids, topk=topk, engine=eng),
-                        jasmk.query(ref, feats, qids, topk=topk, engine="auto" if binary else eng))
+            assert_same(shard.query(sidx, feats, qids, topk=topk, kernel=eng),
+                        jasmk.query(ref, feats, qids, topk=topk, kernel="auto" if binary else eng))
         if matrix:
-            np.testing.assert_array_equal(shard.score_matrix(sidx, feats, qids, engine=matrix),
+            np.testing.assert_array_equal(shard.score_matrix(sidx, feats, qids, kernel=matrix),
                                           jasmk.score_matrix(ref, feats, qids))
         sharded = sum(getattr(sidx, f).nbytes for f in ("vecs", "words", "images", "offsets", "norm_factor",
                                                           "scale", "gids", "shard_images"))
@@ -332,7 +332,7 @@ def test_four_devices_limits_and_no_recompilation(monkeypatch):
     feats, ids, cent = data(n_images=40)
     mesh = mesh_of(4)
     sidx = shard.build_sharded(feats[ids < 30], ids[ids < 30], codebook=cent, mesh=mesh)
-    shard.query(sidx, feats[ids < 3], ids[ids < 3], topk=5, engine="dense")
+    shard.query(sidx, feats[ids < 3], ids[ids < 3], topk=5, kernel="dense")
     compiles = []
 
     def listen(event, duration, **kw):
@@ -343,7 +343,7 @@ def test_four_devices_limits_and_no_recompilation(monkeypatch):
     grown = shard.add_images(sidx, feats[ids == 30], ids[ids == 30])
     assert grown.vecs.shape == sidx.vecs.shape and grown.norm_factor.shape == sidx.norm_factor.shape
     compiles.clear()
-    res = shard.query(grown, feats[ids < 3], ids[ids < 3], topk=5, engine="dense")
+    res = shard.query(grown, feats[ids < 3], ids[ids < 3], topk=5, kernel="dense")
     assert compiles == [], f"{len(compiles)} compilations after an add"
     assert res.ranks.shape == (3, 5)
     monkeypatch.setattr(sharded, "MAX_SHARD_ENTRIES", 100)

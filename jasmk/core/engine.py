@@ -5,12 +5,12 @@ counts the (row, posting) pairs the batch touches, ``sum_r count_seg[word(r)]`` 
 offsets), and picks a kernel from a cost model with per-backend constants:
 
 * ``dense``  (:func:`jasmk.score.dense_segment`): ``c_dense x capacity x B x W / 4`` seconds,
-* ``sparse-xla`` (:func:`jasmk.score.sparse_segment`): ``c_sparse_xla x pairs`` plus a fixed cost,
-* ``sparse-cpu`` (:mod:`jasmk.cpu_kernel`, CPU backend, ASMK* only, when numba is there): ``c_sparse_cpu x
+* ``sparse-xla`` (:func:`jasmk.core.score.sparse_segment`): ``c_sparse_xla x pairs`` plus a fixed cost,
+* ``sparse-cpu`` (:mod:`jasmk.core.cpu_kernel`, CPU backend, ASMK* only, when numba is there): ``c_sparse_cpu x
   pairs``; it reads each posting once per batch however many query rows share its word.
 
 On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (it won at every size measured,
-and one kernel for every batch keeps each score independent of its batch). ``engine=`` forces one
+and one kernel for every batch keeps each score independent of its batch). ``kernel=`` forces one
 (``"sparse"``: the best sparse kernel for the backend). All kernels sum the same float32 terms in order-free
 fixed point, so they give the same bits for ASMK* (on any backend). Rows are sorted by word (stable) before
 scoring, which groups the CPU kernel's shared reads.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 
 import jax
 import numpy as np
@@ -40,7 +41,8 @@ from .aggregate import Aggregated
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "dense", "sparse", "sparse-xla", "sparse-cpu")
+KERNELS = ("auto", "dense", "sparse", "sparse-xla", "sparse-cpu")
+ENGINES = KERNELS  # the 0.1 name
 
 # Seconds per unit of work, measured with experiments/bench_scale.py on this project's 2-core CPU (see README,
 # "Speed"); the GPU figures are estimates, never measured (no GPU was lent to this project). The dense scan costs
@@ -64,12 +66,23 @@ def backend() -> str:
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "sparse-cpu" and not cpu_kernel.available():
-        raise ValueError("engine 'sparse-cpu' needs numba (pip install numba)")
-    return engine
+def kernel_arg(kernel: str = "auto", engine: str | None = None) -> str:
+    """The ``kernel=`` argument of a query function, taking jasmk 0.1's name for it, ``engine=``, with a warning
+    (until 0.3); checked against :data:`KERNELS`."""
+    if engine is not None:
+        warnings.warn("engine= is now called kernel= (it picks a scoring kernel); engine= works until jasmk 0.3",
+                      DeprecationWarning, stacklevel=3)
+        kernel = engine
+    return check_kernel(kernel)
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it names a kernel choice (:data:`KERNELS`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "sparse-cpu" and not cpu_kernel.available():
+        raise ValueError("kernel 'sparse-cpu' needs numba (pip install numba)")
+    return kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +237,7 @@ def top_k_host(scores: np.ndarray, k: int):
     return pos, top
 
 
-def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, engine: str = "auto"):
+def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, kernel: str = "auto"):
     """Yield ``(segment, kernel, [B, I] scores)`` for each segment of ``index``, each from the kernel
     :func:`choose_kernel` picks (``"sparse-cpu"`` gives a host numpy array, the XLA kernels a JAX array)."""
     r = batch.n_rows
@@ -240,7 +253,7 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
     for seg in index.segments:
         h = ivf_mod.host(seg)
         pairs = int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
-        kind = choose_kernel(kernel=engine, capacity=seg.capacity, n_queries=batch.n_queries,
+        kind = choose_kernel(kernel=kernel, capacity=seg.capacity, n_queries=batch.n_queries,
                              max_rows=batch.max_rows, pairs=pairs, binary=index.binary, width=index.width)
         if kind == "sparse-cpu":
             if cpu_rows is None:
@@ -250,7 +263,7 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
             out = cpu_kernel.score_segment(h, *cpu_rows, ktable, batch.q_scale, n_queries=batch.n_queries)
         elif kind == "sparse-xla":
             memory.require(3 * pairs_capacity(pairs) * (index.width + 4) * 4, f"the sparse kernel's {pairs} pairs",
-                           hint="use engine='dense' or 'auto', or fewer query images per call",
+                           hint="use kernel='dense' or 'auto', or fewer query images per call",
                            device=backend() != "cpu")
             out = score_mod.sparse_segment(*xla_args(seg), n_queries=batch.n_queries,
                                            pairs_cap=pairs_capacity(pairs))
@@ -261,11 +274,11 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
 
 
 def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, topk: int | None,
-           engine: str = "auto"):
+           kernel: str = "auto"):
     """``(ranks [b, k] int64, scores [b, k] float32)`` of a batch: best first, ranks in ids minus
     ``imid_offset``, equal scores in ascending id order, ``k = min(topk, n_images)``."""
     ids, scores = [], []
-    for seg, kind, out in score_segments(index, batch, alpha, threshold, engine=engine):
+    for seg, kind, out in score_segments(index, batch, alpha, threshold, kernel=kernel):
         k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
         if kind == "sparse-cpu":  # scores on the host: rank on the host too
             pos, s = top_k_host(out, k)
@@ -285,15 +298,15 @@ def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *
     return ids[:, :k] - index.imid_offset, scores[:, :k]
 
 
-def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, engine: str = "auto"):
+def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, kernel: str = "auto"):
     """``[b, n_images] float32`` scores of a batch (columns: internal image ids)."""
     b = len(batch.ids)
     out = np.zeros((b, int(index.n_images)), np.float32)
-    for seg, _, s in score_segments(index, batch, alpha, threshold, engine=engine):
+    for seg, _, s in score_segments(index, batch, alpha, threshold, kernel=kernel):
         h = ivf_mod.host(seg)
         out[:, h.image_start:h.image_start + h.n_images] = np.asarray(s)[:b, :h.n_images]
     return out
 
-__all__ = ["Batch", "COSTS", "ENGINES", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
-           "backend", "batch_size", "batches", "check_engine", "choose_kernel", "dense_scores", "layout",
+__all__ = ["Batch", "COSTS", "KERNELS", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
+           "backend", "batch_size", "batches", "check_kernel", "choose_kernel", "dense_scores", "kernel_arg", "layout",
            "pairs_capacity", "query_scale", "ranked", "score_segments", "top_k_host"]

@@ -12,8 +12,8 @@ Queries are replicated to every shard; each shard scores its images with the XLA
 :mod:`jasmk.score` (dense scan, or sparse with a static pair bound) under :func:`jax.shard_map`, keeps its
 top-k, and the ``S x k`` candidates are merged by (score descending, global image id ascending): the order of
 the single-device index. Scores are bit-identical to the single-device index (all kernels sum the same float32
-terms in fixed point). The numba CPU kernel (``engine="sparse-cpu"``) is host code and cannot run inside
-``shard_map``; ``auto`` chooses between the two XLA kernels with :mod:`jasmk.engine`'s cost model, once per
+terms in fixed point). The numba CPU kernel (``kernel="sparse-cpu"``) is host code and cannot run inside
+``shard_map``; ``auto`` chooses between the two XLA kernels with :mod:`jasmk.core.engine`'s cost model, once per
 batch for all shards (the shards run one program), using the largest shard's touched-pair count.
 ``score_matrix`` gathers each shard's ``[B, I]`` block and places it by columns.
 
@@ -69,7 +69,8 @@ def _shard_map(fn, *, mesh, in_specs, out_specs):
     return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 MAX_SHARD_ENTRIES = ivf_mod.MAX_SEGMENT_ENTRIES  # postings per shard: int32 positions with room to spare
-ENGINES = ("auto", "dense", "sparse", "sparse-xla")
+KERNELS = ("auto", "dense", "sparse", "sparse-xla")  # the XLA kernels: the numba one cannot run in shard_map
+ENGINES = KERNELS  # the 0.1 name
 
 _DATA = ["centroids", "counts", "idf", "vecs", "words", "images", "offsets", "norm_factor", "scale", "gids",
          "shard_images", "image_slots"]
@@ -529,18 +530,18 @@ def _layout(sidx: ShardedIndex) -> dict:
             "image_capacity": int(sidx.norm_factor.shape[1])}
 
 
-def _kernel(sidx: ShardedIndex, batch, engine: str):
+def _kernel(sidx: ShardedIndex, batch, kernel: str):
     """``(kind, pairs_cap)`` for a batch: one XLA kernel for every shard, from the largest touched-pair count."""
     h = _host_info(sidx)
     words = batch.words[: batch.n_rows]
     pairs = int((h.offsets[:, words + 1] - h.offsets[:, words]).sum(axis=1).max())
-    kind = engine_mod.choose_kernel(kernel="sparse-xla" if engine == "sparse" else engine,
+    kind = engine_mod.choose_kernel(kernel="sparse-xla" if kernel == "sparse" else kernel,
                                     capacity=int(sidx.vecs.shape[1]), n_queries=batch.n_queries,
                                     max_rows=batch.max_rows, pairs=pairs, binary=False, width=sidx.width)
     if kind == "sparse-xla":
         cap = engine_mod.pairs_capacity(pairs)
         memory.require(3 * cap * (sidx.width + 4) * 4, f"the sparse kernel's {pairs} pairs per shard",
-                       hint="use engine='dense' or 'auto', or fewer query images per call",
+                       hint="use kernel='dense' or 'auto', or fewer query images per call",
                        device=engine_mod.backend() != "cpu")
         return kind, cap
     return "dense", 0
@@ -601,13 +602,13 @@ def _block_scores(sidx: ShardedIndex, qv, qw, qs, qscale, alpha, thr, *, n_queri
         *_shard_args(sidx), sidx.idf, qv, qw, qs, qscale, alpha, thr)
 
 
-def _check(sidx: ShardedIndex, alpha, threshold, topk, engine):
+def _check(sidx: ShardedIndex, alpha, threshold, topk, kernel):
     if not isinstance(sidx, ShardedIndex):
         raise ValueError(f"expected a ShardedIndex, got {type(sidx).__name__}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES} for a sharded index (the numba CPU kernel cannot run "
-                         f"inside shard_map), got {engine!r}")
-    return api.check_query_params(sidx, alpha, threshold, topk, engine)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} for a sharded index (the numba CPU kernel cannot run "
+                         f"inside shard_map), got {kernel!r}")
+    return api.check_query_params(sidx, alpha, threshold, topk, kernel)
 
 
 def _batch_inputs(sidx: ShardedIndex, batch):
@@ -618,11 +619,13 @@ def _batch_inputs(sidx: ShardedIndex, batch):
 
 
 def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0, similarity_threshold: float = 0.0,
-                     topk: int | None = None, engine: str = "auto") -> api.QueryResult:
+                     topk: int | None = None, kernel: str = "auto", engine: str | None = None) -> api.QueryResult:
     """:func:`jasmk.query_aggregated` on a sharded index: the same ranks and scores as the single-device index.
 
-    ``engine``: ``"auto"``, ``"dense"``, ``"sparse"`` / ``"sparse-xla"`` (XLA kernels only)."""
-    alpha, thr = _check(sidx, alpha, similarity_threshold, topk, engine)
+    ``kernel``: ``"auto"``, ``"dense"``, ``"sparse"`` / ``"sparse-xla"`` (XLA kernels only; ``engine``: 0.1's name
+    for it, warns)."""
+    kernel = engine_mod.kernel_arg(kernel, engine) if engine is not None else kernel
+    alpha, thr = _check(sidx, alpha, similarity_threshold, topk, kernel)
     api.check_aggregated(sidx, agg)
     n = sidx.n_images
     n_q = int(np.unique(agg.images).size)
@@ -634,7 +637,7 @@ def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
     a32, t32 = np.float32(alpha), np.float32(thr)
     out_ids, out_ranks, out_scores = [], [], []
     for batch in engine_mod.batches(agg, **_layout(sidx)):
-        kind, cap = _kernel(sidx, batch, engine)
+        kind, cap = _kernel(sidx, batch, kernel)
         ids, scores = _ranked(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries, k=k_shard,
                               kind=kind, pairs_cap=cap)
         b = len(batch.ids)
@@ -647,20 +650,23 @@ def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
 
 def query(sidx: ShardedIndex, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "faiss", word_ids=None,
-          engine: str = "auto") -> api.QueryResult:
+          kernel: str = "auto", engine: str | None = None) -> api.QueryResult:
     """:func:`jasmk.query` on a sharded index (queries replicated, per-shard top-k, global merge)."""
-    _check(sidx, alpha, similarity_threshold, topk, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine) if engine is not None else kernel
+    _check(sidx, alpha, similarity_threshold, topk, kernel)
     agg = api.aggregate_images(_codebook(sidx), qfeats, qids, binary=sidx.binary,
                                multiple_assignment=multiple_assignment, quantizer=quantizer, word_ids=word_ids,
                                sort=False)
     return query_aggregated(sidx, agg, alpha=alpha, similarity_threshold=similarity_threshold, topk=topk,
-                            engine=engine)
+                            kernel=kernel)
 
 
 def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
-                            similarity_threshold: float = 0.0, engine: str = "auto") -> np.ndarray:
+                            similarity_threshold: float = 0.0, kernel: str = "auto",
+                            engine: str | None = None) -> np.ndarray:
     """:func:`jasmk.score_matrix_aggregated` on a sharded index: each shard's block placed by columns."""
-    alpha, thr = _check(sidx, alpha, similarity_threshold, None, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine) if engine is not None else kernel
+    alpha, thr = _check(sidx, alpha, similarity_threshold, None, kernel)
     api.check_aggregated(sidx, agg)
     h = _host_info(sidx)
     n_q = int(np.unique(agg.images).size)
@@ -671,7 +677,7 @@ def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float
     a32, t32 = np.float32(alpha), np.float32(thr)
     rows = []
     for batch in engine_mod.batches(agg, **_layout(sidx)):
-        kind, cap = _kernel(sidx, batch, engine)
+        kind, cap = _kernel(sidx, batch, kernel)
         blocks = _to_host(_block_scores(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries,
                                         kind=kind, pairs_cap=cap))
         b = len(batch.ids)
@@ -685,14 +691,15 @@ def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float
 
 def score_matrix(sidx: ShardedIndex, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
                  similarity_threshold: float = 0.0, quantizer: str = "faiss", word_ids=None,
-                 engine: str = "auto") -> np.ndarray:
+                 kernel: str = "auto", engine: str | None = None) -> np.ndarray:
     """:func:`jasmk.score_matrix` on a sharded index: ``[n_query, n_images] float32``."""
-    _check(sidx, alpha, similarity_threshold, None, engine)
+    kernel = engine_mod.kernel_arg(kernel, engine) if engine is not None else kernel
+    _check(sidx, alpha, similarity_threshold, None, kernel)
     agg = api.aggregate_images(_codebook(sidx), qfeats, qids, binary=sidx.binary,
                                multiple_assignment=multiple_assignment, quantizer=quantizer, word_ids=word_ids,
                                sort=False)
     return score_matrix_aggregated(sidx, agg, alpha=alpha, similarity_threshold=similarity_threshold,
-                                   engine=engine)
+                                   kernel=kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -785,6 +792,6 @@ def load_sharded_index(path, mesh, *, axis=None):
     return from_arrays(tree, meta["sharded_index"], mesh=mesh, axis=axis, where=str(path))
 
 
-__all__ = ["MAX_SHARD_ENTRIES", "ShardedIndex", "add", "add_images", "build_sharded", "empty", "from_arrays",
+__all__ = ["KERNELS", "MAX_SHARD_ENTRIES", "ShardedIndex", "add", "add_images", "build_sharded", "empty", "from_arrays",
            "load_sharded_index", "local_shards", "query", "query_aggregated", "save_sharded_index", "score_matrix",
            "score_matrix_aggregated", "shard_index", "to_arrays", "with_distractors"]
