@@ -1,11 +1,16 @@
 """Orbax checkpoints of codebook and index (round trip, atomic writes, clear errors) and asmk pickle import/export."""
 
+import json
 import os
 import pickle
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking
+from helpers import asmk_params, asmk_with_centroids, assert_same_ranking
 
 import jasmk
 from jasmk.storage import checkpoint
@@ -136,3 +141,351 @@ def test_compat_ivf_cache_and_distractors_paths(tmp_path, small_data):
     assert_same_ranking(r4, s4, r5, s5)
     with pytest.raises(ValueError, match="not an asmk IVF"):
         checkpoint.load_asmk_ivf({"type": "Codebook"}, jasmk.Codebook.from_centroids(centroids))
+
+
+def centroids(seed, k=8, d=4):
+    return np.random.default_rng(seed).standard_normal((k, d)).astype(np.float32)
+
+
+def codebook(seed):
+    return jasmk.Codebook.from_centroids(centroids(seed), size_param=8)
+
+
+def loaded(path):
+    return np.asarray(checkpoint.load_codebook(path).centroids)
+
+
+def save_legacy(path, cents):
+    """A codebook checkpoint in the first layout (``arrays/`` + ``meta.json``, format jasmk-checkpoint-1)."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(path)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "arrays"), {"centroids": np.asarray(cents)})
+    with open(os.path.join(path, "meta.json"), "w") as handle:
+        json.dump({"format": "jasmk-checkpoint-1", "kind": "codebook", "size_param": 8}, handle)
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def assert_clean(path):
+    """Only the pointer and one version folder: no lock, temporaries or old versions."""
+    names = sorted(os.listdir(path))
+    assert len(names) == 2 and names[0] == "CURRENT" and names[1].startswith("v-"), names
+
+
+class Crash(BaseException):
+    """A simulated kill: raised at a crash point, with nothing of the save's own cleanup running after it."""
+
+
+SAVE_STEPS = ["locked", "arrays-written", "meta-written", "version-synced", "pointer-written", "published",
+              "old-version-removed", "cleaned"]
+PUBLISHED_FROM = SAVE_STEPS.index("published")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saves never destroy
+
+
+def test_save_refuses_what_is_not_a_checkpoint_of_the_same_kind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" once meant the working directory, which a save then replaced
+    with pytest.raises(ValueError, match="non-empty path"):
+        checkpoint.save_codebook("", codebook(0))
+    f = tmp_path / "notes.txt"
+    f.write_text("precious")
+    with pytest.raises(ValueError, match="notes.txt"):
+        checkpoint.save_codebook(f, codebook(0))
+    assert f.read_text() == "precious"
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="photos.*non-empty directory"):
+        checkpoint.save_codebook(d, codebook(0))
+    assert os.listdir(d) == ["a.jpg"]
+
+    checkpoint.save_codebook(tmp_path / "cb", codebook(1))
+    before = sorted(os.listdir(tmp_path / "cb"))
+    with pytest.raises(ValueError, match="holds a 'codebook' checkpoint"):
+        checkpoint.save_tree(tmp_path / "cb", {"a": np.zeros(2)}, meta={"kind": "index"})
+    with pytest.raises(ValueError, match="inside the jasmk checkpoint"):
+        checkpoint.save_codebook(tmp_path / "cb" / "meta.json", codebook(0))
+    with pytest.raises(ValueError, match="inside the jasmk checkpoint"):
+        checkpoint.save_codebook(tmp_path / "cb" / "sub" / "x", codebook(0))
+    version = next(n for n in before if n.startswith("v-"))
+    with pytest.raises(ValueError, match="inside the jasmk checkpoint"):
+        checkpoint.save_codebook(tmp_path / "cb" / version / "arrays", codebook(0))
+    assert sorted(os.listdir(tmp_path / "cb")) == before
+    np.testing.assert_array_equal(loaded(tmp_path / "cb"), centroids(1))
+    legacy = tmp_path / "legacy"
+    save_legacy(legacy, centroids(2))
+    with pytest.raises(ValueError, match="inside the jasmk checkpoint"):
+        checkpoint.save_codebook(legacy / "meta.json", codebook(0))
+    with pytest.raises(ValueError, match="holds a 'codebook'"):
+        checkpoint.save_tree(legacy, {"a": np.zeros(2)}, meta={"kind": "head"})
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    checkpoint.save_codebook(empty, codebook(3))  # an empty directory may be used
+    np.testing.assert_array_equal(loaded(empty), centroids(3))
+    checkpoint.save_codebook(empty, codebook(4))  # and a checkpoint of the same kind replaced
+    np.testing.assert_array_equal(loaded(empty), centroids(4))
+    assert_clean(empty)
+
+
+def test_save_over_a_first_format_checkpoint(tmp_path):
+    path = tmp_path / "cb"
+    save_legacy(path, centroids(0))
+    np.testing.assert_array_equal(loaded(path), centroids(0))  # the old layout still loads
+    checkpoint.save_codebook(path, codebook(1))
+    np.testing.assert_array_equal(loaded(path), centroids(1))
+    assert_clean(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["versioned", "first-format"])
+@pytest.mark.parametrize("step", SAVE_STEPS + ["legacy-meta-removed"])
+def test_crash_at_every_step_keeps_a_complete_checkpoint(tmp_path, monkeypatch, step, legacy):
+    if step == "legacy-meta-removed" and not legacy:
+        pytest.skip("only a save over a first-format checkpoint removes its meta.json")
+    if step == "old-version-removed" and legacy:
+        pytest.skip("a first-format checkpoint has no older versions")
+    path = str(tmp_path / "cb")
+    if legacy:
+        save_legacy(path, centroids(0))
+    else:
+        checkpoint.save_codebook(path, codebook(9))
+        checkpoint.save_codebook(path, codebook(0))  # an old version to delete when the next save completes
+    seen = []
+
+    def crash(at):
+        seen.append(at)
+        if at == step:
+            raise Crash(at)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_crash_point", crash)
+        m.setattr(checkpoint, "_discard", lambda *paths: None)  # killed: no cleanup runs
+        m.setattr(checkpoint, "_unlock", lambda lock: None)  # and the lock stays behind
+        with pytest.raises(Crash):
+            checkpoint.save_codebook(path, codebook(1))
+    assert step in seen
+    if step == "pointer-written":
+        assert any(n.startswith("CURRENT.tmp-") for n in os.listdir(path))
+    published = step in SAVE_STEPS[PUBLISHED_FROM:] or step == "legacy-meta-removed"
+    np.testing.assert_array_equal(loaded(path), centroids(1 if published else 0))
+    # the dead writer's lock is taken over, its leftovers removed, and the next save completes
+    lock = os.path.join(path, ".lock")
+    assert os.path.exists(lock)
+    with open(lock, "w") as handle:
+        handle.write(f"{dead_pid()}\n")
+    checkpoint.save_codebook(path, codebook(2))
+    np.testing.assert_array_equal(loaded(path), centroids(2))
+    assert_clean(path)
+
+
+@pytest.mark.parametrize("step", SAVE_STEPS)
+def test_failed_save_cleans_up_and_keeps_the_old(tmp_path, monkeypatch, step):
+    path = str(tmp_path / "cb")
+    checkpoint.save_codebook(path, codebook(0))
+    checkpoint.save_codebook(path, codebook(5))
+
+    def fail(at):
+        if at == step:
+            raise OSError(f"disk full at {at}")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_crash_point", fail)
+        with pytest.raises(OSError):
+            checkpoint.save_codebook(path, codebook(1))
+    published = step in SAVE_STEPS[PUBLISHED_FROM:]
+    np.testing.assert_array_equal(loaded(path), centroids(1 if published else 5))
+    assert not os.path.exists(os.path.join(path, ".lock"))
+    if not published:
+        assert_clean(path)
+
+
+def test_failing_replace_keeps_the_old(tmp_path, monkeypatch):
+    path = tmp_path / "cb"
+    checkpoint.save_codebook(path, codebook(0))
+
+    def broken_replace(src, dst):
+        raise OSError("EIO")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.os, "replace", broken_replace)
+        with pytest.raises(OSError, match="EIO"):
+            checkpoint.save_codebook(path, codebook(1))
+    np.testing.assert_array_equal(loaded(path), centroids(0))
+    assert_clean(path)
+    with pytest.raises(OSError):  # a new path that fails is not left behind either
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint.os, "replace", broken_replace)
+            checkpoint.save_codebook(tmp_path / "new", codebook(1))
+    assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["versioned", "first-format"])
+def test_reader_between_the_steps_of_a_save(tmp_path, monkeypatch, legacy):
+    path = str(tmp_path / "cb")
+    if legacy:
+        save_legacy(path, centroids(0))
+    else:
+        checkpoint.save_codebook(path, codebook(0))
+    reads = {}
+
+    def read(at):
+        reads[at] = loaded(path)
+
+    monkeypatch.setattr(checkpoint, "_crash_point", read)
+    checkpoint.save_codebook(path, codebook(1))
+    monkeypatch.undo()
+    expected = {"locked", "arrays-written", "meta-written", "version-synced", "pointer-written", "published",
+                "cleaned"} | ({"legacy-meta-removed"} if legacy else set())
+    assert expected <= set(reads)
+    published = False
+    for at in reads:  # insertion order is the order of the steps
+        published = published or at == "published"
+        np.testing.assert_array_equal(reads[at], centroids(1 if published else 0), err_msg=at)
+
+
+def test_reader_retries_when_a_save_replaces_the_checkpoint_under_it(tmp_path, monkeypatch):
+    path = str(tmp_path / "cb")
+    checkpoint.save_codebook(path, codebook(0))
+    real = checkpoint._load_version
+    calls = []
+
+    def racing(*args, **kwargs):
+        if not calls:  # a complete save (and its cleanup) happens between reading CURRENT and the arrays
+            calls.append(1)
+            monkeypatch.setattr(checkpoint, "_load_version", real)
+            checkpoint.save_codebook(path, codebook(1))
+            monkeypatch.setattr(checkpoint, "_load_version", racing)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_load_version", racing)
+    np.testing.assert_array_equal(loaded(path), centroids(1))
+
+
+def test_concurrent_saves_serialize_on_the_lock(tmp_path, monkeypatch):
+    path = str(tmp_path / "cb")
+    checkpoint.save_codebook(path, codebook(0))
+    lock = os.path.join(path, ".lock")
+    with open(lock, "w") as handle:
+        handle.write(f"{os.getpid()}\n")  # a live writer
+    monkeypatch.setattr(checkpoint, "LOCK_TIMEOUT", 0.2)
+    with pytest.raises(ValueError, match=r"\.lock"):
+        checkpoint.save_codebook(path, codebook(1))
+    with pytest.raises(ValueError, match=r"\.lock"):
+        checkpoint.save_tree(path, {"centroids": centroids(1)}, meta={"kind": "codebook"}, lock_timeout=0.1)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(loaded(path), centroids(0))
+    with open(lock, "w") as handle:
+        handle.write(f"{dead_pid()}\n")  # a dead one
+    checkpoint.save_codebook(path, codebook(1))
+    np.testing.assert_array_equal(loaded(path), centroids(1))
+
+    # two threads: the second save waits for the first to finish
+    holding, release = threading.Event(), threading.Event()
+
+    def hook(at):
+        if at == "arrays-written" and threading.current_thread().name == "first":
+            holding.set()
+            release.wait(20)
+
+    monkeypatch.setattr(checkpoint, "_crash_point", hook)
+    errors = []
+
+    def run(seed):
+        try:
+            checkpoint.save_codebook(path, codebook(seed))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=run, args=(2,), name="first")
+    first.start()
+    assert holding.wait(20)
+    second = threading.Thread(target=run, args=(3,), name="second")
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive()  # blocked on the lock
+    np.testing.assert_array_equal(loaded(path), centroids(1))
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert not errors
+    np.testing.assert_array_equal(loaded(path), centroids(3))
+    assert_clean(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# format versions, checksums, range checks
+
+
+def test_format_version_is_checked(tmp_path):
+    path = tmp_path / "cb"
+    checkpoint.save_codebook(path, codebook(0))
+    meta_path = os.path.join(checkpoint._version_dir(path), "meta.json")
+    meta = json.load(open(meta_path))
+    assert meta["format"] == "jasmk-checkpoint-2" and meta["arrays"]["centroids"]["shape"] == [8, 4]
+    json.dump({**meta, "format": "jasmk-checkpoint-9"}, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="jasmk-checkpoint-9.*jasmk-checkpoint-2"):
+        checkpoint.load_codebook(path)
+    pointer = json.load(open(path / "CURRENT"))
+    json.dump({**pointer, "format": "jasmk-checkpoint-7"}, open(path / "CURRENT", "w"))
+    with pytest.raises(ValueError, match="jasmk-checkpoint-7.*jasmk-checkpoint-2"):
+        checkpoint.load_codebook(path)
+    json.dump({**pointer, "version": "../../etc"}, open(path / "CURRENT", "w"))
+    with pytest.raises(ValueError, match="bad version"):
+        checkpoint.load_codebook(path)
+    legacy = tmp_path / "legacy"
+    save_legacy(legacy, centroids(0))
+    json.dump({"format": "jasmk-checkpoint-0", "kind": "codebook"}, open(legacy / "meta.json", "w"))
+    with pytest.raises(ValueError, match="jasmk-checkpoint-0"):
+        checkpoint.load_codebook(legacy)
+
+
+def test_flipped_byte_is_detected(tmp_path, small_data):
+    feats, ids, cents = small_data
+    path = tmp_path / "idx"
+    checkpoint.save_index(path, jasmk.build_index(feats, ids, codebook=cents))
+    arrays = os.path.join(checkpoint._version_dir(path), "arrays")
+    files = [os.path.join(root, f) for root, _, names in os.walk(arrays) for f in names]
+    largest = max(files, key=os.path.getsize)
+    data = bytearray(open(largest, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(largest, "wb").write(bytes(data))
+    with pytest.raises(ValueError):
+        checkpoint.load_index(path)
+
+
+def test_checksum_names_the_damaged_array(tmp_path):
+    path = tmp_path / "cb"
+    checkpoint.save_codebook(path, codebook(0))
+    meta_path = os.path.join(checkpoint._version_dir(path), "meta.json")
+    meta = json.load(open(meta_path))
+    good = json.dumps(meta)
+    meta["arrays"]["centroids"]["crc32"] ^= 1
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match=r"centroids.*checksum"):
+        checkpoint.load_codebook(path)
+    meta = json.loads(good)
+    meta["arrays"]["centroids"]["shape"] = [4, 8]
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match=r"centroids.*meta says"):
+        checkpoint.load_codebook(path)
+    meta = json.loads(good)
+    meta["size_param"] = 16  # an edited static field
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="16"):
+        checkpoint.load_codebook(path)
+
+
+@pytest.mark.parametrize("bad", [np.full((8, 4), np.nan, np.float32), np.ones(8, np.float32),
+                                 np.ones((2, 8, 4), np.float32)], ids=["nan", "1-D", "3-D"])
+def test_load_codebook_range_checks(tmp_path, bad):
+    checkpoint.save_tree(tmp_path / "cb", {"centroids": bad}, meta={"kind": "codebook", "size_param": 8})
+    with pytest.raises(ValueError, match="centroids"):
+        checkpoint.load_codebook(tmp_path / "cb")

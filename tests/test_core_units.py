@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import asmk_params, assert_same_ranking
+from helpers import asmk_params, assert_same_ranking
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
@@ -240,7 +240,7 @@ def test_compat_facade_mast3r_flow(tmp_path, small_data):
     dataset = loaded.build_ivf(feats, ids)
     metadata, images, ranks, scores = dataset.query_ivf(feats, ids)
     _, ref_images, ref_ranks, ref_scores = ref.build_ivf(feats, ids.copy()).query_ivf(feats, ids)
-    from conftest import assert_same_ranking
+    from helpers import assert_same_ranking
 
     np.testing.assert_array_equal(images, ref_images)
     assert_same_ranking(ranks, scores, ref_ranks, ref_scores)
@@ -272,7 +272,7 @@ def test_query_padded_fully_jitted_matches_query(small_data):
     ranks, scores = jasmk.query_padded(index, padded, valid, multiple_assignment=5, topk=10)
     m = np.isin(ids, sel)
     ref = jasmk.query(index, feats[m], ids[m], multiple_assignment=5, topk=10)
-    from conftest import assert_same_ranking
+    from helpers import assert_same_ranking
 
     assert_same_ranking(np.asarray(ranks), np.asarray(scores), ref.ranks, ref.scores)
     # and under an outer jit + vmap over single images

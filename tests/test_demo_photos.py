@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_experiment
+from helpers import load_experiment
 
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("skimage")

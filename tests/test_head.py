@@ -3,6 +3,9 @@ Orbax round trip, optax training."""
 
 import argparse
 import os
+import subprocess
+import sys
+import threading
 import warnings
 
 import jax
@@ -10,24 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import Hostile, make_mast3r_checkpoint, reference_whitening, torch_reference
 
 from jasmk import head
 from jasmk.head import selection as select
 from jasmk.head import train, whiten
-
-
-def reference_whitening(x, s=1.0):
-    """The seed's pcawhitenlearn_shrinkage (general eigensolver), re-derived in numpy."""
-    n = x.shape[0]
-    m = x.mean(axis=0, keepdims=True)
-    xc = x - m
-    cov = xc.T @ xc
-    cov = (cov + cov.T) / (2 * n)
-    val, vec = np.linalg.eig(cov)
-    order = val.argsort()[::-1]
-    val, vec = np.clip(val[order].real, 1e-14, None), vec[:, order].real
-    p = np.linalg.inv(np.diag(val ** (0.5 * s))) @ vec.T
-    return m, p.T
+from jasmk.storage import checkpoint
 
 
 @pytest.mark.parametrize("s", [1.0, 0.5])
@@ -70,74 +61,6 @@ def test_selection_and_spoc_match_numpy():
             select.resolve_nfeat(bad, 10)
     assert select.resolve_nfeat is head.resolve_nfeat  # one rule, MASt3R's: 0 < nfeat < 1 keeps int(nfeat) = 0
     assert select.resolve_nfeat(0.5, 10) == 0
-
-
-def mast3r_projector(c, hdims):
-    """MASt3R's projector for ``hdims`` ('96_64'; '' is none) in torch: (Linear, LayerNorm, GELU) per hidden dim,
-    then a Linear. Returns ``(projector, dims)``."""
-    import torch
-
-    dims = [int(h) for h in hdims.split("_")] if hdims else []
-    layers, d = [], c
-    for h in dims[:-1]:
-        layers += [torch.nn.Linear(d, h), torch.nn.LayerNorm(h), torch.nn.GELU()]
-        d = h
-    if dims:
-        layers.append(torch.nn.Linear(d, dims[-1]))
-    return torch.nn.Sequential(*layers), dims
-
-
-def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0, imsize=512,
-                           nclusters=1024):
-    """A synthetic checkpoint in MASt3R's retrieval format, and the torch modules holding the same weights."""
-    torch = pytest.importorskip("torch")
-    g = torch.Generator().manual_seed(seed)
-    projector, dims = mast3r_projector(c, hdims)
-    with torch.no_grad():
-        for prm in projector.parameters():
-            offset = 1.0 if prm.ndim == 1 and prm.shape[0] in dims else 0
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3 + offset)
-    state = {f"projector.{k}": v for k, v in projector.state_dict().items()}
-    state["backbone.enc.weight"] = torch.zeros(3)  # frozen-backbone keys are ignored
-    whiteners = {}
-    for name, on, dim in (("prewhiten", prewhiten, c), ("postwhiten", postwhiten, dims[-1] if dims else c)):
-        if on is not None:
-            m = torch.randn((1, dim), generator=g, dtype=torch.float64)
-            p = torch.randn((dim, dim), generator=g, dtype=torch.float64) / dim**0.5
-            state[f"{name}.m"], state[f"{name}.p"] = m, p
-            whiteners[name] = (m, p)
-    args = argparse.Namespace(pretrained="x", freeze_backbone=1, prewhiten=prewhiten, hdims=hdims, residual=residual,
-                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=imsize,
-                              nclusters=nclusters)
-    torch.save({"args": args, "model": state}, path)
-    return projector, whiteners
-
-
-def torch_reference(x, projector, whiteners, *, residual, nfeat):
-    """The seed's RetrievalModel forward passes, in torch."""
-    import torch
-
-    def wh(t, name):
-        if name not in whiteners:
-            return t
-        m, p = whiteners[name]
-        return (torch.matmul(t.reshape(-1, t.shape[-1]).double() - m, p)).reshape(t.shape).to(t.dtype)
-
-    with torch.no_grad():
-        xt = torch.from_numpy(x)
-        pre = wh(xt, "prewhiten")
-        proj = projector(pre) + (pre if residual else 0.0)
-        attn = proj.norm(dim=-1)
-        feat = wh(proj, "postwhiten")
-        glob = torch.nn.functional.normalize((feat * attn[:, :, None]).sum(dim=1), dim=1)
-        if nfeat < 0:  # MASt3R's how_select_local
-            assert nfeat >= -1.0
-            k = int(-nfeat * feat.size(1))
-        else:
-            k = int(nfeat)
-        top_attn, top_idx = torch.topk(attn, min(k, attn.size(1)), dim=1)
-        top_feat = torch.gather(feat, 1, top_idx.unsqueeze(-1).expand(-1, -1, feat.size(2)))
-    return glob.numpy(), top_feat.numpy(), top_attn.numpy(), top_idx.numpy()
 
 
 @pytest.mark.parametrize("hdims,residual,prewhiten,postwhiten,nfeat", [
@@ -427,7 +350,6 @@ def test_lowered_head_has_a_float64_dot_for_each_whitening_and_nothing_else_in_f
 
 
 def test_float64_whitening_leaves_the_users_dtypes_alone():
-    import threading
 
     config = head.HeadConfig(backbone_dim=8, hdims=(6,), prewhiten=True, nfeat=3)
     variables = head.device_variables(head.init_head(config, seed=0))
@@ -500,7 +422,6 @@ def test_training_steps_through_float64_whitening():
 
 
 def test_head_checkpoints_keep_float64_whitening(tmp_path):
-    from jasmk.storage import checkpoint
 
     t, m, p = ill_conditioned_whitening()
     path = str(tmp_path / "w_retrieval_x.pth")
@@ -564,8 +485,6 @@ def test_a_float32_head_saved_by_the_old_jasmk_loads_and_warns_once_if_ill_condi
 @pytest.mark.slow
 def test_float64_whitening_under_the_users_global_x64():
     """A user who turned jax_enable_x64 on gets the same features (and float32 ones, as without it)."""
-    import subprocess
-    import sys
     import textwrap
 
     script = textwrap.dedent("""
@@ -588,3 +507,37 @@ def test_float64_whitening_under_the_users_global_x64():
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading never runs code: torch checkpoints
+
+
+def test_mast3r_checkpoint_loads_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    from helpers import make_mast3r_checkpoint
+
+    from jasmk import head
+
+    path = str(tmp_path / "retrieval.pth")
+    make_mast3r_checkpoint(path, c=8, hdims="8_6", residual=False, prewhiten=1, postwhiten=None, nfeat=4)
+    config, _, info = head.load_mast3r_checkpoint(path)
+    assert config.backbone_dim == 8 and info == {"imsize": 512, "nclusters": 1024}
+
+    marker = tmp_path / "pwned"
+    torch.save({"args": Hostile(marker), "model": {}}, str(tmp_path / "evil.pth"))
+    with pytest.raises(ValueError, match="weights only"):
+        head.load_mast3r_checkpoint(str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError):
+        head.load_mast3r_checkpoint(str(tmp_path / "empty.pth"))
+
+
+def test_old_torch_is_refused(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from jasmk import head
+
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    with pytest.raises(ValueError, match="safe_globals"):
+        head.load_mast3r_checkpoint(str(tmp_path / "x.pth"))

@@ -13,30 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from test_head import make_mast3r_checkpoint, torch_reference  # noqa: E402
+from helpers import PatchBackbone, make_mast3r_checkpoint, reference_load, torch_reference  # noqa: E402
 
 C = 16        # backbone channels
 IMSIZE = 128  # long side of the resized images (a multiple of 64: a square image crops to 4:3 in whole patches)
 NCLUSTERS = 12
-
-
-class PatchBackbone:
-    """A deterministic stand-in for MASt3R's encoder: 16x16 patches -> fixed random projection -> tanh.
-
-    Follows the Retriever's contract: ``[B, 3, H, W]`` float tensor in [-1, 1] -> ``[B, N, C]`` torch tensor.
-    """
-
-    def __init__(self, c=C, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.w = torch.randn((3 * 16 * 16, c), generator=g, dtype=torch.float32) / 16.0
-        self.calls = []
-
-    def __call__(self, images):
-        assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1] == 3
-        self.calls.append(tuple(images.shape))
-        b = images.shape[0]
-        patches = torch.nn.functional.unfold(images, kernel_size=16, stride=16)  # [B, 768, N]
-        return torch.tanh(patches.transpose(1, 2) @ self.w.to(images.device)).reshape(b, -1, self.w.shape[1])
 
 
 def write_images(folder, rng):
@@ -77,25 +58,6 @@ def setup(tmp_path):
              whiteners=whiteners, residual=residual, nfeat=nfeat)
     train_reference_codebook(s, paths)
     return s
-
-
-def reference_load(path, size, patch=16):
-    """DUSt3R's load_images (long-side branch), re-derived with PIL + numpy."""
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(PIL_Image.open(path)).convert("RGB")
-    w1, h1 = img.size
-    s = max(w1, h1)
-    img = img.resize(tuple(int(round(x * size / s)) for x in img.size),
-                     PIL_Image.LANCZOS if s > size else PIL_Image.BICUBIC)
-    w, h = img.size
-    cx, cy = w // 2, h // 2
-    hw, hh = ((2 * cx) // patch) * patch / 2, ((2 * cy) // patch) * patch / 2
-    if w == h:
-        hh = 3 * hw / 4
-    img = img.crop((cx - hw, cy - hh, cx + hw, cy + hh))
-    x = np.asarray(img, np.float32).transpose(2, 0, 1) / np.float32(255)
-    return torch.from_numpy(((x - np.float32(0.5)) / np.float32(0.5))[None].astype(np.float32))
 
 
 def mast3r_asmk_params():
@@ -296,7 +258,7 @@ FORK_SCRIPT = textwrap.dedent("""
     import os, sys, warnings
     sys.path.insert(0, {tests!r})
     import numpy as np, torch
-    from test_mast3r import PatchBackbone
+    from helpers import PatchBackbone
     import jasmk.core.runtime
     from jasmk.mast3r import Retriever
 

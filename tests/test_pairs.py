@@ -2,44 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import mast3r_oracle
 
 from jasmk import pairs as pr
-
-
-def mast3r_oracle(sim, na, k, seed, *, exclude_self=False):
-    """retrieval-Na-k written out with Python sets, MASt3R's way: np.random.seed(seed) then a global-RNG draw."""
-    n = len(sim)
-    dist = 1.0 - np.asarray(sim, np.float64)
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed)
-        first = int(np.random.choice(n))
-    finally:
-        np.random.set_state(state)
-    keys = [first] if na else []
-    while len(keys) < na:
-        best, best_d = None, -np.inf
-        for c in range(n):
-            dc = min(dist[a, c] for a in keys)
-            if dc > best_d:
-                best, best_d = c, dc
-        assert best not in keys  # the test matrices never make MASt3R repeat a key image
-        keys.append(best)
-    edges = set()
-    for a in keys:
-        for b in keys:
-            if a != b:
-                edges.add((min(a, b), max(a, b)))
-    for i in range(n):
-        if keys and i not in keys:
-            nk = min(keys, key=lambda c: (dist[i, c], keys.index(c)))
-            edges.add((min(i, nk), max(i, nk)))
-    for i in range(n):
-        cands = [j for j in range(n) if not (exclude_self and j == i)]
-        for j in sorted(cands, key=lambda j: (dist[i, j], j))[:k]:
-            if j != i:
-                edges.add((min(i, j), max(i, j)))
-    return sorted(edges), keys
 
 
 def asmk_like(rng, n, dim=8, groups=3):
@@ -148,7 +113,7 @@ def test_bad_input(tmp_path):
 import functools  # noqa: E402
 import tracemalloc  # noqa: E402
 
-from conftest import clustered_data  # noqa: E402
+from helpers import clustered_data  # noqa: E402
 
 import jasmk  # noqa: E402
 

@@ -16,7 +16,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import clustered_data
+from helpers import clustered_data
 from jax.sharding import Mesh
 
 import jasmk

@@ -19,10 +19,13 @@ torch = pytest.importorskip("torch")
 PIL_Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("asmk")
 
-from conftest import asmk_params  # noqa: E402
-from test_head import mast3r_projector, reference_whitening  # noqa: E402
-from test_mast3r import reference_load  # noqa: E402
-from test_pairs import mast3r_oracle  # noqa: E402
+from helpers import (  # noqa: E402
+    asmk_params,  # noqa: E402
+    mast3r_oracle,  # noqa: E402
+    mast3r_projector,
+    reference_load,  # noqa: E402
+    reference_whitening,
+)
 
 C = 64          # backbone channels (MASt3R: 1024)
 LATENT = 24     # rank of the backbone's token map before its last Linear + LayerNorm
@@ -164,7 +167,7 @@ def reference_features(ref, backbone, paths):
 
 def asmk_scores(centroids, feats, ids, *, binary):
     """MASt3R's Retriever scoring re-derived with asmk 0.1.1: index all, query all, scores[query, database]."""
-    from conftest import asmk_with_centroids
+    from helpers import asmk_with_centroids
 
     method = asmk_with_centroids(asmk_params(size=NCLUSTERS, binary=binary), centroids)
     _, _, ranks, ranked = method.build_ivf(feats, ids).query_ivf(feats, ids)

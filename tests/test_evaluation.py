@@ -154,7 +154,7 @@ def test_bad_input():
 
 
 def _import_reproduce_how():
-    from conftest import load_experiment
+    from helpers import load_experiment
 
     return load_experiment("reproduce_how")
 
@@ -255,7 +255,7 @@ def _write_pickle(path, obj):
 
 def _asmk_maps(desc, gnd, centroids, *, distractors_path=None, n_distractors=0):
     """asmk 0.1.1's ranking of the stand-in with these centroids, scored by the revisitop oracle (percent)."""
-    from conftest import asmk_params, asmk_with_centroids
+    from helpers import asmk_params, asmk_with_centroids
 
     params = asmk_params(size=centroids.shape[0])
     ref = asmk_with_centroids(params, centroids).build_ivf(desc["vecs"], desc["imids"].copy(),
@@ -326,7 +326,7 @@ def test_reproduce_how_follows_asmk_parameter_files(how_layout, capsys):
 
 def test_reproduce_how_uses_asmk_codebook_pkl(how_layout, capsys, tmp_path):
     from asmk import asmk_method
-    from conftest import asmk_params
+    from helpers import asmk_params
 
     rh = _import_reproduce_how()
     root, train, sets = how_layout
@@ -350,7 +350,7 @@ def test_reproduce_how_uses_asmk_codebook_pkl(how_layout, capsys, tmp_path):
 
 
 def test_reproduce_how_with_distractors(how_layout, capsys, tmp_path):
-    from conftest import asmk_params, asmk_with_centroids
+    from helpers import asmk_params, asmk_with_centroids
 
     import jasmk
 

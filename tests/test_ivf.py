@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
+from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
 
 import jasmk
 from jasmk.core import aggregate as agg_mod

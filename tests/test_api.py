@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
+from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, dense_from_ranks
 
 import jasmk
 from jasmk import api

@@ -1,0 +1,260 @@
+"""Shared oracles and data for the tests: independent re-derivations (asmk's parameters and a codebook of given
+centroids, MASt3R's whitening recipe, head, pair graph and image loading) and synthetic data shaped like users'.
+Test files import from here; conftest.py holds only fixtures and markers."""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+
+C = 16  # the backbone channels of PatchBackbone
+
+
+def load_experiment(name):
+    """Import ``experiments/<name>.py`` as a module (the experiments are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def asmk_params(*, size, binary=True, use_idf=False, ma_build=1, ma_query=5, alpha=3.0, threshold=0.0, topk=None):
+    """asmk 0.1.1 params dict (CPU index)."""
+    return {
+        "index": {"gpu_id": None},
+        "train_codebook": {"codebook": {"size": size}},
+        "build_ivf": {"kernel": {"binary": binary}, "ivf": {"use_idf": use_idf},
+                      "quantize": {"multiple_assignment": ma_build}, "aggregate": {}},
+        "query_ivf": {"quantize": {"multiple_assignment": ma_query}, "aggregate": {}, "search": {"topk": topk},
+                      "similarity": {"similarity_threshold": threshold, "alpha": alpha}},
+    }
+
+
+def asmk_with_centroids(params, centroids):
+    """An asmk ASMKMethod whose codebook holds exactly ``centroids``."""
+    from asmk import asmk_method
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
+
+    cdb = cdb_pkg.Codebook(idx_pkg.initialize_index(None), size=params["train_codebook"]["codebook"]["size"])
+    cdb.index(np.ascontiguousarray(centroids, dtype=np.float32))
+    return asmk_method.ASMKMethod(params, {}, codebook=cdb)
+
+
+def dense_from_ranks(ranks, scores, n_cols):
+    """Dense [n_query, n_cols] matrix from ranked (ranks, scores), as MASt3R's Retriever does."""
+    dense = np.full((ranks.shape[0], n_cols), np.nan)
+    dense[np.arange(ranks.shape[0])[:, None], ranks] = scores
+    return dense
+
+
+def assert_same_ranking(ranks, scores, ref_ranks, ref_scores, *, atol=1e-5, tie_tol=1e-6):
+    """Ranks/scores agree with the reference: scores position by position within ``atol``; rank lists are
+    permutations and, where they differ, the reference itself scores both images within ``tie_tol``
+    (a tie, whose order asmk leaves to numpy's unstable argsort)."""
+    ranks, ref_ranks = np.asarray(ranks), np.asarray(ref_ranks)
+    assert ranks.shape == ref_ranks.shape, (ranks.shape, ref_ranks.shape)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=atol)
+    n_cols = int(max(ranks.max(), ref_ranks.max())) + 1
+    for q in range(ranks.shape[0]):
+        assert len(set(ranks[q].tolist())) == ranks.shape[1], f"query {q}: repeated ranks"
+    ref_dense = dense_from_ranks(ref_ranks, ref_scores, n_cols)
+    mismatch = ranks != ref_ranks
+    if mismatch.any():
+        q_idx, pos = np.nonzero(mismatch)
+        ours_in_ref = ref_dense[q_idx, ranks[q_idx, pos]]
+        gap = np.abs(ours_in_ref - ref_scores[q_idx, pos])
+        assert np.all(gap <= tie_tol), (
+            f"{mismatch.sum()} rank positions differ and not all are ties: max gap {np.nanmax(gap)}, "
+            f"nan={np.isnan(gap).sum()}"
+        )
+
+
+def clustered_data(rng, *, n_images, per_image, dim, n_scenes=None, noise=0.3):
+    """Descriptors of images that share scenes: images of one scene hold noisy copies of its points."""
+    n_scenes = n_scenes or max(2, n_images // 3)
+    scene_pts = rng.standard_normal((n_scenes, per_image * 2, dim)).astype(np.float32)
+    feats, ids = [], []
+    for i in range(n_images):
+        s = i % n_scenes
+        pick = rng.choice(per_image * 2, per_image, replace=False)
+        feats.append(scene_pts[s, pick] + noise * rng.standard_normal((per_image, dim)).astype(np.float32))
+        ids.append(np.full(per_image, i))
+    return np.concatenate(feats).astype(np.float32), np.concatenate(ids)
+
+
+def reference_whitening(x, s=1.0):
+    """The seed's pcawhitenlearn_shrinkage (general eigensolver), re-derived in numpy."""
+    n = x.shape[0]
+    m = x.mean(axis=0, keepdims=True)
+    xc = x - m
+    cov = xc.T @ xc
+    cov = (cov + cov.T) / (2 * n)
+    val, vec = np.linalg.eig(cov)
+    order = val.argsort()[::-1]
+    val, vec = np.clip(val[order].real, 1e-14, None), vec[:, order].real
+    p = np.linalg.inv(np.diag(val ** (0.5 * s))) @ vec.T
+    return m, p.T
+
+
+def mast3r_projector(c, hdims):
+    """MASt3R's projector for ``hdims`` ('96_64'; '' is none) in torch: (Linear, LayerNorm, GELU) per hidden dim,
+    then a Linear. Returns ``(projector, dims)``."""
+    import torch
+
+    dims = [int(h) for h in hdims.split("_")] if hdims else []
+    layers, d = [], c
+    for h in dims[:-1]:
+        layers += [torch.nn.Linear(d, h), torch.nn.LayerNorm(h), torch.nn.GELU()]
+        d = h
+    if dims:
+        layers.append(torch.nn.Linear(d, dims[-1]))
+    return torch.nn.Sequential(*layers), dims
+
+
+def make_mast3r_checkpoint(path, *, c, hdims, residual, prewhiten, postwhiten, nfeat, seed=0, imsize=512,
+                           nclusters=1024):
+    """A synthetic checkpoint in MASt3R's retrieval format, and the torch modules holding the same weights."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(seed)
+    projector, dims = mast3r_projector(c, hdims)
+    with torch.no_grad():
+        for prm in projector.parameters():
+            offset = 1.0 if prm.ndim == 1 and prm.shape[0] in dims else 0
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.3 + offset)
+    state = {f"projector.{k}": v for k, v in projector.state_dict().items()}
+    state["backbone.enc.weight"] = torch.zeros(3)  # frozen-backbone keys are ignored
+    whiteners = {}
+    for name, on, dim in (("prewhiten", prewhiten, c), ("postwhiten", postwhiten, dims[-1] if dims else c)):
+        if on is not None:
+            m = torch.randn((1, dim), generator=g, dtype=torch.float64)
+            p = torch.randn((dim, dim), generator=g, dtype=torch.float64) / dim**0.5
+            state[f"{name}.m"], state[f"{name}.p"] = m, p
+            whiteners[name] = (m, p)
+    args = argparse.Namespace(pretrained="x", freeze_backbone=1, prewhiten=prewhiten, hdims=hdims, residual=residual,
+                              postwhiten=postwhiten, featweights="l2norm", nfeat=nfeat, imsize=imsize,
+                              nclusters=nclusters)
+    torch.save({"args": args, "model": state}, path)
+    return projector, whiteners
+
+
+def torch_reference(x, projector, whiteners, *, residual, nfeat):
+    """The seed's RetrievalModel forward passes, in torch."""
+    import torch
+
+    def wh(t, name):
+        if name not in whiteners:
+            return t
+        m, p = whiteners[name]
+        return (torch.matmul(t.reshape(-1, t.shape[-1]).double() - m, p)).reshape(t.shape).to(t.dtype)
+
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        pre = wh(xt, "prewhiten")
+        proj = projector(pre) + (pre if residual else 0.0)
+        attn = proj.norm(dim=-1)
+        feat = wh(proj, "postwhiten")
+        glob = torch.nn.functional.normalize((feat * attn[:, :, None]).sum(dim=1), dim=1)
+        if nfeat < 0:  # MASt3R's how_select_local
+            assert nfeat >= -1.0
+            k = int(-nfeat * feat.size(1))
+        else:
+            k = int(nfeat)
+        top_attn, top_idx = torch.topk(attn, min(k, attn.size(1)), dim=1)
+        top_feat = torch.gather(feat, 1, top_idx.unsqueeze(-1).expand(-1, -1, feat.size(2)))
+    return glob.numpy(), top_feat.numpy(), top_attn.numpy(), top_idx.numpy()
+
+
+def mast3r_oracle(sim, na, k, seed, *, exclude_self=False):
+    """retrieval-Na-k written out with Python sets, MASt3R's way: np.random.seed(seed) then a global-RNG draw."""
+    n = len(sim)
+    dist = 1.0 - np.asarray(sim, np.float64)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        first = int(np.random.choice(n))
+    finally:
+        np.random.set_state(state)
+    keys = [first] if na else []
+    while len(keys) < na:
+        best, best_d = None, -np.inf
+        for c in range(n):
+            dc = min(dist[a, c] for a in keys)
+            if dc > best_d:
+                best, best_d = c, dc
+        assert best not in keys  # the test matrices never make MASt3R repeat a key image
+        keys.append(best)
+    edges = set()
+    for a in keys:
+        for b in keys:
+            if a != b:
+                edges.add((min(a, b), max(a, b)))
+    for i in range(n):
+        if keys and i not in keys:
+            nk = min(keys, key=lambda c: (dist[i, c], keys.index(c)))
+            edges.add((min(i, nk), max(i, nk)))
+    for i in range(n):
+        cands = [j for j in range(n) if not (exclude_self and j == i)]
+        for j in sorted(cands, key=lambda j: (dist[i, j], j))[:k]:
+            if j != i:
+                edges.add((min(i, j), max(i, j)))
+    return sorted(edges), keys
+
+
+class PatchBackbone:
+    """A deterministic stand-in for MASt3R's encoder: 16x16 patches -> fixed random projection -> tanh.
+
+    Follows the Retriever's contract: ``[B, 3, H, W]`` float tensor in [-1, 1] -> ``[B, N, C]`` torch tensor.
+    """
+
+    def __init__(self, c=C, seed=0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn((3 * 16 * 16, c), generator=g, dtype=torch.float32) / 16.0
+        self.calls = []
+
+    def __call__(self, images):
+        import torch
+
+        assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1] == 3
+        self.calls.append(tuple(images.shape))
+        b = images.shape[0]
+        patches = torch.nn.functional.unfold(images, kernel_size=16, stride=16)  # [B, 768, N]
+        return torch.tanh(patches.transpose(1, 2) @ self.w.to(images.device)).reshape(b, -1, self.w.shape[1])
+
+
+def reference_load(path, size, patch=16):
+    """DUSt3R's load_images (long-side branch), re-derived with PIL + numpy."""
+    import torch
+    from PIL import Image as PIL_Image
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(PIL_Image.open(path)).convert("RGB")
+    w1, h1 = img.size
+    s = max(w1, h1)
+    img = img.resize(tuple(int(round(x * size / s)) for x in img.size),
+                     PIL_Image.LANCZOS if s > size else PIL_Image.BICUBIC)
+    w, h = img.size
+    cx, cy = w // 2, h // 2
+    hw, hh = ((2 * cx) // patch) * patch / 2, ((2 * cy) // patch) * patch / 2
+    if w == h:
+        hh = 3 * hw / 4
+    img = img.crop((cx - hw, cy - hh, cx + hw, cy + hh))
+    x = np.asarray(img, np.float32).transpose(2, 0, 1) / np.float32(255)
+    return torch.from_numpy(((x - np.float32(0.5)) / np.float32(0.5))[None].astype(np.float32))
+
+
+class Hostile:
+    """Pickles as a call of os.system (touching ``marker``): what a loader must never run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
