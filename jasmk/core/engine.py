@@ -110,8 +110,8 @@ class Batch:
     q_scale: np.ndarray
 
 
-def query_scale(idf: np.ndarray, words: np.ndarray, slots: np.ndarray, n_queries: int) -> np.ndarray:
-    """Host twin of :func:`jasmk.score.query_scale` (rows summed in order, float32)."""
+def query_scale_host(idf: np.ndarray, words: np.ndarray, slots: np.ndarray, n_queries: int) -> np.ndarray:
+    """Host twin of :func:`jasmk.core.score.query_scale` (rows summed in order, float32)."""
     qn = np.zeros(n_queries, np.float32)
     np.add.at(qn, slots, idf[words])
     return ivf_mod.inverse_sqrt(qn)
@@ -165,7 +165,7 @@ def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: i
         slots = np.full(cap, b, np.int32)
         slots[:r] = slot_of_row[order] - i
         yield Batch(agg.images[starts[i:j]], vecs, words, slots, r, int((stops[i:j] - starts[i:j]).max()), b,
-                    query_scale(idf, words[:r], slots[:r], b))
+                    query_scale_host(idf, words[:r], slots[:r], b))
 
 
 def pairs_capacity(pairs: int) -> int:
@@ -218,8 +218,8 @@ def _kernel_table(alpha: float, threshold: float, bits: int) -> np.ndarray:
     return np.asarray(score_mod.kernel_table(np.float32(alpha), np.float32(threshold), bits=bits))
 
 
-def top_k_host(scores: np.ndarray, k: int):
-    """Host twin of :func:`jasmk.score.segment_top_k` for ``[B, I]`` scores: ``(positions [B, k], scores)``,
+def segment_top_k_host(scores: np.ndarray, k: int):
+    """Host twin of :func:`jasmk.core.score.segment_top_k` for ``[B, I]`` scores: ``(positions [B, k], scores)``,
     best first, equal scores in ascending position order."""
     b, n = scores.shape
     k = min(k, n)
@@ -281,7 +281,7 @@ def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *
     for seg, kind, out in score_segments(index, batch, alpha, threshold, kernel=kernel):
         k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
         if kind == "sparse-cpu":  # scores on the host: rank on the host too
-            pos, s = top_k_host(out, k)
+            pos, s = segment_top_k_host(out, k)
             i = pos + ivf_mod.host(seg).image_start
         else:
             i, s = score_mod.segment_top_k(out, ivf_mod.on_device(seg), k=k)
@@ -307,6 +307,10 @@ def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: fl
         out[:, h.image_start:h.image_start + h.n_images] = np.asarray(s)[:b, :h.n_images]
     return out
 
+# the 0.1 names of the host twins (host twins are named after their JAX function, plus _host)
+query_scale = query_scale_host
+top_k_host = segment_top_k_host
+
 __all__ = ["Batch", "COSTS", "KERNELS", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
            "backend", "batch_size", "batches", "check_kernel", "choose_kernel", "dense_scores", "kernel_arg", "layout",
-           "pairs_capacity", "query_scale", "ranked", "score_segments", "top_k_host"]
+           "pairs_capacity", "query_scale_host", "ranked", "score_segments", "segment_top_k_host"]

@@ -103,7 +103,7 @@ def from_limbs(acc):
 
 def query_scale(idf, q_words, q_slots, n_queries: int):
     """``[B] float32`` query normalization ``1 / sqrt(sum of idf over each query's rows)``, traceable (rows
-    whose slot is not in ``0..B-1`` are padding). :func:`jasmk.engine.query_scale` is the host twin."""
+    whose slot is not in ``0..B-1`` are padding). :func:`jasmk.core.engine.query_scale_host` is the host twin."""
     valid = (q_slots >= 0) & (q_slots < n_queries)
     w = jnp.where(valid, idf[jnp.where(valid, q_words, 0)], 0.0)
     qnorm = jax.ops.segment_sum(w, jnp.where(valid, q_slots, n_queries), num_segments=n_queries + 1)[:n_queries]
