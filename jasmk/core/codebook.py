@@ -6,8 +6,8 @@ Quantizers (``method=`` of :func:`quantize`):
   faiss-cpu, or a faiss-gpu build from conda; :func:`faiss_info` says which);
 - ``"jax"``: a jitted, chunked exact search on a JAX device (a GPU when there is one), at full float32
   precision. It gives faiss's words except where two words are within :data:`TIE_EPS` of each other;
-- ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; off by default; see the README for
-  measured agreement and speed);
+- ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; off by default; docs/benchmarks.md has
+  its agreement with exact search and its speed);
 - ``"auto"`` (default): ``"jax"`` when the device given, or JAX's default backend, is an accelerator, else
   ``"faiss"`` (and ``"jax"`` on the CPU where no faiss is installed).
 
@@ -223,7 +223,7 @@ TIE_EPS = 1e-5
 CHUNK_BYTES = 64 * 2**20  # [chunk, K] float32 distances per jitted step of the JAX quantizer
 HNSW_M = 32  # graph degree of the approximate quantizer
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (README figures)
+HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (docs/benchmarks.md)
 METHODS = ("auto", "faiss", "jax", "hnsw")
 
 _cache_lock = threading.Lock()

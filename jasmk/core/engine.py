@@ -9,8 +9,8 @@ offsets), and picks a kernel from a cost model with per-backend constants:
 * ``sparse-cpu`` (:mod:`jasmk.core.cpu_kernel`, CPU backend, ASMK* only, when numba is there): ``c_sparse_cpu x
   pairs``; it reads each posting once per batch however many query rows share its word.
 
-On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (it won at every size measured,
-and one kernel for every batch keeps each score independent of its batch). ``kernel=`` forces one
+On the CPU backend with numba, ``auto`` always takes ``sparse-cpu`` for ASMK* (the cheapest there, see
+docs/benchmarks.md; one kernel for every batch keeps each score independent of its batch). ``kernel=`` forces one
 (``"sparse"``: the best sparse kernel for the backend). All kernels sum the same float32 terms in order-free
 fixed point, so they give the same bits for ASMK* (on any backend). Rows are sorted by word (stable) before
 scoring, which groups the CPU kernel's shared reads.
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 KERNELS = ("auto", "dense", "sparse", "sparse-xla", "sparse-cpu")
 ENGINES = KERNELS  # the 0.1 name
 
-# Seconds per unit of work, measured with experiments/bench_scale.py on this project's 2-core CPU (see README,
-# "Speed"); the GPU figures are estimates, never measured (no GPU was lent to this project). The dense scan costs
+# Seconds per unit of work, from experiments/bench_scale.py on a 2-core CPU (docs/benchmarks.md); the GPU figures
+# are estimates that no GPU measurement has checked yet. The dense scan costs
 # (dense-posting + dense-pair * B) per posting, sparse kernels cost per (row, posting) pair, each per 2 packed
 # words of code (64 bits) or 2 floats; "fixed": per call.
 COSTS = {
