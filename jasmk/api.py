@@ -14,6 +14,7 @@ import typing
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .core import aggregate as agg_mod
 from .core import engine as engine_mod
@@ -50,8 +51,6 @@ class QueryResult(typing.NamedTuple):
 
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm progress bar on stderr (a no-op when disabled)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False)
 
 

@@ -8,6 +8,7 @@ Feature files: ``.npz`` with ``feats`` ``[N, D]`` and ``ids`` ``[N]`` (grouped, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import warnings
 import zipfile
 
+import jax
 import numpy as np
 
 import jasmk
@@ -255,8 +257,6 @@ def _read_list(path, what):
 
 def _read_gnd(path):
     """Revisited ground truth: a .json list of {easy, hard, junk} dicts (or {"gnd": [...]}), or a gnd .pkl."""
-    import json
-
     if not os.path.isfile(path):
         raise CliError(f"no such ground-truth file: {path}")
     if path.endswith(".pkl"):
@@ -411,8 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _persistent_compilation_cache() -> None:
     """Keep XLA's compiled programs on disk between CLI runs (``JAX_COMPILATION_CACHE_DIR`` wins; default
     ``~/.cache/jasmk/xla``), so that each run does not compile the same kernels again."""
-    import jax
-
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jasmk", "xla")
     try:

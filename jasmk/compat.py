@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from . import api
@@ -80,8 +81,6 @@ def _quantize(codebook, vecs, ma, gpu_id):
     if gpu_id is None:
         if have_faiss():
             return quantize(codebook, vecs, multiple_assignment=ma, method="faiss")
-        import jax
-
         return quantize(codebook, vecs, multiple_assignment=ma, method="jax", device=jax.devices("cpu")[0])
     return quantize(codebook, vecs, multiple_assignment=ma, method="auto", device=gpu_id)
 

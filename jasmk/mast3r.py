@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 
+import jax
 import numpy as np
 
 from . import api
@@ -155,8 +157,6 @@ def _prefetched(paths, imsize, num_workers):
 
 
 def _jax_on_gpu() -> bool:
-    import jax
-
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
@@ -328,10 +328,6 @@ class Retriever:
         """Head variables and the jitted head on the device (JAX starts here)."""
         if self._forward is not None:
             return
-        import functools
-
-        import jax
-
         self._variables = head_mod.device_variables(self._host_variables)  # whitening stays float64
         model = head_mod.RetrievalHead(self.config)
         self._forward = jax.jit(functools.partial(model.apply, method=head_mod.RetrievalHead.forward_local))

@@ -28,6 +28,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import ivf, memory, validate
 
@@ -164,8 +165,6 @@ def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bo
     if not progress:
         centroids = run(niter, None)
     else:
-        from tqdm.auto import tqdm
-
         centroids = None
         for _ in tqdm(range(int(niter)), desc=f"k-means, {k} words", unit="iteration", leave=False):
             centroids = run(1, centroids)

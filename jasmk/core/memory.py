@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 log = logging.getLogger(__name__)
 
 MIN_CHECKED = 64 * 2**20  # smaller allocations are not checked (reading the limits costs ~0.3 ms)
@@ -48,8 +50,6 @@ def host_available() -> int | None:
 
 def device_available() -> int | None:
     """Free bytes on the default JAX device when it is an accelerator that reports them, else None."""
-    import jax
-
     if jax.default_backend() == "cpu":
         return None
     try:

@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+import jax  # importing JAX starts no backend: backend_started() tells when one has
+
 log = logging.getLogger(__name__)
 
 _PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -57,8 +59,6 @@ def float64():
     the user's ``jax_enable_x64`` setting is left alone. Uses ``jax.enable_x64`` where JAX has it and
     ``jax.experimental.enable_x64`` on older versions.
     """
-    import jax  # jasmk's import itself starts no JAX machinery
-
     state = getattr(jax, "enable_x64", None)
     if state is not None:
         return state(True)

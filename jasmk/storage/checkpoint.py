@@ -19,6 +19,7 @@ saving over one converts it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 import zlib
 
 import jax
@@ -612,9 +614,6 @@ def __getattr__(name):
     # jasmk 0.1 had the sharded index's save and load here; they live with the sharded index now (the storage
     # layer imports no layer above it), and this forward warns until jasmk 0.3
     if name in ("save_sharded_index", "load_sharded_index"):
-        import importlib
-        import warnings
-
         warnings.warn(f"jasmk.checkpoint.{name} moved to jasmk.shard.{name}; the old path works until jasmk 0.3",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module("jasmk.shard"), name)

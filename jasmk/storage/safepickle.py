@@ -8,6 +8,7 @@ and refuses every other global with a ``ValueError`` before anything is called.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 
 def _numpy_attr(*candidates):
     """The first importable ``module:name`` of ``candidates`` (numpy moved ``numpy.core`` to ``numpy._core``)."""
-    import importlib
-
     for candidate in candidates:
         module, name = candidate.rsplit(".", 1)
         try:
