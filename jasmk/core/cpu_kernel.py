@@ -16,67 +16,44 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
+import os
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
+def cache_dir() -> str:
+    """Where the compiled kernel is kept between processes: ``$JASMK_CACHE_DIR/numba``, else
+    ``$XDG_CACHE_HOME/jasmk/numba``, else ``~/.cache/jasmk/numba`` (never the package's folder, which may be
+    read-only and is shared by every user of an install)."""
+    root = os.environ.get("JASMK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jasmk")
+    return os.path.join(root, "numba")
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Compile (once per process; numba caches to disk) and return the scoring kernel."""
+    """The scoring kernel, compiled once per machine: numba caches it in :func:`cache_dir` and later processes
+    load it from there."""
     import numba
-    from numba import types
-    from numba.extending import intrinsic
 
-    @intrinsic
-    def popcount32(typingctx, x):
-        sig = types.uint32(types.uint32)
-
-        def codegen(context, builder, signature, args):
-            return builder.ctpop(args[0])
-
-        return sig, codegen
-
-    two40 = 2.0**40
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def score(vecs, images, offsets, uwords, ustart, q_vecs, q_slots, q_weight, ktable, scale, q_scale, n_images,
-              out):
-        # out [b, I]; one float64 sum per (image, query) in a [I, b] buffer
-        width = vecs.shape[1]
-        b = out.shape[0]
-        i_cap = out.shape[1]
-        acc = np.zeros((i_cap, b), np.int64)
-        for u in range(uwords.shape[0]):
-            w = uwords[u]
-            p0 = offsets[w]
-            p1 = offsets[w + 1]
-            if p1 == p0:
-                continue
-            weight = q_weight[ustart[u]]
-            for r in range(ustart[u], ustart[u + 1]):  # one query row against the word's postings (in L1)
-                q = q_slots[r]
-                for p in range(p0, p1):
-                    h = 0
-                    for j in range(width):
-                        h += popcount32(q_vecs[r, j] ^ vecs[p, j])
-                    # the XLA kernels' float32 term, in their fixed point (2**-40): integer sums, exact
-                    acc[images[p], q] += np.int64(math.floor(np.float64(np.float32(ktable[h] * weight)) * two40))
-        for i in range(i_cap):
-            for q in range(b):
-                if i < n_images:
-                    v = acc[i, q]  # rebuilt as jasmk.score.from_limbs does: canonical 16-bit digits, high first
-                    t = np.float32(v >> 48) * np.float32(2.0**8)
-                    t = t + np.float32((v >> 32) & 0xFFFF) * np.float32(2.0**-8)
-                    t = t + np.float32((v >> 16) & 0xFFFF) * np.float32(2.0**-24)
-                    t = t + np.float32(v & 0xFFFF) * np.float32(2.0**-40)
-                    out[q, i] = (t * scale[i]) * q_scale[q]
-                else:
-                    out[q, i] = -np.inf
-
-    return score
+    folder = cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # numba then picks a cache place itself, or compiles in every process
+        log.debug("the kernel cache folder %s cannot be written", folder)
+    saved = numba.config.CACHE_DIR
+    if writable:
+        numba.config.CACHE_DIR = folder  # read when the kernel's cache is set up, at its import: ours only
+    try:
+        from . import numba_kernel
+    finally:
+        numba.config.CACHE_DIR = saved
+    return numba_kernel.score
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,4 +112,4 @@ def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, 
               np.int64(hseg.n_images), out[s0:s1])
     return out
 
-__all__ = ["CACHE_BYTES", "available", "score_segment"]
+__all__ = ["CACHE_BYTES", "available", "cache_dir", "score_segment"]
