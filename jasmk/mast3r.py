@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import logging
 import os
 
@@ -302,7 +301,6 @@ class Retriever:
             raise ValueError("checkpoint args.imsize is 224: MASt3R's retrieval reads images at 512 only")
         self.imsize = int(imsize)
         self._variables = None
-        self._forward = None
         log.info("retriever: head %s, codebook %s (%d words)", self.config, self.codebook_path, centroids.shape[0])
 
     @staticmethod
@@ -326,11 +324,9 @@ class Retriever:
 
     def _start(self):
         """Head variables and the jitted head on the device (JAX starts here)."""
-        if self._forward is not None:
+        if self._variables is not None:
             return
         self._variables = head_mod.device_variables(self._host_variables)  # whitening stays float64
-        model = head_mod.RetrievalHead(self.config)
-        self._forward = jax.jit(functools.partial(model.apply, method=head_mod.RetrievalHead.forward_local))
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -368,8 +364,7 @@ class Retriever:
                 if len(shape) != 3 or shape[0] != images.shape[0]:
                     raise ValueError(f"the backbone must return [B, N, C] features for B = {images.shape[0]} images, "
                                      f"got shape {shape}")
-                x = head_mod.check_features(out, self.config)
-                feat, _, _ = self._forward(self._variables, x)
+                feat, _, _ = head_mod.local_descriptors(self._variables, self.config, out)  # a compile per token step
                 feat = np.asarray(feat, np.float32)
                 for j in range(feat.shape[0]):
                     feats.append(feat[j])

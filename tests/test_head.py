@@ -541,3 +541,36 @@ def test_old_torch_is_refused(tmp_path, monkeypatch):
     monkeypatch.delattr(torch.serialization, "safe_globals")
     with pytest.raises(ValueError, match="safe_globals"):
         head.load_mast3r_checkpoint(str(tmp_path / "x.pth"))
+
+
+def test_local_descriptors_compile_once_per_token_step_and_match_the_unpadded_head():
+    """Frames of other sizes (aspect ratios) within a step of the token ladder reuse one compiled program, and
+    the padded head keeps exactly what the head keeps without padding."""
+    rng = np.random.default_rng(0)
+    config = head.HeadConfig(backbone_dim=16, hdims=(24, 12), prewhiten=True, postwhiten=True, nfeat=20)
+    variables = head.device_variables(head.init_head(config, seed=1))
+    variables["whitening"] = jax.tree_util.tree_map(
+        lambda a: jax.device_put(np.asarray(a) + 0.01 * rng.standard_normal(a.shape)) if a.ndim == 2 and a.shape[0] > 1
+        else a, variables["whitening"])
+    variables = head.device_variables(variables)
+    model = head.RetrievalHead(config)
+    sizes = [100, 108, 105, 112]  # one step of the ladder
+    assert len({head.token_capacity(n) for n in sizes}) == 1 and head.token_capacity(96) == 96
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    frames = [rng.standard_normal((1, n, 16)).astype(np.float32) for n in sizes]
+    head.local_descriptors(variables, config, frames[0])  # warm up the step
+    compiles.clear()
+    outs = [head.local_descriptors(variables, config, x) for x in frames[1:]]
+    assert compiles == [], f"{len(compiles)} compilations for frames of the same token step"
+    for x, (f, a, idx) in zip(frames[1:], outs):
+        rf, ra, ridx = model.apply(variables, jnp.asarray(x), method=head.RetrievalHead.forward_local)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ridx))
+        # the same float32 ops, compiled with another padding: equal to rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(ra), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(f), np.asarray(rf), rtol=1e-6, atol=1e-6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import runtime, validate
+from ..core import ivf, runtime, validate
 from ..storage import checkpoint
 from . import selection, whiten
 from .selection import resolve_nfeat
@@ -37,6 +38,9 @@ from .selection import resolve_nfeat
 log = logging.getLogger(__name__)
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+#: token-count ladder steps per octave (:func:`token_capacity`)
+TOKEN_STEPS = 4
 
 #: A float32 whitening whose condition number exceeds this loses more than ~1e-4 relative accuracy
 #: (float32 rounding, 6e-8, times the condition number): :func:`load_head` warns about it.
@@ -210,12 +214,9 @@ def device_variables(variables, device=None):
     return out
 
 
-def check_features(x, config: HeadConfig):
-    """Return backbone features ``[..., N, C]`` as a float32 JAX array after checking their shape and values.
-
-    A JAX array is checked where it lies (one scalar comes back to the host, the features stay on their device);
-    anything else goes through numpy.
-    """
+def _checked(x, config: HeadConfig):
+    """``x`` checked (shape, dtype, finite values), where it lies: a JAX array stays on its device (one scalar
+    comes back to the host), anything else becomes a numpy array."""
     if isinstance(x, jax.Array):
         shape, a = tuple(x.shape), x
         if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -227,24 +228,73 @@ def check_features(x, config: HeadConfig):
             raise ValueError(f"backbone features must be numeric, got dtype {a.dtype}")
     if len(shape) < 2 or shape[-1] != config.backbone_dim:
         raise ValueError(f"backbone features must be [..., N, {config.backbone_dim}], got shape {shape}")
-    if isinstance(a, jax.Array):
-        if not bool(jnp.isfinite(a).all()):
-            raise ValueError("backbone features contain NaN or inf values")
-        return a.astype(jnp.float32)
-    if not np.isfinite(a).all():
+    finite = bool(jnp.isfinite(a).all()) if isinstance(a, jax.Array) else bool(np.isfinite(a).all())
+    if not finite:
         raise ValueError("backbone features contain NaN or inf values")
-    return jnp.asarray(a, jnp.float32)
+    return a
+
+
+def check_features(x, config: HeadConfig):
+    """Return backbone features ``[..., N, C]`` as a float32 JAX array after checking their shape and values.
+
+    A JAX array is checked where it lies (one scalar comes back to the host, the features stay on their device);
+    anything else goes through numpy.
+    """
+    a = _checked(x, config)
+    return a.astype(jnp.float32) if isinstance(a, jax.Array) else jnp.asarray(a, jnp.float32)
+
+
+def token_capacity(n: int) -> int:
+    """The token count a frame of ``n`` tokens is padded to (4 sizes per octave, at least 16): the jitted head
+    compiles once per step of this ladder, not once per image size or aspect ratio."""
+    return ivf.capacity(n, minimum=16, steps=TOKEN_STEPS)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k"))
+def _local_padded(variables, x, n_real, *, config, k):
+    feat, attn = RetrievalHead(config).apply(variables, x, method=RetrievalHead.features_and_attention)
+    attn = jnp.where(jnp.arange(x.shape[-2]) < n_real, attn, -jnp.inf)  # padding tokens are never kept
+    return selection.how_select_local(feat, attn, nfeat=k)
+
+
+def local_descriptors(variables, config: HeadConfig, feats):
+    """The head's local descriptors of backbone features ``[..., N, C]``, jitted (MASt3R's ``forward_local``).
+
+    Tokens are padded up to :func:`token_capacity` (padding is never selected), so frames of other sizes reuse
+    the compiled program of their step: one compilation per (token step, kept count). Host arrays are padded on
+    the host; a JAX array is padded where it lies. Pass variables from :func:`device_variables` (host variables
+    are put on the device at every call).
+
+    Returns:
+        ``(feat [..., k, dim] float32, attn [..., k] float32, idx [..., k] int32)`` JAX arrays, by decreasing
+        attention, ``k`` by :func:`resolve_nfeat`.
+    """
+    a = _checked(feats, config)
+    n = int(a.shape[-2])
+    k = resolve_nfeat(config.nfeat, n)
+    lead = tuple(a.shape[:-2])
+    if k == 0:
+        return (jnp.zeros(lead + (0, config.dim), jnp.float32), jnp.zeros(lead + (0,), jnp.float32),
+                jnp.zeros(lead + (0,), jnp.int32))
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, token_capacity(n) - n), (0, 0)]
+    if isinstance(a, jax.Array):
+        x = jnp.pad(a.astype(jnp.float32), pad)
+    else:
+        x = jnp.asarray(np.pad(np.asarray(a, np.float32), pad))
+    whitening = jax.tree_util.tree_leaves(variables.get("whitening", {}))
+    if not all(isinstance(w, jax.Array) for w in whitening):
+        variables = device_variables(variables)
+    return _local_padded(variables, x, np.int32(n), config=config, k=k)
 
 
 def extract_local(variables, config: HeadConfig, feats):
-    """Checked ``forward_local`` on backbone features ``[..., N, C]``.
+    """Checked ``forward_local`` on backbone features ``[..., N, C]`` (:func:`local_descriptors`).
 
     Returns:
         ``(feat [..., k, dim] float32, attn [..., k] float32, idx [..., k] int64)``: ``feat`` and ``attn`` are JAX
         arrays; ``idx`` (token indices of the kept features) is a host numpy array in torch's index dtype, int64.
     """
-    feat, attn, idx = RetrievalHead(config).apply(variables, check_features(feats, config),
-                                                  method=RetrievalHead.forward_local)
+    feat, attn, idx = local_descriptors(variables, config, feats)
     return feat, attn, np.asarray(idx).astype(np.int64)
 
 
@@ -475,8 +525,8 @@ def load_head(path):
                       "float64", WhiteningPrecisionWarning, stacklevel=2)
     return config, device_variables(tree)
 
-__all__ = ["HeadConfig", "ILL_CONDITIONED", "RetrievalHead", "Whitener", "WhiteningPrecisionWarning",
-           "args_getter", "check_features", "config_from_args", "device_variables", "extract_global",
-           "extract_local", "head_from_mast3r", "infer_backbone_dim", "init_head", "load_head",
-           "load_mast3r_checkpoint", "mast3r_codebook_path", "parse_hdims", "read_mast3r_checkpoint",
-           "resolve_nfeat", "save_head", "variables_from_state_dict"]
+__all__ = ["HeadConfig", "ILL_CONDITIONED", "RetrievalHead", "TOKEN_STEPS", "Whitener",
+           "WhiteningPrecisionWarning", "args_getter", "check_features", "config_from_args", "device_variables",
+           "extract_global", "extract_local", "head_from_mast3r", "infer_backbone_dim", "init_head", "load_head",
+           "load_mast3r_checkpoint", "local_descriptors", "mast3r_codebook_path", "parse_hdims",
+           "read_mast3r_checkpoint", "resolve_nfeat", "save_head", "token_capacity", "variables_from_state_dict"]
