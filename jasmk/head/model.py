@@ -136,6 +136,12 @@ class Whitener(nn.Module):
         return whiten.whiten(x, m.value, p.value)
 
 
+def _none_kept(lead, dim, feat_dtype, attn_dtype):
+    """``forward_local``'s output when ``nfeat`` keeps no feature (MASt3R's ``0 <= nfeat < 1``): empty arrays."""
+    return (jnp.zeros(tuple(lead) + (0, dim), feat_dtype), jnp.zeros(tuple(lead) + (0,), attn_dtype),
+            jnp.zeros(tuple(lead) + (0,), jnp.int32))
+
+
 class RetrievalHead(nn.Module):
     """The retrieval head; ``__call__`` is ``forward_global``."""
 
@@ -177,9 +183,7 @@ class RetrievalHead(nn.Module):
         feat, attn = self.features_and_attention(x)
         k = resolve_nfeat(self.config.nfeat, feat.shape[-2])
         if k == 0:
-            lead = feat.shape[:-2]
-            return (jnp.zeros(lead + (0, feat.shape[-1]), feat.dtype), jnp.zeros(lead + (0,), attn.dtype),
-                    jnp.zeros(lead + (0,), jnp.int32))
+            return _none_kept(feat.shape[:-2], feat.shape[-1], feat.dtype, attn.dtype)
         return selection.how_select_local(feat, attn, nfeat=k)
 
     def forward_global(self, x):
@@ -274,8 +278,7 @@ def local_descriptors(variables, config: HeadConfig, feats):
     k = resolve_nfeat(config.nfeat, n)
     lead = tuple(a.shape[:-2])
     if k == 0:
-        return (jnp.zeros(lead + (0, config.dim), jnp.float32), jnp.zeros(lead + (0,), jnp.float32),
-                jnp.zeros(lead + (0,), jnp.int32))
+        return _none_kept(lead, config.dim, jnp.float32, jnp.float32)
     pad = [(0, 0)] * (a.ndim - 2) + [(0, token_capacity(n) - n), (0, 0)]
     if isinstance(a, jax.Array):
         x = jnp.pad(a.astype(jnp.float32), pad)
