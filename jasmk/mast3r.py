@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from . import api
+from .core import ivf as ivf_mod
 from .core import runtime, validate
 from .head import model as head_mod
 from .storage import asmk_format, atomic, paths
@@ -259,19 +260,7 @@ class Retriever:
         get = head_mod.args_getter(args)
 
         # the backbone
-        if backbone is None:
-            backbone = _pretrained_mast3r(get("pretrained"), self.device)
-        if hasattr(backbone, "_encode_image"):
-            if hasattr(backbone, "to"):
-                backbone = backbone.to(self.device)
-            if hasattr(backbone, "eval"):
-                backbone.eval()
-            self._backbone = _Mast3rBackbone(backbone)
-        elif callable(backbone):
-            self._backbone = backbone
-        else:
-            raise ValueError(f"backbone must be a MASt3R model or a callable images -> [B, N, C] features, got "
-                             f"{type(backbone).__name__}")
+        backbone = self._resolve_backbone(backbone, get("pretrained"))
 
         # the codebook (a Codebook holds numpy centroids: no device is touched)
         self.codebook_path = head_mod.mast3r_codebook_path(modelname)
@@ -302,6 +291,24 @@ class Retriever:
         self.imsize = int(imsize)
         self._variables = None
         log.info("retriever: head %s, codebook %s (%d words)", self.config, self.codebook_path, centroids.shape[0])
+
+    def _resolve_backbone(self, backbone, pretrained):
+        """Set ``self._backbone`` (a callable images -> features) from ``backbone``; return the model given (or
+        loaded), whose ``enc_embed_dim`` the head is checked against."""
+        if backbone is None:
+            backbone = _pretrained_mast3r(pretrained, self.device)
+        if hasattr(backbone, "_encode_image"):
+            if hasattr(backbone, "to"):
+                backbone = backbone.to(self.device)
+            if hasattr(backbone, "eval"):
+                backbone.eval()
+            self._backbone = _Mast3rBackbone(backbone)
+        elif callable(backbone):
+            self._backbone = backbone
+        else:
+            raise ValueError(f"backbone must be a MASt3R model or a callable images -> [B, N, C] features, got "
+                             f"{type(backbone).__name__}")
+        return backbone
 
     @staticmethod
     def _check_codebook_state(state, nclusters) -> np.ndarray:
@@ -421,6 +428,152 @@ class Retriever:
         return scores
 
 
+# ---------------------------------------------------------------------------------------------------------
+# MASt3R-SLAM's keyframe database
+
+
+def _slam_device(device):
+    """The torch device for the database: ``device``, or the CPU (logged) where it names CUDA and torch has none.
+    The database does not need a GPU: it only moves a backbone given to it there."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.info("device %r asked for but torch sees no CUDA GPU: the retrieval database runs on the CPU", device)
+        return "cpu"
+    return device
+
+
+class RetrievalDatabase(Retriever):
+    """MASt3R-SLAM's keyframe retrieval database (``mast3r_slam.retrieval_database.RetrievalDatabase``) on jasmk:
+    the same constructor, :meth:`update`, :attr:`kf_counter` and :attr:`kf_ids`, without asmk or mast3r.
+
+    MASt3R-SLAM switches with one line in ``mast3r_slam/mast3r_utils.py`` (docs/mast3r.md)::
+
+        from jasmk.mast3r import RetrievalDatabase   # instead of: from mast3r_slam.retrieval_database import ...
+
+    Each keyframe's backbone features (``frame.feat``, ``[1, N, C]``: a torch tensor, CUDA or not, a numpy or a
+    JAX array) go through the retrieval head (:meth:`prep_features`), their ``nfeat`` local features are assigned
+    to words as MASt3R-SLAM assigns them (float32 squared distances ``|x|^2 + |c|^2 - 2 x.c``, five nearest words
+    for a query, the nearest one for the database), and the keyframe is scored against every keyframe added
+    before it with MASt3R's ASMK* parameters (:data:`ASMK_PARAMS`). Keyframe ids are the order of addition
+    (``0, 1, 2, ...``), as MASt3R-SLAM's own counter numbers them.
+
+    Args:
+        modelname: the retrieval checkpoint (``.pth``), the codebook beside it (as :class:`Retriever`).
+        backbone: the MASt3R model (optional: the database never runs it; it is kept for calls on images, which
+            the :class:`Retriever` methods make).
+        device: torch device of that backbone. ``"cuda"`` on a machine where torch has no CUDA GPU is not an
+            error: the database runs on the CPU (logged). jasmk itself runs on JAX's default device; with torch
+            on the GPU too, JAX is told to allocate GPU memory on demand (in every process, MASt3R-SLAM's spawned
+            backend included, provided the database is made before JAX starts there).
+        reserve: keyframes (and their postings) to reserve room for (:func:`jasmk.reserve`): with the XLA kernels
+            (GPU), a run within the reservation compiles nothing after its first keyframes. None: grow as needed
+            (at most one compilation per doubling). On the CPU the compiled CPU kernel is used and nothing is
+            compiled either way.
+    """
+
+    def __init__(self, modelname, backbone=None, device="cuda", *, reserve: int | None = None):
+        super().__init__(modelname, backbone=backbone, device=_slam_device(device))
+        self.kf_counter = 0
+        self.kf_ids = []
+        if reserve is not None and (not validate.is_int(reserve) or reserve < 1):
+            raise ValueError(f"reserve must be a positive int (keyframes) or None, got {reserve!r}")
+        self._reserve = None if reserve is None else int(reserve)
+        self._index = None
+
+    def _resolve_backbone(self, backbone, pretrained):
+        if backbone is None:  # the database never needs one: calls on images then say so
+            self._backbone = _no_backbone
+            return None
+        return super()._resolve_backbone(backbone, pretrained)
+
+    @property
+    def index(self):
+        """The keyframes' :class:`jasmk.Index` (None before the first keyframe is added): save it with
+        :func:`jasmk.save_index`; image ids are the keyframe ids."""
+        return self._index
+
+    def prep_features(self, backbone_feat):
+        """The head's local features of one keyframe's backbone features (MASt3R-SLAM's ``prep_features``).
+
+        Args:
+            backbone_feat: ``[1, N, C]`` torch tensor (any device), numpy or JAX array.
+
+        Returns:
+            ``[1, k, dim] float32`` JAX array, computed before this returns (the caller may overwrite its input).
+        """
+        self._start()
+        x = features_to_jax(backbone_feat)
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 3 or shape[0] != 1:
+            raise ValueError(f"keyframe features must be [1, N, C] (one frame at a time), got shape {shape}")
+        feat, _, _ = head_mod.local_descriptors(self._variables, self.config, x)
+        return feat.block_until_ready()
+
+    def _words(self, feats: np.ndarray, ma: int) -> np.ndarray:
+        """MASt3R-SLAM's word assignment: the ``ma`` nearest words by float32 expanded squared distance."""
+        return api.quantize(self._codebook, feats, multiple_assignment=ma, method="jax")
+
+    def update(self, frame, add_after_query, k, min_thresh=0.0):
+        """Query the database with one keyframe, then add it if ``add_after_query``.
+
+        Args:
+            frame: an object whose ``feat`` is the keyframe's ``[1, N, C]`` backbone features (MASt3R-SLAM's Frame).
+            add_after_query: add the keyframe (id :attr:`kf_counter`) after querying.
+            k: most keyframes returned.
+            min_thresh: only keyframes scoring above this are returned.
+
+        Returns:
+            ``list[int]``: ids of the best ``min(k, kf_counter)`` keyframes added before, best first (equal scores:
+            lower id first), those scoring at most ``min_thresh`` left out. Empty for the first keyframe.
+        """
+        if not validate.is_int(k) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        thresh = validate.finite_number(min_thresh, "min_thresh")
+        if not hasattr(frame, "feat"):
+            raise ValueError(f"frame must have the keyframe's backbone features as .feat, got "
+                             f"{type(frame).__name__}")
+        feats = np.asarray(self.prep_features(frame.feat)[0], np.float32)
+        if feats.shape[0] == 0:
+            raise ValueError(f"the head keeps no local features of this frame (nfeat={self.config.nfeat!r})")
+        p = ASMK_PARAMS
+        kf_id = self.kf_counter
+        ids = np.full(feats.shape[0], kf_id, np.int64)
+        found, words = [], None
+        if kf_id > 0:
+            words = self._words(feats, p["query_multiple_assignment"])
+            agg = api.aggregate_images(self._codebook, feats, ids, binary=True,
+                                       multiple_assignment=p["query_multiple_assignment"], word_ids=words)
+            scores = api.score_matrix_aggregated(self._index, agg, alpha=p["alpha"],
+                                                 similarity_threshold=p["similarity_threshold"])[0]
+            top = np.argsort(-scores, kind="stable")[:min(int(k), scores.shape[0])]
+            found = [int(i) for i in top if scores[i] > thresh]
+        if add_after_query:
+            ma = p["index_multiple_assignment"]
+            words = self._words(feats, ma) if words is None else words[:, :ma]
+            agg = api.aggregate_images(self._codebook, feats, ids, binary=True, multiple_assignment=ma,
+                                       word_ids=words)
+            if self._index is None:
+                self._index = ivf_mod.empty(self._codebook.centroids, binary=p["binary"], use_idf=p["use_idf"],
+                                            codebook_size_param=self._codebook.size_param)
+                if self._reserve is not None:
+                    self._index = api.reserve(self._index, images=self._reserve,
+                                              postings=self._reserve * feats.shape[0] * ma)
+            self._index = ivf_mod.add(self._index, agg)
+            self.kf_ids.append(kf_id)
+            self.kf_counter += 1
+        return found
+
+
+def _no_backbone(images):
+    raise ValueError("this RetrievalDatabase was made without a backbone: pass backbone= to compute features of "
+                     "images (update() takes the keyframe's features and needs none)")
+
+
 def _check_npy_out(path) -> str:
     """``path`` if a ``.npy`` may be written there (:func:`jasmk.storage.paths.check_file_target`)."""
     return paths.check_file_target(path, magic=paths.NPY_MAGIC, what=".npy array", name="outfile")
@@ -431,5 +584,5 @@ def _save_npy(path, array) -> None:
     replaced only if it is itself a ``.npy`` array (checked before the work is lost: nothing else is overwritten)."""
     atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")
 
-__all__ = ["ASMK_PARAMS", "IMAGE_EXTENSIONS", "PATCH_SIZE", "Retriever", "features_to_jax", "image_paths",
-    "load_image"]
+__all__ = ["ASMK_PARAMS", "IMAGE_EXTENSIONS", "PATCH_SIZE", "RetrievalDatabase", "Retriever", "features_to_jax",
+           "image_paths", "load_image"]

@@ -3,6 +3,7 @@ centroids, MASt3R's whitening recipe, head, pair graph and image loading) and sy
 Test files import from here; conftest.py holds only fixtures and markers."""
 
 import argparse
+import functools
 import os
 
 import numpy as np
@@ -258,3 +259,152 @@ class Hostile:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def _no_grad(fn):
+    """``fn`` run under ``torch.no_grad()`` (torch imported when called: the helpers load without it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# MASt3R-shaped stand-ins (test_mast3r_precision.py, test_slam.py): a backbone ending in a LayerNorm, MASt3R's
+# whitening recipe on its tokens, MASt3R's head in torch and a checkpoint + asmk codebook made as MASt3R makes them
+LN_C = 64          # backbone channels (MASt3R: 1024)
+LN_LATENT = 24     # rank of the backbone's token map before its last Linear + LayerNorm
+LN_IMSIZE = 192    # long side: 192 x 144 images give 12 x 9 = 108 tokens
+LN_NFEAT = 50      # local features kept per image (MASt3R: 300 of 768)
+LN_NCLUSTERS = 32
+
+
+class LayerNormBackbone:
+    """A stand-in for MASt3R's encoder that ends, as it does, in a LayerNorm (with its learned affine):
+    16x16 patches -> fixed random map -> GELU -> Linear -> LayerNorm. With ``layernorm=False`` the last step is a
+    tanh instead, and the tokens fill their space (a well-conditioned whitening)."""
+
+    def __init__(self, *, layernorm=True, seed=0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.randn((3 * 16 * 16, LN_LATENT), generator=g) / 16.0
+        self.w2 = torch.randn((LN_LATENT, LN_C), generator=g) / LN_LATENT ** 0.5
+        self.b2 = torch.randn((LN_C,), generator=g) * 0.1
+        self.norm = torch.nn.LayerNorm(LN_C, eps=1e-6) if layernorm else None
+        if self.norm is not None:
+            with torch.no_grad():
+                self.norm.weight.copy_(torch.rand((LN_C,), generator=g) * 1.5 + 0.25)
+                self.norm.bias.copy_(torch.randn((LN_C,), generator=g) * 0.2)
+
+    @_no_grad
+    def __call__(self, images):
+        import torch
+
+        b = images.shape[0]
+        patches = torch.nn.functional.unfold(images, kernel_size=16, stride=16).transpose(1, 2)
+        h = torch.nn.functional.gelu(patches @ self.w1) @ self.w2 + self.b2
+        out = self.norm(h) if self.norm is not None else torch.tanh(h)
+        return out.reshape(b, -1, LN_C)
+
+
+def write_scenes(folder, rng, n_scenes, views, tag):
+    """``views`` photos of each of ``n_scenes`` smooth random scenes: shifted crops with noise, three aspect
+    ratios (landscape, portrait, square: DUSt3R crops the square one to 4:3)."""
+    import PIL.Image as PIL_Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(150, 200), (200, 150), (180, 180)]
+    paths = []
+    for s in range(n_scenes):
+        base = np.asarray(PIL_Image.fromarray(rng.integers(0, 256, (7, 7, 3)).astype(np.uint8)).resize(
+            (230, 230), PIL_Image.BICUBIC), np.float64)
+        for v in range(views):
+            h, w = sizes[(s + v) % 3]
+            oy, ox = rng.integers(0, 230 - h + 1), rng.integers(0, 230 - w + 1)
+            img = base[oy:oy + h, ox:ox + w] + rng.normal(0, 6, (h, w, 3))
+            path = folder / f"{tag}{s:03d}_{v}.png"
+            PIL_Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+            paths.append(str(path))
+    return paths
+
+
+def mast3r_learn_whitening(x):
+    """MASt3R's ``pcawhitenlearn_shrinkage`` (s = 1) as MASt3R calls it: on the float32 features, so numpy computes
+    ``(m, P)`` in float32 (the eigenvalue of the LayerNorm's hyperplane comes out about zero and is clipped)."""
+    m, p = reference_whitening(x)
+    assert x.dtype == m.dtype == p.dtype == np.float32
+    return m, p
+
+
+class MASt3RHead:
+    """MASt3R's RetrievalModel head in torch: float64 Whitener (``whitening_dtype``), float32 projector,
+    attention = L2 norm of the projected features before post-whitening, top-``nfeat`` selection."""
+
+    def __init__(self, *, projector, residual, nfeat, whitening_dtype=None):
+        self.projector, self.residual, self.nfeat = projector, residual, nfeat
+        import torch
+
+        self.whiteners, self.dtype = {}, torch.float64 if whitening_dtype is None else whitening_dtype
+
+    def whiten(self, t, name):
+        import torch
+
+        if name not in self.whiteners:
+            return t
+        m, p = self.whiteners[name]
+        x = t.reshape(-1, t.shape[-1]).to(self.dtype)
+        return torch.matmul(x - m.to(self.dtype), p.to(self.dtype)).reshape(t.shape).to(t.dtype)
+
+    @_no_grad
+    def features_and_attention(self, tokens):
+        pre = self.whiten(tokens, "prewhiten")
+        proj = self.projector(pre) + (pre if self.residual else 0.0)
+        return self.whiten(proj, "postwhiten"), proj.norm(dim=-1)
+
+    @_no_grad
+    def forward_local(self, tokens):
+        import torch
+
+        feat, attn = self.features_and_attention(tokens)
+        top_attn, top_idx = torch.topk(attn, min(int(self.nfeat), attn.shape[1]), dim=1)
+        return torch.gather(feat, 1, top_idx[..., None].expand(-1, -1, feat.shape[2])), top_attn, top_idx
+
+
+def tokens_of(backbone, paths):
+    return [backbone(reference_load(p, LN_IMSIZE)) for p in paths]
+
+
+def build_checkpoint(folder, name, *, backbone, train_paths, prewhiten, hdims, postwhiten, seed=0):
+    """A MASt3R retrieval checkpoint made with MASt3R's recipe: whitening learned on the backbone's tokens of the
+    training images (pre-whitening on tokens, post-whitening on projected features), stored as MASt3R stores it
+    (float64 parameters); then an asmk codebook trained on the head's local features, cached as MASt3R keeps it."""
+    import torch
+    from asmk import asmk_method
+
+    torch.manual_seed(seed)  # torch's default initialisation, as an untrained MASt3R projector has
+    projector = mast3r_projector(LN_C, hdims)[0].eval()
+    ref = MASt3RHead(projector=projector, residual=False, nfeat=LN_NFEAT)
+    tokens = tokens_of(backbone, train_paths)
+    state = {f"projector.{k}": v for k, v in projector.state_dict().items()}
+    if prewhiten is not None:
+        m, p = mast3r_learn_whitening(torch.cat([t[0] for t in tokens]).numpy())
+        ref.whiteners["prewhiten"] = (torch.from_numpy(m).double(), torch.from_numpy(p).double())
+    if postwhiten is not None:
+        proj = [ref.features_and_attention(t)[0][0] for t in tokens]  # no post-whitening yet: projected features
+        m, p = mast3r_learn_whitening(torch.cat(proj).numpy())
+        ref.whiteners["postwhiten"] = (torch.from_numpy(m).double(), torch.from_numpy(p).double())
+    for key, (m, p) in ref.whiteners.items():
+        state[f"{key}.m"], state[f"{key}.p"] = m, p
+    args = argparse.Namespace(pretrained="x", freeze_backbone=1, prewhiten=prewhiten, hdims=hdims, residual=False,
+                              postwhiten=postwhiten, featweights="l2norm", nfeat=LN_NFEAT, imsize=LN_IMSIZE,
+                              nclusters=LN_NCLUSTERS)
+    ckpt = str(folder / f"{name}_retrieval_trainingfree.pth")
+    torch.save({"args": args, "model": state}, ckpt)
+    feats = np.concatenate([ref.forward_local(t)[0][0].numpy() for t in tokens])
+    params = asmk_params(size=LN_NCLUSTERS)
+    asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(
+        feats, cache_path=str(folder / f"{name}_retrieval_codebook.pkl"))
+    return ckpt, ref

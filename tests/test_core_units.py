@@ -60,6 +60,26 @@ def test_aggregate_matches_numpy(small_data, chunk):
     np.testing.assert_array_equal(raw.vecs[order], bagg.vecs)
 
 
+@pytest.mark.parametrize("dim,k,n,ma", [(40, 8, 600, 3), (100, 16, 300, 5), (1024, 64, 128, 5), (128, 4096, 9, 1)])
+def test_host_aggregation_gives_the_jitted_bits(dim, k, n, ma):
+    """Small ASMK* inputs are aggregated in numpy (one query image): the same rows and bits as the jitted path,
+    also with cells of many members (sums in descriptor order), components summing to about zero, unassigned
+    (negative) words and a dimension that is not a multiple of 32."""
+    rng = np.random.default_rng(dim + n)
+    centroids = rng.standard_normal((k, dim)).astype(np.float32)
+    feats = (centroids[rng.integers(0, k, n)] + 0.3 * rng.standard_normal((n, dim))).astype(np.float32)
+    feats[: n // 2, 0] = centroids[0, 0] + np.float32(1e-7) * rng.standard_normal(n // 2).astype(np.float32)
+    ids = np.sort(rng.integers(0, 3, n))
+    words = jasmk.quantize(jasmk.Codebook.from_centroids(centroids), feats, multiple_assignment=ma)
+    words[rng.random(words.shape) < 0.05] = -1
+    assert n * ma <= agg_mod.HOST_PAIRS
+    host = agg_mod.aggregate(centroids, feats, words, ids, binary=True)  # numpy centroids: the host path
+    jitted = agg_mod.aggregate(jnp.asarray(centroids), feats, words, ids, binary=True)
+    for a, b in zip(host, jitted):
+        np.testing.assert_array_equal(a, b)
+    assert np.array_equal(host.vecs, agg_mod.aggregate_host(centroids, feats, words, ids).vecs)
+
+
 def test_aggregate_burst_overflow_is_redone(small_data):
     """A chunk whose repeated (image, word) members exceed the compact buffer is recomputed exactly."""
     feats, ids, centroids = small_data

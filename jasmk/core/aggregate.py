@@ -209,6 +209,51 @@ def aggregate_chunks(centroids, vecs, word_ids, image_ids, starts, stops, *, bin
 
 # Descriptors copied into one staging buffer per aggregate_chunks call.
 _CALL_ROWS = 1 << 17
+#: ASMK* inputs of at most this many (descriptor, word) pairs are aggregated on the host (numpy): for one query
+#: image the jitted path's dispatch and copies cost more than the arithmetic (docs/benchmarks.md); same bits
+HOST_PAIRS = 4096
+
+
+def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray):
+    """ASMK* aggregation in numpy, bit for bit :func:`aggregate_padded`'s: each cell's residuals are summed in
+    float32 in descriptor order (the first member, then one member at a time), then binarized and packed.
+
+    Args:
+        centroids: ``[K, D] float32`` host array; vecs: ``[N, D] float32``; word_ids: ``[N, MA] int32`` (negative:
+            no assignment); image_ids: ``[N] int`` grouped ascending.
+
+    Returns:
+        :class:`Aggregated` rows sorted by (image, word).
+    """
+    n, ma = word_ids.shape
+    d = vecs.shape[1]
+    width = packed_width(d)
+    words = np.asarray(word_ids, np.int64).reshape(-1)
+    imgs = np.repeat(np.asarray(image_ids, np.int64), ma)
+    desc = np.repeat(np.arange(n), ma)
+    valid = words >= 0
+    if not valid.all():
+        words, imgs, desc = words[valid], imgs[valid], desc[valid]
+    m = words.shape[0]
+    if m == 0:
+        return Aggregated(np.zeros((0, width), np.uint32), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
+    order = np.lexsort((words, imgs))  # stable: descriptor order inside each (image, word) cell
+    w, im, dsc = words[order], imgs[order], desc[order]
+    new = np.empty(m, bool)
+    new[0] = True
+    new[1:] = (w[1:] != w[:-1]) | (im[1:] != im[:-1])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, m))
+    acc = vecs[dsc[starts]] - centroids[w[starts]]
+    for r in range(1, int(sizes.max())):  # the r-th member of every cell that has one, in order
+        cells = np.flatnonzero(sizes > r)
+        p = starts[cells] + r
+        acc[cells] += vecs[dsc[p]] - centroids[w[p]]
+    bits = np.packbits(acc > 0, axis=1, bitorder="big")
+    if bits.shape[1] != 4 * width:
+        bits = np.pad(bits, ((0, 0), (0, 4 * width - bits.shape[1])))
+    packed = np.ascontiguousarray(bits).view(">u4").astype(np.uint32)
+    return Aggregated(packed, w[starts].astype(np.int32), im[starts].astype(np.int32))
 
 
 def _plan_calls(bounds: np.ndarray, call_rows: int):
@@ -239,19 +284,22 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
         image_ids: ``[N] int`` grouped, ascending image ids.
         binary: ASMK* (packed sign bits) if True, ASMK (unit real vectors) if False.
         chunk_descriptors: descriptors per chunk (whole images; an image larger than that is a chunk of its own).
-        sort: sort each image's rows by word (as asmk emits them); ``False`` keeps the order of first
-            occurrence, which the index and the scorer do not need sorted.
+        sort: sort each image's rows by word (as asmk emits them); ``False`` leaves them in any order within
+            an image (first occurrence on the jitted path; small ASMK* inputs, :data:`HOST_PAIRS`, are aggregated
+            on the host and come sorted), which the index and the scorer accept.
 
     Returns:
         :class:`Aggregated` rows, grouped by image in ascending id order, as host arrays.
     """
-    centroids = jnp.asarray(centroids)
     k, d = centroids.shape
     width = packed_width(d) if binary else d
     dtype = np.uint32 if binary else np.float32
     n, ma = word_ids.shape
     if n == 0:
         return Aggregated(np.zeros((0, width), dtype), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
+    if binary and n * ma <= HOST_PAIRS and isinstance(centroids, np.ndarray):
+        return aggregate_host(centroids, np.asarray(vecs, np.float32), word_ids, image_ids)
+    centroids = jnp.asarray(centroids)
     max_images = max(1, min(4096, (2**31 - 1) // k - 1))  # slot * K + word must fit in int32
     bounds = np.asarray(image_chunks(image_ids, chunk_descriptors, max_images), np.int64)
     cap = _bucket(int((bounds[:, 1] - bounds[:, 0]).max()))
@@ -297,5 +345,6 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     agg = Aggregated(np.concatenate(out_vecs), np.concatenate(out_words), np.concatenate(out_images))
     return _sort_rows(agg) if sort else agg
 
-__all__ = ["Aggregated", "PAD_IMAGE", "aggregate", "aggregate_chunks", "aggregate_padded", "aligned_empty",
+__all__ = ["Aggregated", "HOST_PAIRS", "PAD_IMAGE", "aggregate", "aggregate_chunks", "aggregate_host",
+           "aggregate_padded", "aligned_empty",
     "binarize_and_pack", "image_chunks", "normalize_l2", "packed_width"]
