@@ -22,9 +22,11 @@ from .api import (
                   add_images,
                   aggregate_images,
                   build_index,
+                  empty_index,
                   query,
                   query_aggregated,
                   query_padded,
+                  reserve,
                   score_matrix,
                   score_matrix_aggregated,
 )
@@ -40,7 +42,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Aggregated", "Codebook", "Index", "QueryResult", "__version__", "add_images", "aggregate_images", "build_index",
-    "configure_logging", "load_codebook", "load_index", "parse_size", "quantize", "quantize_jax", "query",
-    "query_aggregated", "query_padded", "save_codebook", "save_index", "score_matrix", "score_matrix_aggregated",
-    "train_codebook",
+    "configure_logging", "empty_index", "load_codebook", "load_index", "parse_size", "quantize", "quantize_jax",
+    "query", "query_aggregated", "query_padded", "reserve", "save_codebook", "save_index", "score_matrix",
+    "score_matrix_aggregated", "train_codebook",
 ]

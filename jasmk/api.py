@@ -208,6 +208,13 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
                       word_ids=word_ids)
 
 
+def empty_index(codebook, *, binary: bool = True, use_idf: bool = False) -> ivf_mod.Index:
+    """An index without images over ``codebook`` (a :class:`~jasmk.codebook.Codebook` or ``[K, D]`` centroids), to
+    grow with :func:`add_images` (e.g. keyframes arriving one by one; see :func:`reserve`)."""
+    cb = as_codebook(codebook)
+    return ivf_mod.empty(cb.centroids, binary=bool(binary), use_idf=bool(use_idf), codebook_size_param=cb.size_param)
+
+
 def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "auto",
                word_ids=None) -> ivf_mod.Index:
     """Return ``index`` with more images added (their ids must be larger than those already there)."""
@@ -215,6 +222,65 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False)
     return ivf_mod.add(index, agg)
+
+
+def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, query_rows: int | None = None,
+            warm: bool = True, n_queries=(1,), topk: int | None = None, kernel: str = "auto", padded=None,
+            multiple_assignment: int = 5) -> ivf_mod.Index:
+    """Reserve room in ``index`` for ``images`` more images, so that a loop of adds and queries within the
+    reservation compiles nothing (MASt3R-SLAM's keyframes, a photo collection growing online).
+
+    Images added afterwards go into segments of a few fixed shapes (:class:`jasmk.core.ivf.Reservation`), and
+    with ``warm`` the XLA kernels that queries will run on those shapes are compiled now
+    (:func:`jasmk.core.engine.warm_up`; on the CPU, ASMK* is scored by the compiled CPU kernel and there is
+    nothing to compile). Scores do not change. A run past the reservation (more images or postings) still works:
+    new shapes compile once each (logged at INFO). The reservation is not saved in checkpoints.
+
+    Args:
+        index: the index, possibly empty (:func:`empty_index`).
+        images: images the run will add.
+        postings: postings those images will hold (descriptors x multiple assignment, at most); default: the
+            index's postings per image so far, plus a quarter.
+        query_rows: aggregated rows of one query image (default: 8 per indexed posting of an image).
+        warm: compile the kernels now, for batches of ``n_queries`` images, ``topk`` results and ``kernel``.
+        padded: also compile what :func:`query_padded` runs on the reserved shapes for ``feats`` of shape
+            ``(B, N, D)`` given as ``(B, N)`` (dense scan, ``multiple_assignment`` words per descriptor; every
+            merge of per-segment lists when ``topk`` is at most the smallest reserved segment's image slots).
+        multiple_assignment: the query's words per descriptor (``padded`` only).
+
+    Returns:
+        The index with its reservation.
+    """
+    if postings is None:
+        if index.n_images == 0 or index.n_entries == 0:
+            raise ValueError("the index is empty: pass postings= (what the reserved images will hold)")
+        if not validate.is_int(images) or images < 1:
+            raise ValueError(f"images must be a positive int, got {images!r}")
+        postings = int(images) * max(1, -(-5 * index.n_entries // (4 * index.n_images)))
+    kernel = engine_mod.check_kernel(kernel)
+    out = ivf_mod.reserve(index, images=images, postings=postings, query_rows=query_rows)
+    if warm:
+        engine_mod.warm_up(out, n_queries=n_queries, topk=topk, kernel=kernel)
+        if padded is not None:
+            if (not isinstance(padded, (tuple, list)) or len(padded) != 2
+                    or not all(validate.is_int(x) and x >= 1 for x in padded)):
+                raise ValueError(f"padded must be (B, N), the batch and row counts of query_padded's feats, got "
+                                 f"{padded!r}")
+            validate.multiple_assignment(multiple_assignment, index.n_words)
+            b = int(padded[0])
+            engine_mod.warm_up(out, n_queries=(), topk=topk, kernel="dense",
+                               padded_rows=(b, int(b * padded[1] * multiple_assignment)))
+            sizes = sorted({images if topk is None else min(int(topk), images)
+                            for _, images in out.reservation.shapes()})
+            for ka in sizes:  # the merges of per-segment lists (all of them when topk <= the smallest segment)
+                for kb in sizes:
+                    k = ka + kb if topk is None else min(int(topk), ka + kb)
+                    jax.block_until_ready(_merge_best(np.zeros((b, ka), np.int32), np.zeros((b, ka), np.float32),
+                                                      np.zeros((b, kb), np.int32), np.zeros((b, kb), np.float32),
+                                                      k=k))
+            jax.block_until_ready(_public_ranks(np.zeros((b, sizes[0]), np.int32),
+                                                np.zeros((b, sizes[0]), np.float32), np.int32(0)))
+    return out
 
 
 def _run_batches(index, agg, fn, progress: bool, desc: str):
@@ -450,14 +516,47 @@ def query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int
                          similarity_threshold=similarity_threshold, topk=topk, max_pairs=max_pairs)
 
 
-@functools.partial(jax.jit, static_argnames=("multiple_assignment", "topk", "max_pairs"))
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "binary"))
+def _prepare_padded(centroids, idf, feats, valid, *, multiple_assignment: int, binary: bool):
+    """Quantized, aggregated query rows of padded descriptors: ``(rows, words, slots, q_scale)``."""
+    b, n, d = feats.shape
+    flat = feats.reshape(b * n, d)
+    words = quantize_jax(centroids, flat, multiple_assignment=multiple_assignment, chunk_size=min(4096, b * n))
+    slots = jnp.where(valid, jnp.arange(b, dtype=jnp.int32)[:, None], agg_mod.PAD_IMAGE).reshape(b * n)
+    agg, agg_words, agg_slots, _ = agg_mod.aggregate_padded(centroids, flat, words, slots, binary=binary, n_slots=b)
+    return agg, agg_words, agg_slots, score_mod.query_scale(idf, agg_words, agg_slots, b)
+
+
+def _segment_best(seg, idf, rows, words, slots, q_scale, alpha, thr, *, n_queries: int, k: int,
+                  pairs_cap: int | None):
+    """The best ``k`` image slots of one segment for a padded batch: ``(internal ids [B, k], scores [B, k])``
+    (the engine's jitted kernels, so that :func:`reserve`'s warm-up serves both)."""
+    args = (seg, idf, rows, words, slots, q_scale, alpha, thr)
+    if pairs_cap is None:
+        s = score_mod.dense_segment(*args, n_queries=n_queries)
+    else:
+        s = score_mod.sparse_or_dense(*args, n_queries=n_queries, pairs_cap=pairs_cap)
+    return score_mod.segment_top_k(s, seg, k=k)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_best(ids_a, scores_a, ids_b, scores_b, *, k: int):
+    """The best ``k`` of two ranked lists, ``a`` holding lower ids (equal scores: ``a``'s first, then lower ids)."""
+    ids, scores = jnp.concatenate([ids_a, ids_b], axis=1), jnp.concatenate([scores_a, scores_b], axis=1)
+    scores, pos = jax.lax.top_k(scores, k)
+    return jnp.take_along_axis(ids, pos, axis=1), scores
+
+
 def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: int = 5, alpha=3.0,
                   similarity_threshold=0.0, topk: int | None = None, max_pairs: int | None = None):
-    """Fully jitted query of a batch of images given as padded descriptor arrays (vmappable).
+    """Query of a batch of images given as padded descriptor arrays, in jitted pieces (vmappable, and traceable
+    inside a user's ``jit``).
 
-    Quantization (:func:`~jasmk.codebook.quantize_jax`), aggregation and scoring all run inside one jit, over
-    every segment of the index (the segment structure is part of the compiled program: an add that creates or
-    merges segments compiles it again).
+    Quantization (:func:`~jasmk.codebook.quantize_jax`) and aggregation are one program, each segment's scoring and
+    ranking another (one per segment shape), and the per-segment lists are merged by a third; so an add that
+    creates or merges segments compiles only the programs of shapes not seen before (none within a reservation,
+    :func:`reserve`, with ``topk`` given: ``topk=None`` returns every image slot, a shape that grows with the
+    index).
 
     Args:
         index: the inverted file.
@@ -475,34 +574,31 @@ def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: in
         ``(ranks [B, k] int32, scores [B, k] float32)``: best first, ranks in ids minus ``index.imid_offset``,
         equal scores in ascending id order.
     """
-    b, n, d = feats.shape
-    ma = multiple_assignment
-    flat = feats.reshape(b * n, d)
-    words = quantize_jax(index.centroids, flat, multiple_assignment=ma, chunk_size=min(4096, b * n))
-    slots = jnp.where(valid, jnp.arange(b, dtype=jnp.int32)[:, None], agg_mod.PAD_IMAGE).reshape(b * n)
-    agg, agg_words, agg_slots, _ = agg_mod.aggregate_padded(index.centroids, flat, words, slots,
-                                                            binary=index.binary, n_slots=b)
-    q_scale = score_mod.query_scale(index.idf, agg_words, agg_slots, b)
+    b = feats.shape[0]
+    rows, words, slots, q_scale = _prepare_padded(index.centroids, index.idf, feats, valid,
+                                                  multiple_assignment=int(multiple_assignment),
+                                                  binary=bool(index.binary))
     alpha = jnp.asarray(alpha, jnp.float32)
     thr = jnp.asarray(similarity_threshold, jnp.float32)
-    ids, scores = [], []
+    pairs_cap = None if max_pairs is None else ivf_mod.capacity(max_pairs, minimum=1024)
+    ids = scores = None
     for seg in index.segments:
-        args = (seg, index.idf, agg, agg_words, agg_slots, q_scale, alpha, thr)
-        if max_pairs is None:
-            s = score_mod.dense_segment(*args, n_queries=b)
-        else:
-            s = score_mod.sparse_or_dense(*args, n_queries=b, pairs_cap=ivf_mod.capacity(max_pairs, minimum=1024))
         k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
-        i, t = score_mod.segment_top_k(s, seg, k=k)
-        ids.append(i)
-        scores.append(t)
-    ids, scores = jnp.concatenate(ids, axis=1), jnp.concatenate(scores, axis=1)
-    k = ids.shape[1] if topk is None else min(int(topk), ids.shape[1])
-    scores, pos = jax.lax.top_k(scores, k)  # ties: the lower position, i.e. the lower id, first
-    ranks = jnp.take_along_axis(ids, pos, axis=1) - index.imid_offset
-    return jnp.where(scores > score_mod.NEG_INF, ranks, -1), scores
+        i, t = _segment_best(seg, index.idf, rows, words, slots, q_scale, alpha, thr, n_queries=b, k=k,
+                             pairs_cap=pairs_cap)
+        if ids is None:
+            ids, scores = i, t
+        else:
+            total = ids.shape[1] + i.shape[1]
+            ids, scores = _merge_best(ids, scores, i, t, k=total if topk is None else min(int(topk), total))
+    return _public_ranks(ids, scores, np.int32(index.imid_offset))
+
+
+@jax.jit
+def _public_ranks(ids, scores, offset):
+    return jnp.where(scores > score_mod.NEG_INF, ids - offset, -1), scores
 
 __all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QueryResult", "add_images",
            "aggregate_images", "as_codebook", "auto_codebook_plan", "build_index", "check_aggregated",
-           "check_query_params", "progress_bar", "query", "query_aggregated", "query_padded", "score_matrix",
-           "score_matrix_aggregated"]
+           "check_query_params", "empty_index", "progress_bar", "query", "query_aggregated", "query_padded",
+           "reserve", "score_matrix", "score_matrix_aggregated"]

@@ -470,13 +470,13 @@ class RetrievalDatabase(Retriever):
             error: the database runs on the CPU (logged). jasmk itself runs on JAX's default device; with torch
             on the GPU too, JAX is told to allocate GPU memory on demand (in every process, MASt3R-SLAM's spawned
             backend included, provided the database is made before JAX starts there).
-        reserve: keyframes (and their postings) to reserve room for (:func:`jasmk.reserve`): with the XLA kernels
-            (GPU), a run within the reservation compiles nothing after its first keyframes. None: grow as needed
-            (at most one compilation per doubling). On the CPU the compiled CPU kernel is used and nothing is
-            compiled either way.
+        reserve: keyframes to reserve room for (:func:`jasmk.reserve`, made at the first keyframe): with the XLA
+            kernels (GPU), a run within the reservation compiles nothing after its first keyframe (whose update
+            compiles the kernels of every reserved shape). None: grow as needed (a compilation per new segment
+            shape, logged). On the CPU the compiled CPU kernel scores ASMK* and nothing is compiled either way.
     """
 
-    def __init__(self, modelname, backbone=None, device="cuda", *, reserve: int | None = None):
+    def __init__(self, modelname, backbone=None, device="cuda", *, reserve: int | None = 4096):
         super().__init__(modelname, backbone=backbone, device=_slam_device(device))
         self.kf_counter = 0
         self.kf_ids = []

@@ -221,6 +221,36 @@ def test_bad_calls_say_what_is_wrong(slam_case, tmp_path):
         db([str(tmp_path / "x.png")])
 
 
+def test_no_compilation_after_the_first_keyframe_on_the_xla_kernels(slam_case, monkeypatch):
+    """The GPU path (XLA kernels; here on the CPU with the CPU kernel out of the way): after the first keyframe,
+    queries and adds of the whole sequence compile nothing, and retrieve what the oracle retrieves."""
+    import jax
+
+    from jasmk.core import cpu_kernel
+    from jasmk.mast3r import RetrievalDatabase
+
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    db = RetrievalDatabase(slam_case["ckpt"], device="cpu", reserve=64)
+    seq = slam_case["seq"]
+    first = db.update(types.SimpleNamespace(feat=seq[0][1]), True, k=K, min_thresh=MIN_THRESH)
+    second = db.update(types.SimpleNamespace(feat=seq[1][1]), True, k=K, min_thresh=MIN_THRESH)  # first query
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        got = run_loop(db, seq[2:])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"{len(compiles)} compilations"
+    oracle = SlamOracle(slam_case["head"], slam_case["centroids"])
+    ref = run_loop(oracle, seq)
+    assert compare(ref, [("kf", first, None), ("kf", second, None)] + got) == 0
+
+
 def _spawned(ckpt, seq, queue):
     from jasmk.mast3r import RetrievalDatabase
 

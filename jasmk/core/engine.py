@@ -37,7 +37,7 @@ import numpy as np
 from . import cpu_kernel, memory
 from . import ivf as ivf_mod
 from . import score as score_mod
-from .aggregate import Aggregated
+from .aggregate import PAD_IMAGE, Aggregated
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,28 @@ def batch_size(n_queries: int, max_rows: int, *, n_words: int, width: int, image
 
 def layout(index: ivf_mod.Index) -> dict:
     """What batching needs to know of an index, as the keyword arguments of :func:`batches`."""
-    return {"n_words": index.n_words, "width": index.width, "idf": index.idf,
-            "image_capacity": max([s.image_capacity for s in index.segments] or [1])}
+    res = index.reservation
+    image_capacity = max([s.image_capacity for s in index.segments] or [1])
+    if res is not None:  # the largest reserved segment: the batch size stays what it will be at the end of the run
+        image_capacity = max(image_capacity, res.shape(res.levels - 1)[1])
+    return {"n_words": index.n_words, "width": index.width, "idf": index.idf, "image_capacity": image_capacity,
+            "query_rows": None if res is None else res.query_rows}
 
 
-def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: int):
+def rows_capacity(rows: int, n_queries: int, query_rows: int | None) -> int:
+    """Padded row count of a batch of ``n_queries`` images holding ``rows`` rows (the ladder's, at least
+    ``n_queries x query_rows`` when a reservation gives ``query_rows``)."""
+    cap = ivf_mod.capacity(rows, minimum=64, steps=ROW_STEPS)
+    if query_rows is not None:
+        cap = max(cap, ivf_mod.capacity(n_queries * query_rows, minimum=64, steps=ROW_STEPS))
+    return cap
+
+
+def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: int, query_rows: int | None = None):
     """Yield :class:`Batch` es of the query images in ``agg`` (rows grouped by image, ascending) for an index of
     ``n_words`` words, ``width``-wide rows, ``idf [K]`` and segments of at most ``image_capacity`` image slots
-    (:func:`layout` gives these for an :class:`~jasmk.core.ivf.Index`; the sharded index passes its own)."""
+    (:func:`layout` gives these for an :class:`~jasmk.core.ivf.Index`; the sharded index passes its own);
+    ``query_rows``: a reservation's rows per query image (:func:`rows_capacity`)."""
     bounds = np.flatnonzero(np.diff(agg.images)) + 1
     starts = np.concatenate([[0], bounds]).astype(np.int64)
     stops = np.concatenate([bounds, [agg.images.shape[0]]]).astype(np.int64)
@@ -157,7 +171,7 @@ def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: i
         s, e = starts[i], stops[j - 1]
         r = int(e - s)
         order = np.argsort(agg.words[s:e].astype(sort_dtype), kind="stable") + s
-        cap = ivf_mod.capacity(r, minimum=64, steps=ROW_STEPS)
+        cap = rows_capacity(r, b, query_rows)
         vecs = np.zeros((cap, row_width), agg.vecs.dtype)
         vecs[:r] = agg.vecs[order]
         words = np.zeros(cap, np.int32)
@@ -171,6 +185,14 @@ def batches(agg: Aggregated, *, n_words: int, width: int, idf, image_capacity: i
 def pairs_capacity(pairs: int) -> int:
     """The sparse XLA kernel's static pair count for ``pairs`` touched pairs (a coarse ladder)."""
     return ivf_mod.capacity(pairs, minimum=1024, steps=PAIR_STEPS)
+
+
+def reserved_pairs_capacity(capacity: int, n_queries: int, width: int) -> int:
+    """The sparse XLA kernel's pair count on a reserved segment shape (``capacity`` postings): fixed per shape,
+    so no query compiles it again; a batch touching more pairs is scanned densely (:func:`jasmk.core.score.
+    sparse_or_dense`, same scores)."""
+    most = max(1024, PAIRS_BYTES // (3 * (width + 4) * 4))
+    return pairs_capacity(min(max(1024, capacity * n_queries // 4), most))
 
 
 def choose_kernel(*, kernel: str, capacity: int, n_queries: int, max_rows: int, pairs: int, binary: bool,
@@ -237,6 +259,19 @@ def segment_top_k_host(scores: np.ndarray, k: int):
     return pos, top
 
 
+_SHAPES_SEEN: set = set()  # XLA kernel shapes this process has run (a few per capacity doubling)
+
+
+def _note_shape(kind: str, seg: ivf_mod.Segment, batch: Batch) -> None:
+    """Log at INFO the first time an XLA kernel runs on a new shape (it compiles then, ~0.1-1 s; a reservation,
+    :func:`jasmk.reserve`, compiles them all before a run)."""
+    key = (kind, seg.capacity, seg.image_capacity, batch.vecs.shape, batch.vecs.dtype.str, batch.n_queries)
+    if key not in _SHAPES_SEEN:
+        _SHAPES_SEEN.add(key)
+        log.info("%s kernel on a new shape (%d postings, %d image slots, %d queries x %d rows): compiled once",
+                 kind, seg.capacity, seg.image_capacity, batch.n_queries, batch.vecs.shape[0])
+
+
 def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, kernel: str = "auto"):
     """Yield ``(segment, kernel, [B, I] scores)`` for each segment of ``index``, each from the kernel
     :func:`choose_kernel` picks (``"sparse-cpu"`` gives a host numpy array, the XLA kernels a JAX array)."""
@@ -261,6 +296,12 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
                 idf = np.asarray(index.idf, np.float32)
                 cpu_rows = (batch.vecs[:r], words, batch.slots[:r], idf[words])
             out = cpu_kernel.score_segment(h, *cpu_rows, ktable, batch.q_scale, n_queries=batch.n_queries)
+        elif kind == "sparse-xla" and index.reservation is not None:
+            cap = reserved_pairs_capacity(seg.capacity, batch.n_queries, index.width)
+            memory.require(3 * cap * (index.width + 4) * 4, f"the sparse kernel's {cap} pairs",
+                           hint="use kernel='dense' or 'auto', or fewer query images per call",
+                           device=backend() != "cpu")
+            out = score_mod.sparse_or_dense(*xla_args(seg), n_queries=batch.n_queries, pairs_cap=cap)
         elif kind == "sparse-xla":
             memory.require(3 * pairs_capacity(pairs) * (index.width + 4) * 4, f"the sparse kernel's {pairs} pairs",
                            hint="use kernel='dense' or 'auto', or fewer query images per call",
@@ -270,6 +311,8 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
         else:
             out = score_mod.dense_segment(*xla_args(seg), n_queries=batch.n_queries)
         log.debug("segment of %d postings, %d pairs: %s", seg.capacity, pairs, kind)
+        if kind != "sparse-cpu":
+            _note_shape(kind, seg, batch)
         yield seg, kind, out
 
 
@@ -298,6 +341,65 @@ def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *
     return ids[:, :k] - index.imid_offset, scores[:, :k]
 
 
+def _dummy_segment(postings: int, images: int, width: int, dtype, n_words: int) -> ivf_mod.Segment:
+    """An empty segment of the given shape (what a compiled kernel keys on: shapes and dtypes)."""
+    seg = ivf_mod.Segment(vecs=np.zeros((postings, width), dtype), words=np.zeros(postings, np.int32),
+                          images=np.full(postings, PAD_IMAGE, np.int32), offsets=np.zeros(n_words + 1, np.int32),
+                          norm_factor=np.zeros(images, np.float32), scale=np.zeros(images, np.float32),
+                          image_start=np.asarray(0, np.int32), n_images=np.asarray(0, np.int32))
+    return ivf_mod.on_device(seg)
+
+
+def xla_kernels(index: ivf_mod.Index, kernel: str = "auto") -> tuple:
+    """The XLA kernels a query of ``index`` with ``kernel`` may run on this backend (none where the CPU kernel
+    scores everything)."""
+    if kernel in ("auto", "sparse", "sparse-cpu") and backend() == "cpu" and index.binary and cpu_kernel.available():
+        return ()
+    return {"dense": ("dense",), "sparse-xla": ("sparse-xla",), "sparse": ("sparse-xla",)}.get(
+        kernel, ("dense", "sparse-xla"))
+
+
+def warm_up(index: ivf_mod.Index, *, n_queries=(1,), topk: int | None = None, kernel: str = "auto",
+            padded_rows: tuple[int, int] | None = None) -> int:
+    """Compile, for every segment shape of ``index``'s reservation, the XLA kernels that queries of ``n_queries``
+    images (batch sizes) with ``topk`` and ``kernel`` will run, so that a run within the reservation compiles
+    nothing; ``padded_rows``: also for :func:`jasmk.query_padded`'s ``(B, rows)`` batches (dense scan). Returns
+    the number of kernel programs run (each compiled once, here or earlier)."""
+    res = index.reservation
+    if res is None:
+        raise ValueError("the index has no reservation: jasmk.reserve(index, images=..., postings=...) first")
+    kinds = xla_kernels(index, kernel)
+    dtype = np.uint32 if index.binary else np.float32
+    idf = _device_idf(index)
+    alpha32, thr32 = np.float32(3.0), np.float32(0.0)
+    n_layout = layout(index)
+    runs = 0
+    plans = []
+    for nq in sorted({int(x) for x in n_queries}):
+        b = batch_size(nq, 1, n_words=index.n_words, width=index.width, image_capacity=n_layout["image_capacity"])
+        plans.append((b, rows_capacity(1, b, res.query_rows), kinds))
+    if padded_rows is not None:
+        plans.append((padded_rows[0], padded_rows[1], ("dense",)))
+    for b, rows, plan_kinds in plans:
+        q = (np.zeros((rows, index.width), dtype), np.zeros(rows, np.int32), np.full(rows, b, np.int32),
+             np.zeros(b, np.float32))
+        for postings, images in res.shapes():
+            seg = _dummy_segment(postings, images, index.width, dtype, index.n_words)
+            args = (seg, idf) + q[:3] + (q[3], alpha32, thr32)
+            outs = []
+            if "dense" in plan_kinds:
+                outs.append(score_mod.dense_segment(*args, n_queries=b))
+            if "sparse-xla" in plan_kinds:
+                outs.append(score_mod.sparse_or_dense(*args, n_queries=b, pairs_cap=reserved_pairs_capacity(
+                    postings, b, index.width)))
+            for out in outs:
+                k = images if topk is None else min(int(topk), images)
+                jax.block_until_ready(score_mod.segment_top_k(out, seg, k=k))
+                runs += 2
+    log.info("warm-up: %d kernel programs for %d segment shapes", runs, res.levels)
+    return runs
+
+
 def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, kernel: str = "auto"):
     """``[b, n_images] float32`` scores of a batch (columns: internal image ids)."""
     b = len(batch.ids)
@@ -313,4 +415,5 @@ top_k_host = segment_top_k_host
 
 __all__ = ["Batch", "COSTS", "KERNELS", "MAX_BATCH", "PAIRS_BYTES", "PAIR_STEPS", "ROW_STEPS", "TABLE_BYTES",
            "backend", "batch_size", "batches", "check_kernel", "choose_kernel", "dense_scores", "kernel_arg", "layout",
-           "pairs_capacity", "query_scale_host", "ranked", "score_segments", "segment_top_k_host"]
+           "pairs_capacity", "query_scale_host", "ranked", "reserved_pairs_capacity", "rows_capacity", "score_segments",
+           "segment_top_k_host", "warm_up", "xla_kernels"]

@@ -32,12 +32,14 @@ import numpy as np
 
 from . import memory
 from .aggregate import PAD_IMAGE, Aggregated, aligned_empty, packed_width
+from .validate import is_int
 
 log = logging.getLogger(__name__)
 
 ENTRY_BLOCK = 4096  # posting capacities are multiples of this (the dense scan's largest block)
 MAX_SEGMENT_IMAGES = 1 << 17  # image slots per segment: bounds one segment's [B, images] score accumulator
 MAX_SEGMENT_ENTRIES = 1 << 30  # postings per segment (int32 positions with room to spare)
+IMAGE_STEPS = 1  # image capacities are powers of two: a growing segment needs a new program once per doubling
 MERGE_RATIO = 2  # merge the last two segments while the older holds <= this times the newer's postings
 
 
@@ -149,8 +151,102 @@ def host(seg: Segment) -> HostSegment:
     return cached
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """Room reserved in an index for ``images`` more images holding ``postings`` postings (:func:`reserve`).
+
+    Images added after the reservation go into segments of fixed shapes: an open segment of ``block`` image slots
+    that each add refills, sealed when full, and sealed segments merged pairwise as a binary counter, so a segment
+    of level ``j`` holds exactly ``block * 2**j`` images in :meth:`shape` ``(j)``. Every shape the run will
+    need is known up front (:meth:`shapes`), which is what lets the XLA kernels be compiled once, before the run.
+
+    Attributes:
+        images, postings: what the run will hold at most (beyond it: new shapes, one per doubling).
+        query_rows: aggregated rows of one query image the query batches are padded to at least.
+        base: internal id of the first image after the reservation (segments before it keep their shapes).
+        block: image slots of a level-0 (open) segment, a power of two.
+    """
+
+    images: int
+    postings: int
+    query_rows: int
+    base: int
+    block: int
+
+    @property
+    def per_image(self) -> int:
+        return max(1, -(-int(self.postings) // max(int(self.images), 1)))
+
+    @property
+    def levels(self) -> int:
+        """Number of levels the reserved images need (level 0 included)."""
+        top = min(max(int(self.images), self.block), MAX_SEGMENT_IMAGES)
+        return max(1, (top // self.block).bit_length())
+
+    def shape(self, level: int) -> tuple[int, int]:
+        """``(posting capacity, image capacity)`` of a segment of ``level``: powers of two."""
+        images = self.block << int(level)
+        postings = max(ENTRY_BLOCK, 1 << (self.per_image * images - 1).bit_length())
+        return postings, images
+
+    def shapes(self) -> list:
+        """Every segment shape of a run within the reservation."""
+        return [self.shape(j) for j in range(self.levels)]
+
+
+def reserve(index: "Index", *, images: int, postings: int, query_rows: int | None = None) -> "Index":
+    """``index`` with room reserved for ``images`` more images holding ``postings`` postings in all
+    (:class:`Reservation`); ``query_rows``: aggregated rows of one query image (default: ``min(K, 8 x postings
+    per image)``, enough for a query with up to 8 words per descriptor). Scores do not change."""
+    for value, name in ((images, "images"), (postings, "postings")):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if images > 2**31 - 2 - index.n_images:
+        raise ValueError(f"cannot reserve {images} images: internal ids are int32")
+    per_image = max(1, -(-int(postings) // int(images)))
+    if query_rows is None:
+        query_rows = min(index.n_words, 8 * per_image)
+    elif not is_int(query_rows) or query_rows < 1:
+        raise ValueError(f"query_rows must be a positive int or None, got {query_rows!r}")
+    block = 1 << max(4, min(12, (int(images) // 128).bit_length() - 1)) if images >= 256 else 16
+    block = min(block, MAX_SEGMENT_IMAGES)
+    res = Reservation(images=int(images), postings=int(postings), query_rows=int(query_rows),
+                      base=int(index.n_images), block=int(block))
+    log.info("reserved %d images / %d postings: %d segment shapes %s", images, postings, res.levels, res.shapes())
+    return dataclasses.replace(index, reservation=res)
+
+
+def _add_reserved(segments: list, res: Reservation, vecs, words, images, old_n: int, n_images: int, norm_new,
+                  n_words: int) -> list:
+    """Append images ``[old_n, n_images)`` to ``segments`` on the reservation's shapes (see :class:`Reservation`):
+    block by block into the open segment, sealed blocks merged as a binary counter."""
+    pos = old_n
+    while pos < n_images:
+        boundary = res.base + ((pos - res.base) // res.block + 1) * res.block
+        stop = min(n_images, boundary)
+        r0, r1 = (int(np.searchsorted(images, x, side="left")) for x in (pos, stop))
+        piece = make_segment(vecs[r0:r1], words[r0:r1], images[r0:r1], image_start=pos, n_images=stop - pos,
+                             norm_factor=norm_new[pos - old_n:stop - old_n], n_words=n_words, shape=res.shape(0))
+        last = host(segments[-1]) if segments else None
+        if last is not None and last.image_start >= res.base and last.n_images < res.block:  # the open segment
+            segments[-1] = merge_segments(segments[-1], piece, n_words, shape=res.shape(0))
+        else:
+            segments.append(piece)
+        if stop == boundary:  # sealed: merge equal neighbours (levels of a binary counter)
+            while len(segments) >= 2:
+                a, b = host(segments[-2]), host(segments[-1])
+                if a.image_start < res.base or a.n_images != b.n_images or not _mergeable(
+                        segments[-2], segments[-1], eager=True):
+                    break
+                level = (2 * a.n_images // res.block).bit_length() - 1
+                b_seg = segments.pop()
+                segments[-1] = merge_segments(segments[-1], b_seg, n_words, shape=res.shape(level))
+        pos = stop
+    return segments
+
+
 _DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
-_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param"]
+_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "reservation"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
@@ -183,6 +279,8 @@ class Index:
     use_idf: bool
     dim: int
     codebook_size_param: object = None
+    #: room reserved for growth (:func:`reserve`): segments made on its fixed shapes; not saved in checkpoints
+    reservation: "Reservation | None" = None
     #: device copies made on demand (:func:`on_device`, the device idf): neither a PyTree leaf nor static metadata
     caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -276,13 +374,14 @@ def _padded(a: np.ndarray, order, cap: int, fill) -> np.ndarray:
 
 
 def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_factor, n_words: int,
-                 order=None) -> Segment:
+                 order=None, shape: tuple[int, int] | None = None) -> Segment:
     """A :class:`Segment` from postings of the images ``[image_start, image_start + n_images)``.
 
     Args:
         vecs: ``[E, W]``; words: ``[E] int``; images: ``[E] int`` internal (global) image ids.
         norm_factor: ``[n_images]`` normalization of the range's images.
         order: ``[E]`` permutation putting the postings in word-major order; None when they already are.
+        shape: ``(postings, images)`` capacities at least (a reservation's level shape); None: the ladder's.
     """
     words = np.asarray(words, np.int32)
     e = int(words.shape[0])
@@ -292,15 +391,29 @@ def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_f
     counts = np.bincount(words, minlength=n_words) if e else np.zeros(n_words, np.int64)
     offsets = np.zeros(n_words + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
-    cap = capacity(e, multiple=ENTRY_BLOCK)
-    i_cap = capacity(n_images, minimum=64)
+    cap, i_cap = _shape(e, n_images, shape)
     norm = np.zeros(i_cap, np.float32)
     norm[:n_images] = norm_factor
     return _segment_from(_padded(np.asarray(vecs), order, cap, 0), _padded(words, order, cap, 0),
                          _padded(local.astype(np.int32), order, cap, PAD_IMAGE), offsets, norm, image_start, n_images)
 
 
-def merge_segments(a: Segment, b: Segment, n_words: int) -> Segment:
+def _shape(entries: int, n_images: int, shape) -> tuple[int, int]:
+    """Posting and image capacities of a segment: the ladder's, or ``shape`` where that holds the data."""
+    cap = capacity(entries, multiple=ENTRY_BLOCK)
+    i_cap = capacity(n_images, minimum=64, steps=IMAGE_STEPS)
+    if shape is None:
+        return cap, i_cap
+    want_cap, want_images = (int(x) for x in shape)
+    if entries > want_cap or n_images > want_images:
+        log.info("a segment of %d postings and %d images exceeds the reserved shape %s: a new shape (a compilation "
+                 "of each XLA kernel that scores it)", entries, n_images, shape)
+        return (max(cap, want_cap) if entries > want_cap else want_cap,
+                max(i_cap, want_images) if n_images > want_images else want_images)
+    return want_cap, want_images
+
+
+def merge_segments(a: Segment, b: Segment, n_words: int, *, shape: tuple[int, int] | None = None) -> Segment:
     """One segment holding ``a`` then ``b`` (adjacent image ranges, ``a`` first), in O(postings): within each
     word, ``a``'s postings (lower images) come before ``b``'s, so every row's new position is its old one plus
     the other segment's postings of lower words (and, for ``b``, ``a``'s postings of its own word)."""
@@ -308,7 +421,7 @@ def merge_segments(a: Segment, b: Segment, n_words: int) -> Segment:
     ea, eb = int(ha.offsets[-1]), int(hb.offsets[-1])
     n_images = ha.n_images + hb.n_images
     e = ea + eb
-    cap = capacity(e, multiple=ENTRY_BLOCK)
+    cap, i_cap = _shape(e, n_images, shape)
     offsets = (ha.offsets.astype(np.int64) + hb.offsets).astype(np.int32)
     dest_a = np.arange(ea, dtype=np.int64) + hb.offsets[ha.words[:ea]]
     dest_b = np.arange(eb, dtype=np.int64) + ha.offsets[hb.words[:eb] + 1]
@@ -322,7 +435,6 @@ def merge_segments(a: Segment, b: Segment, n_words: int) -> Segment:
     images[dest_a] = ha.images[:ea]
     images[dest_b] = hb.images[:eb] + ha.n_images
     images[e:] = PAD_IMAGE
-    i_cap = capacity(n_images, minimum=64)
     norm = np.zeros(i_cap, np.float32)
     norm[: ha.n_images] = ha.norm_factor[: ha.n_images]
     norm[ha.n_images:n_images] = hb.norm_factor[: hb.n_images]
@@ -465,7 +577,10 @@ def add(index: Index, agg: Aggregated) -> Index:
     if index.use_idf:  # every image's normalization moves with the refreshed idf (asmk recomputes it all)
         segments = [renormalized(s, idf) for s in segments]
     norm_new = np.bincount(images - old_n, weights=idf[new_words], minlength=n_images - old_n)
-    for s, e, r0, r1 in _split_ranges(old_n, n_images - old_n, images):
+    if index.reservation is not None:
+        segments = _add_reserved(segments, index.reservation, new_vecs, new_words, images, old_n, n_images,
+                                 norm_new, k)
+    for s, e, r0, r1 in ([] if index.reservation is not None else _split_ranges(old_n, n_images - old_n, images)):
         segments.append(make_segment(new_vecs[r0:r1], new_words[r0:r1], images[r0:r1], image_start=s,
                                      n_images=e - s, norm_factor=norm_new[s - old_n:e - old_n], n_words=k))
         segments = _compact(segments, k)
@@ -509,6 +624,6 @@ def from_segments(centroids, counts, idf, segments, *, n_images: int, imid_offse
 
 
 __all__ = ["ENTRY_BLOCK", "HostSegment", "Index", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES", "MERGE_RATIO",
-           "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries", "from_postings",
+           "Reservation", "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries", "from_postings",
            "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments", "on_device", "renormalized",
-           "with_distractors"]
+           "reserve", "with_distractors"]

@@ -242,6 +242,7 @@ def sparse_segment(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, 
     return _finish(acc, seg, q_scale, b)
 
 
+@functools.partial(jax.jit, static_argnames=("n_queries", "pairs_cap"))
 def sparse_or_dense(seg: Segment, idf, q_vecs, q_words, q_slots, q_scale, alpha, threshold, *, n_queries: int,
                     pairs_cap: int):
     """Traceable scores of a batch against ``seg`` for code inside ``jit`` / ``vmap`` (where the touched-pair
