@@ -75,7 +75,8 @@ PATCH_SIZE = 16
 
 def image_paths(input_imdir_or_imlistfile) -> list:
     """The images MASt3R's Retriever would read: a folder's ``.png``/``.jpg`` files (sorted by name), the lines of
-    a list file (``#`` comments and empty lines skipped), or a list of paths as given."""
+    a list file (``#`` comments and empty lines skipped), or a list of images as given (paths, or the in-memory
+    images :func:`load_image` takes)."""
     if isinstance(input_imdir_or_imlistfile, (str, os.PathLike)):
         where = os.fspath(input_imdir_or_imlistfile)
         if os.path.isfile(where):
@@ -87,34 +88,77 @@ def image_paths(input_imdir_or_imlistfile) -> list:
         else:
             raise ValueError(f"{where} is neither a folder of images nor a file listing image paths")
     elif isinstance(input_imdir_or_imlistfile, (list, tuple)):
-        paths = [os.fspath(p) for p in input_imdir_or_imlistfile]
+        paths = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in input_imdir_or_imlistfile]
+    elif hasattr(input_imdir_or_imlistfile, "__getitem__") and hasattr(input_imdir_or_imlistfile, "__len__"):
+        paths = _Items(input_imdir_or_imlistfile)  # a torch Dataset (or any sequence): items read when needed
     else:
-        raise ValueError("give a folder, a file listing image paths, or a list of paths; got "
-                         f"{type(input_imdir_or_imlistfile).__name__}")
-    if not paths:
+        raise ValueError("give a folder, a file listing image paths, a list of images (paths or arrays) or a "
+                         f"dataset of them; got {type(input_imdir_or_imlistfile).__name__}")
+    if not len(paths):
         raise ValueError(f"no images found in {input_imdir_or_imlistfile!r}")
     return paths
 
 
+class _Items:
+    """A dataset's items in order (``len`` and indexing; read one at a time)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
 def load_image(path, imsize: int, *, patch_size: int = PATCH_SIZE):
     """One image as DUSt3R's ``load_images(size=imsize)`` prepares it (the long-side branch, ``imsize != 224``).
+
+    ``path`` is an image file, or an image in memory: a PIL image, an ``[H, W, 3]`` uint8 RGB array (numpy or
+    torch), which are prepared the same way; a float torch tensor ``[3, H, W]`` or ``[1, 3, H, W]`` (or a dict with
+    it as ``"img"``, an item of DUSt3R's ``load_images``) is taken as already prepared (values in [-1, 1], ``H``
+    and ``W`` multiples of ``patch_size``).
 
     EXIF orientation applied, RGB; the long side resized to ``imsize`` (Lanczos when shrinking, bicubic
     otherwise); a centre crop to multiples of ``patch_size`` (a square image is cropped to 4:3); values mapped to
     [-1, 1] by ``(x / 255 - 0.5) / 0.5``.
 
     Returns:
-        ``[1, 3, H, W] float32`` torch tensor (CPU).
+        ``[1, 3, H, W] float32`` torch tensor (CPU, or the device of a prepared tensor).
     """
     import PIL.Image
     import PIL.ImageOps
     import torch
 
-    try:
-        with PIL.Image.open(path) as im:
-            img = PIL.ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    if isinstance(path, dict) and "img" in path:
+        path = path["img"]
+    if isinstance(path, torch.Tensor) and path.is_floating_point():
+        t = path[None] if path.ndim == 3 else path
+        if t.ndim != 4 or t.shape[:2] != (1, 3) or t.shape[2] % patch_size or t.shape[3] % patch_size:
+            raise ValueError(f"a prepared image must be a [1, 3, H, W] float tensor with H and W multiples of "
+                             f"{patch_size}, got shape {tuple(path.shape)}")
+        return t.to(torch.float32)
+    if isinstance(path, PIL.Image.Image):
+        img, name = PIL.ImageOps.exif_transpose(path).convert("RGB"), "the image"
+    elif isinstance(path, (np.ndarray, torch.Tensor)):
+        a = path.numpy() if isinstance(path, torch.Tensor) else path
+        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+            raise ValueError(f"an image array must be [H, W, 3] uint8 RGB, got shape {a.shape} {a.dtype}")
+        img, name = PIL.Image.fromarray(np.ascontiguousarray(a)), "the image array"
+    elif isinstance(path, (str, os.PathLike)):
+        name = os.fspath(path)
+        try:
+            with PIL.Image.open(path) as im:
+                img = PIL.ImageOps.exif_transpose(im).convert("RGB")
+        except (OSError, PIL.UnidentifiedImageError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+    else:
+        raise ValueError(f"an image must be a path, a PIL image, an [H, W, 3] uint8 array or a prepared float "
+                         f"tensor, got {type(path).__name__}")
     longest = max(img.size)
     interp = PIL.Image.LANCZOS if longest > imsize else PIL.Image.BICUBIC
     img = img.resize(tuple(int(round(x * imsize / longest)) for x in img.size), interp)
@@ -126,7 +170,7 @@ def load_image(path, imsize: int, *, patch_size: int = PATCH_SIZE):
         halfh = 3 * halfw / 4
     img = img.crop((cx - halfw, cy - halfh, cx + halfw, cy + halfh))
     if min(img.size) < patch_size:
-        raise ValueError(f"image {path} is too thin: {img.size[0]}x{img.size[1]} after resizing to {imsize}")
+        raise ValueError(f"image {name} is too thin: {img.size[0]}x{img.size[1]} after resizing to {imsize}")
     arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     return arr.to(torch.float32).div(255).sub(0.5).div(0.5)[None]
 
@@ -409,7 +453,8 @@ class Retriever:
 
         Args:
             input_imdir_or_imlistfile: a folder (its ``.png``/``.jpg`` files, sorted), a file listing image paths,
-                or a list of paths.
+                a list of images (paths, PIL images, ``[H, W, 3]`` uint8 arrays, prepared tensors: see
+                :func:`load_image`), or a dataset of them (a torch ``Dataset``: ``len`` and indexing).
             outfile: optional ``.npy`` path to save the matrix to.
 
         Returns:

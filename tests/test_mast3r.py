@@ -165,6 +165,41 @@ def test_retriever_matches_mast3r_with_asmk(setup, tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_images_in_memory_and_datasets_give_the_matrix_of_the_files(setup):
+    """A list of arrays, PIL images or DUSt3R-prepared tensors, and a torch Dataset of them, give what the files
+    give (EXIF orientation and DUSt3R's preparation included)."""
+    import PIL.Image
+    import PIL.ImageOps
+
+    from jasmk import mast3r
+
+    retriever = mast3r.Retriever(setup["ckpt"], backbone=PatchBackbone(), device="cpu")
+    ref = retriever(setup["paths"])
+    pil = []
+    for p in setup["paths"]:
+        with PIL.Image.open(p) as im:
+            pil.append(PIL.ImageOps.exif_transpose(im).convert("RGB"))
+    arrays = [np.array(im) for im in pil]
+    prepared = [{"img": reference_load(p, IMSIZE)} for p in setup["paths"]]  # DUSt3R's load_images items
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    for images in (arrays, pil, prepared, Images(arrays), Images([torch.from_numpy(a) for a in arrays])):
+        np.testing.assert_allclose(retriever(images), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        retriever([arrays[0].astype(np.float32)])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        retriever([torch.zeros((1, 3, 20, 32))])
+
+
 def test_identity_head_takes_the_codebook_dim(tmp_path):
     """hdims '' without whitening: MASt3R's identity head; the dim comes from the backbone/codebook."""
     from jasmk import mast3r

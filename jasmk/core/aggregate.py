@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernel
+
 log = logging.getLogger(__name__)
 
 PAD_IMAGE = np.iinfo(np.int32).max  # image id / slot of padding rows; sorts after every real id
@@ -214,13 +216,15 @@ _CALL_ROWS = 1 << 17
 HOST_PAIRS = 4096
 
 
-def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray):
+def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *,
+                   compiled: bool = True):
     """ASMK* aggregation in numpy, bit for bit :func:`aggregate_padded`'s: each cell's residuals are summed in
     float32 in descriptor order (the first member, then one member at a time), then binarized and packed.
 
     Args:
         centroids: ``[K, D] float32`` host array; vecs: ``[N, D] float32``; word_ids: ``[N, MA] int32`` (negative:
             no assignment); image_ids: ``[N] int`` grouped ascending.
+        compiled: sum with the compiled CPU kernel where numba is there (else numpy; the same bits).
 
     Returns:
         :class:`Aggregated` rows sorted by (image, word).
@@ -244,6 +248,9 @@ def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray
     new[1:] = (w[1:] != w[:-1]) | (im[1:] != im[:-1])
     starts = np.flatnonzero(new)
     sizes = np.diff(np.append(starts, m))
+    if compiled and cpu_kernel.available():  # one pass, no temporaries: the same float32 sums and bits
+        packed = cpu_kernel.aggregate_binary(vecs, centroids, dsc, w, starts, sizes, width)
+        return Aggregated(packed, w[starts].astype(np.int32), im[starts].astype(np.int32))
     acc = vecs[dsc[starts]] - centroids[w[starts]]
     for r in range(1, int(sizes.max())):  # the r-th member of every cell that has one, in order
         cells = np.flatnonzero(sizes > r)
