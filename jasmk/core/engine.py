@@ -285,10 +285,11 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
         return (ivf_mod.on_device(seg), _device_idf(index), batch.vecs, batch.words, batch.slots, batch.q_scale,
                 alpha32, thr32)
 
+    cpu_only = not xla_kernels(index, kernel)  # the CPU kernel scores every segment: no pair count needed
     for seg in index.segments:
         h = ivf_mod.host(seg)
-        pairs = int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
-        kind = choose_kernel(kernel=kernel, capacity=seg.capacity, n_queries=batch.n_queries,
+        pairs = -1 if cpu_only else int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
+        kind = "sparse-cpu" if cpu_only else choose_kernel(kernel=kernel, capacity=seg.capacity, n_queries=batch.n_queries,
                              max_rows=batch.max_rows, pairs=pairs, binary=index.binary, width=index.width)
         if kind == "sparse-cpu":
             if cpu_rows is None:

@@ -225,13 +225,16 @@ def _add_reserved(segments: list, res: Reservation, vecs, words, images, old_n: 
         boundary = res.base + ((pos - res.base) // res.block + 1) * res.block
         stop = min(n_images, boundary)
         r0, r1 = (int(np.searchsorted(images, x, side="left")) for x in (pos, stop))
-        piece = make_segment(vecs[r0:r1], words[r0:r1], images[r0:r1], image_start=pos, n_images=stop - pos,
-                             norm_factor=norm_new[pos - old_n:stop - old_n], n_words=n_words, shape=res.shape(0))
+        pv, pw, pi = vecs[r0:r1], words[r0:r1], images[r0:r1]
+        pnorm, start = norm_new[pos - old_n:stop - old_n], pos
         last = host(segments[-1]) if segments else None
-        if last is not None and last.image_start >= res.base and last.n_images < res.block:  # the open segment
-            segments[-1] = merge_segments(segments[-1], piece, n_words, shape=res.shape(0))
-        else:
-            segments.append(piece)
+        if last is not None and last.image_start >= res.base and last.n_images < res.block:  # the open segment:
+            ov, ow, oi = _segment_entries(segments.pop())  # remade with the new images (one pass, one sort)
+            pv, pw, pi = np.concatenate([ov, pv]), np.concatenate([ow, pw]), np.concatenate([oi, pi])
+            pnorm, start = np.concatenate([last.norm_factor[:last.n_images], pnorm]), last.image_start
+        # stable sort by word: the open segment's postings (lower images) stay first within each word
+        segments.append(make_segment(pv, pw, pi, image_start=start, n_images=stop - start, norm_factor=pnorm,
+                                     n_words=n_words, shape=res.shape(0)))
         if stop == boundary:  # sealed: merge equal neighbours (levels of a binary counter)
             while len(segments) >= 2:
                 a, b = host(segments[-2]), host(segments[-1])
@@ -422,7 +425,7 @@ def merge_segments(a: Segment, b: Segment, n_words: int, *, shape: tuple[int, in
     n_images = ha.n_images + hb.n_images
     e = ea + eb
     cap, i_cap = _shape(e, n_images, shape)
-    offsets = (ha.offsets.astype(np.int64) + hb.offsets).astype(np.int32)
+    offsets = np.add(ha.offsets, hb.offsets, dtype=np.int32)  # below MAX_SEGMENT_ENTRIES: no overflow
     dest_a = np.arange(ea, dtype=np.int64) + hb.offsets[ha.words[:ea]]
     dest_b = np.arange(eb, dtype=np.int64) + ha.offsets[hb.words[:eb] + 1]
     vecs = aligned_empty((cap,) + ha.vecs.shape[1:], ha.vecs.dtype)
@@ -567,12 +570,15 @@ def add(index: Index, agg: Aggregated) -> Index:
                    hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
-    added = np.bincount(new_words, minlength=k)
-    counts = np.asarray(index.counts, np.int64) + added
-    idf = np.asarray(index.idf, np.float32).copy()
+    touched, added = np.unique(new_words, return_counts=True)  # O(rows): a small add does not pass over all K
+    counts = np.array(index.counts, np.int32)
+    if int(counts[touched].max()) + int(added.max()) >= 2**31 - 1:
+        raise ValueError("a word would hold more than 2**31 - 2 postings")
+    counts[touched] += added.astype(np.int32)
+    idf = np.asarray(index.idf, np.float32)
     if index.use_idf:
-        touched = np.flatnonzero(added)
-        idf[touched] = np.log(n_images / counts[touched]) ** 2
+        idf = idf.copy()
+        idf[touched] = np.log(n_images / counts[touched].astype(np.int64)) ** 2
     segments = list(index.segments)
     if index.use_idf:  # every image's normalization moves with the refreshed idf (asmk recomputes it all)
         segments = [renormalized(s, idf) for s in segments]
@@ -585,7 +591,7 @@ def add(index: Index, agg: Aggregated) -> Index:
                                      n_images=e - s, norm_factor=norm_new[s - old_n:e - old_n], n_words=k))
         segments = _compact(segments, k)
     log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
-    return dataclasses.replace(index, counts=counts.astype(np.int32), idf=idf, segments=tuple(segments),
+    return dataclasses.replace(index, counts=counts, idf=idf, segments=tuple(segments),
                                image_slots=_scalar(n_images))
 
 
