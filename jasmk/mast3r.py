@@ -225,6 +225,25 @@ def features_to_jax(features):
     return features
 
 
+def padded_features(features):
+    """``(features padded to the head's token ladder, real token count)`` for backbone features ``[B, N, C]``:
+    a torch tensor is padded in torch (on its device) before it goes to JAX (:func:`features_to_jax`), so that
+    frames of other sizes compile nothing in JAX; a numpy array is padded by the head, a JAX array as it is (the
+    head pads it where it lies). The count is None where nothing was padded."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(features, torch.Tensor) and features.ndim == 3 and features.shape[1] >= 1:
+        n = int(features.shape[1])
+        cap = head_mod.token_capacity(n)
+        t = features.detach()
+        if cap != n:
+            t = torch.nn.functional.pad(t, (0, 0, 0, cap - n))
+        return features_to_jax(t), n
+    return features_to_jax(features), None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # backbones
 
@@ -410,12 +429,13 @@ class Retriever:
                                    disable=not self.progress, leave=False) as bar:
             for start, images in self._batches(paths):
                 images = images.to(self.device, non_blocking=True)
-                out = features_to_jax(self._backbone(images))
+                out, n_tokens = padded_features(self._backbone(images))
                 shape = tuple(getattr(out, "shape", ()))
                 if len(shape) != 3 or shape[0] != images.shape[0]:
                     raise ValueError(f"the backbone must return [B, N, C] features for B = {images.shape[0]} images, "
                                      f"got shape {shape}")
-                feat, _, _ = head_mod.local_descriptors(self._variables, self.config, out)  # a compile per token step
+                feat, _, _ = head_mod.local_descriptors(self._variables, self.config, out,  # a compile per token step
+                                                        n_tokens=n_tokens)
                 feat = np.asarray(feat, np.float32)
                 for j in range(feat.shape[0]):
                     feats.append(feat[j])
@@ -552,11 +572,11 @@ class RetrievalDatabase(Retriever):
             ``[1, k, dim] float32`` JAX array, computed before this returns (the caller may overwrite its input).
         """
         self._start()
-        x = features_to_jax(backbone_feat)
+        x, n_tokens = padded_features(backbone_feat)
         shape = tuple(getattr(x, "shape", ()))
         if len(shape) != 3 or shape[0] != 1:
             raise ValueError(f"keyframe features must be [1, N, C] (one frame at a time), got shape {shape}")
-        feat, _, _ = head_mod.local_descriptors(self._variables, self.config, x)
+        feat, _, _ = head_mod.local_descriptors(self._variables, self.config, x, n_tokens=n_tokens)
         return feat.block_until_ready()
 
     def _words(self, feats: np.ndarray, ma: int) -> np.ndarray:
@@ -630,4 +650,4 @@ def _save_npy(path, array) -> None:
     atomic.write_bytes_with(_check_npy_out(path), lambda handle: np.save(handle, array), suffix=".npy")
 
 __all__ = ["ASMK_PARAMS", "IMAGE_EXTENSIONS", "PATCH_SIZE", "RetrievalDatabase", "Retriever", "features_to_jax",
-           "image_paths", "load_image"]
+           "image_paths", "load_image", "padded_features"]

@@ -99,3 +99,63 @@ def test_gpu_head_whitens_in_float64_at_mast3r_size():
         times.append(time.perf_counter() - t0)
     print(f"\nhead on {jax.devices()[0].device_kind}: {np.median(times) * 1e3:.2f} ms per 512x384 frame "
           "(768 x 1024 tokens, float64 post-whitening, 300 features)")
+
+
+def test_slam_database_takes_cuda_tensors_through_dlpack_and_keeps_nothing_of_them(tmp_path):
+    """A CUDA torch tensor reaches the head through DLPack (no host copy), and overwriting it after ``update``
+    returns changes nothing (the head's result was computed before the return)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA GPU")
+    import types
+
+    from helpers import make_mast3r_checkpoint
+
+    from jasmk import mast3r
+    from jasmk.storage import asmk_format
+
+    ckpt = str(tmp_path / "gpu_retrieval_trainingfree.pth")
+    make_mast3r_checkpoint(ckpt, c=64, hdims="", residual=False, prewhiten=None, postwhiten=-1, nfeat=50,
+                           nclusters=64)
+    rng = np.random.default_rng(0)
+    asmk_format.write_pickle(str(tmp_path / "gpu_retrieval_codebook.pkl"), {
+        "type": "Codebook", "params": {"size": 64},
+        "state": {"centroids": rng.standard_normal((64, 64)).astype(np.float32)}})
+    frames = [torch.randn((1, 200, 64), device="cuda") for _ in range(30)]
+    ref_db = mast3r.RetrievalDatabase(ckpt, device="cuda")
+    ref = [ref_db.update(types.SimpleNamespace(feat=f.cpu()), True, k=3) for f in frames]
+    db = mast3r.RetrievalDatabase(ckpt, device="cuda")
+    got = []
+    for f in frames:
+        buf = f.clone()
+        got.append(db.update(types.SimpleNamespace(feat=buf), True, k=3))
+        buf.fill_(1e6)  # MASt3R-SLAM reuses the buffer
+    assert got == ref
+    x = mast3r.features_to_jax(frames[0])
+    assert isinstance(x, jax.Array) and x.devices().pop().platform == "gpu"
+
+
+def test_a_reserved_slam_loop_compiles_nothing_on_the_gpu():
+    """The add-then-query loop on the GPU's XLA kernels: no compilation after the first query."""
+    rng = np.random.default_rng(1)
+    cb = jasmk.Codebook.from_centroids(rng.standard_normal((1024, 128)).astype(np.float32))
+    index = jasmk.reserve(jasmk.empty_index(cb), images=400, postings=400 * 128)
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for i in range(300):
+            f = rng.standard_normal((128, 128)).astype(np.float32)
+            ids = np.full(128, i)
+            if index.n_images:
+                jasmk.query(index, f, ids, topk=3)
+            index = jasmk.add_images(index, f, ids)
+            if i == 1:
+                compiles.clear()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"{len(compiles)} compilations on the GPU"

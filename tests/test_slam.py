@@ -272,3 +272,34 @@ def test_works_in_a_spawned_process(slam_case):
     there = queue.get(timeout=300)
     proc.join(timeout=60)
     assert proc.exitcode == 0 and there == here
+
+
+def test_torch_frames_of_other_sizes_compile_nothing(slam_case):
+    """Keyframes of other sizes (aspect ratios) within one step of the token ladder: the torch tensor is padded in
+    torch before it reaches JAX, so neither the head nor its checks compile again; the features equal those of the
+    unpadded frame."""
+    import jax
+
+    from jasmk.head import model as head_mod
+    from jasmk.mast3r import RetrievalDatabase
+
+    db = RetrievalDatabase(slam_case["ckpt"], device="cpu")
+    tokens = slam_case["seq"][0][1]
+    sizes = [n for n in range(90, tokens.shape[1] + 1) if head_mod.token_capacity(n) == head_mod.token_capacity(100)]
+    assert len(sizes) >= 4
+    db.prep_features(tokens[:, :sizes[0]])
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        got = [np.asarray(db.prep_features(tokens[:, :n])) for n in sizes[1:]]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"{len(compiles)} compilations"
+    for n, g in zip(sizes[1:], got):
+        ref = slam_case["head"].forward_local(tokens[:, :n])[0].numpy()
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)

@@ -158,3 +158,30 @@ def test_reserve_checks_its_arguments(data):
         jasmk.reserve(empty, images=10, postings=10, kernel="fast")
     assert engine_mod.xla_kernels(empty, "dense") == ("dense",)
     assert ivf.reserve(empty, images=10, postings=100).reservation.shapes()[0] == (4096, 16)
+
+
+def test_query_keeps_a_bounded_set_of_programs_for_1_to_64_images_and_any_ma(data):
+    """``jasmk.query`` on the XLA kernels pads batches (powers of two), rows (a ladder) and aggregation chunks
+    (buckets): every query of 1..64 images at several multiple assignments runs one of a bounded set of programs,
+    so a second pass with other images and other sizes compiles (almost) nothing: at most a step of the row ladder
+    that the first pass's images did not reach."""
+    cb, feats = data
+    index = jasmk.build_index(np.concatenate(feats[:100]), np.repeat(np.arange(100), PER_IMAGE), codebook=cb)
+    rng = np.random.default_rng(9)
+
+    def run(order):
+        with counting() as compiles:
+            for n, ma in order:
+                pick = rng.choice(STEPS, n, replace=False)
+                f = np.concatenate([feats[i] for i in pick])
+                jasmk.query(index, f, np.repeat(np.arange(n), PER_IMAGE), multiple_assignment=ma, topk=5,
+                            kernel="dense")
+            return len(compiles)
+
+    first = run([(n, 5) for n in range(1, 65)])
+    assert 0 < first <= 40, first
+    # other images in another order: their row counts may reach a step of the ladder not seen yet, nothing else
+    assert run([(n, 5) for n in range(64, 0, -1)]) <= 3
+    sizes = [(n, ma) for ma in range(1, 9) for n in (1, 7, 40)]
+    assert run(sizes) <= 8 * 6  # a few aggregation / row programs per multiple assignment
+    assert run(sizes[::-1]) <= 3  # the same sizes with other images

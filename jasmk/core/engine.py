@@ -289,8 +289,9 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
     for seg in index.segments:
         h = ivf_mod.host(seg)
         pairs = -1 if cpu_only else int((h.offsets[words + 1] - h.offsets[words]).sum(dtype=np.int64))
-        kind = "sparse-cpu" if cpu_only else choose_kernel(kernel=kernel, capacity=seg.capacity, n_queries=batch.n_queries,
-                             max_rows=batch.max_rows, pairs=pairs, binary=index.binary, width=index.width)
+        kind = "sparse-cpu" if cpu_only else choose_kernel(
+            kernel=kernel, capacity=seg.capacity, n_queries=batch.n_queries, max_rows=batch.max_rows, pairs=pairs,
+            binary=index.binary, width=index.width)
         if kind == "sparse-cpu":
             if cpu_rows is None:
                 ktable = _kernel_table(float(alpha32), float(thr32), 32 * index.width)

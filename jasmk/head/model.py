@@ -261,13 +261,18 @@ def _local_padded(variables, x, n_real, *, config, k):
     return selection.how_select_local(feat, attn, nfeat=k)
 
 
-def local_descriptors(variables, config: HeadConfig, feats):
+def local_descriptors(variables, config: HeadConfig, feats, *, n_tokens: int | None = None):
     """The head's local descriptors of backbone features ``[..., N, C]``, jitted (MASt3R's ``forward_local``).
 
     Tokens are padded up to :func:`token_capacity` (padding is never selected), so frames of other sizes reuse
     the compiled program of their step: one compilation per (token step, kept count). Host arrays are padded on
-    the host; a JAX array is padded where it lies. Pass variables from :func:`device_variables` (host variables
-    are put on the device at every call).
+    the host; a JAX array is padded where it lies (a small eager program per token count: pad it before, e.g.
+    in torch, and pass ``n_tokens``). Pass variables from :func:`device_variables` (host variables are put on
+    the device at every call).
+
+    Args:
+        n_tokens: the real token count when ``feats`` is already padded to ``token_capacity(n_tokens)`` tokens
+            (zeros or any finite values past them).
 
     Returns:
         ``(feat [..., k, dim] float32, attn [..., k] float32, idx [..., k] int32)`` JAX arrays, by decreasing
@@ -275,12 +280,19 @@ def local_descriptors(variables, config: HeadConfig, feats):
     """
     a = _checked(feats, config)
     n = int(a.shape[-2])
+    if n_tokens is not None:
+        if not validate.is_int(n_tokens) or not 1 <= n_tokens <= n or token_capacity(int(n_tokens)) != n:
+            raise ValueError(f"n_tokens={n_tokens!r} does not fit features padded to {n} tokens (pad "
+                             f"n_tokens real tokens to token_capacity(n_tokens))")
+        n = int(n_tokens)
     k = resolve_nfeat(config.nfeat, n)
     lead = tuple(a.shape[:-2])
     if k == 0:
         return _none_kept(lead, config.dim, jnp.float32, jnp.float32)
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, token_capacity(n) - n), (0, 0)]
-    if isinstance(a, jax.Array):
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, token_capacity(n) - a.shape[-2]), (0, 0)]
+    if n_tokens is not None:
+        x = a.astype(jnp.float32) if isinstance(a, jax.Array) else jnp.asarray(np.asarray(a, np.float32))
+    elif isinstance(a, jax.Array):
         x = jnp.pad(a.astype(jnp.float32), pad)
     else:
         x = jnp.asarray(np.pad(np.asarray(a, np.float32), pad))
