@@ -415,7 +415,7 @@ def _persistent_compilation_cache() -> None:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jasmk", "xla")
     try:
         jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # loading beats compiling, even small
     except Exception as exc:  # an old jax without these options: run without the cache
         log.debug("no persistent compilation cache: %s", exc)
 

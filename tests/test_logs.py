@@ -57,7 +57,7 @@ def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
         lines = _lines(proc.stderr)
         assert _noise(lines) == [], (args, proc.stderr)
         assert not any(line.startswith("jasmk:") for line in lines), proc.stderr  # no jasmk INFO either
-        seen_bar |= "query: 100%|" in proc.stderr
+        seen_bar |= re.search(r"query: +\d+%\|", proc.stderr) is not None  # (fast queries end before 100 % is drawn)
     assert seen_bar  # progress bars stay
     res = np.load(tmp_path / "res.npz")
     assert res["ranks"].shape == (16, 5)

@@ -211,9 +211,11 @@ def aggregate_chunks(centroids, vecs, word_ids, image_ids, starts, stops, *, bin
 
 # Descriptors copied into one staging buffer per aggregate_chunks call.
 _CALL_ROWS = 1 << 17
-#: ASMK* inputs of at most this many (descriptor, word) pairs are aggregated on the host (numpy): for one query
-#: image the jitted path's dispatch and copies cost more than the arithmetic (docs/benchmarks.md); same bits
+#: ASMK* inputs of at most this many (descriptor, word) pairs are aggregated on the host: for a query image or a
+#: small batch the jitted path's dispatch, copies and compilations cost more than the arithmetic; same bits.
+#: Up to HOST_PAIRS with numpy alone, up to COMPILED_HOST_PAIRS with the compiled CPU kernel (numba).
 HOST_PAIRS = 4096
+COMPILED_HOST_PAIRS = 1 << 16
 
 
 def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *,
@@ -304,7 +306,8 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     n, ma = word_ids.shape
     if n == 0:
         return Aggregated(np.zeros((0, width), dtype), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
-    if binary and n * ma <= HOST_PAIRS and isinstance(centroids, np.ndarray):
+    if binary and isinstance(centroids, np.ndarray) and (
+            n * ma <= HOST_PAIRS or (n * ma <= COMPILED_HOST_PAIRS and cpu_kernel.available())):
         return aggregate_host(centroids, np.asarray(vecs, np.float32), word_ids, image_ids)
     centroids = jnp.asarray(centroids)
     max_images = max(1, min(4096, (2**31 - 1) // k - 1))  # slot * K + word must fit in int32
@@ -352,6 +355,6 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     agg = Aggregated(np.concatenate(out_vecs), np.concatenate(out_words), np.concatenate(out_images))
     return _sort_rows(agg) if sort else agg
 
-__all__ = ["Aggregated", "HOST_PAIRS", "PAD_IMAGE", "aggregate", "aggregate_chunks", "aggregate_host",
-           "aggregate_padded", "aligned_empty",
-    "binarize_and_pack", "image_chunks", "normalize_l2", "packed_width"]
+__all__ = ["Aggregated", "COMPILED_HOST_PAIRS", "HOST_PAIRS", "PAD_IMAGE", "aggregate", "aggregate_chunks",
+           "aggregate_host", "aggregate_padded", "aligned_empty", "binarize_and_pack", "image_chunks", "normalize_l2",
+           "packed_width"]

@@ -115,6 +115,17 @@ def score_segment(hseg, q_vecs, q_words, q_slots, q_weight, ktable, q_scale, *, 
               np.int64(hseg.n_images), out[s0:s1])
     return out
 
+def cache_stats() -> tuple[int, int]:
+    """``(signatures loaded from the cache, signatures compiled)`` of the compiled kernels' entry points (scoring
+    and aggregation) in this process."""
+    mod = _kernels()
+    hits = misses = 0
+    for fn in (mod.score, mod.aggregate_binary):
+        hits += len(fn.stats.cache_hits)
+        misses += len(fn.stats.cache_misses)
+    return hits, misses
+
+
 def aggregate_binary(vecs, centroids, desc, words, starts, sizes, width: int) -> np.ndarray:
     """The compiled twin of the summing and packing loop of :func:`jasmk.core.aggregate.aggregate_host` (same
     bits): ``[cells, width] uint32`` codes (see :func:`jasmk.core.numba_kernel.aggregate_binary`)."""
@@ -125,4 +136,4 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, width: int) ->
     return out
 
 
-__all__ = ["CACHE_BYTES", "aggregate_binary", "available", "cache_dir", "score_segment"]
+__all__ = ["CACHE_BYTES", "aggregate_binary", "available", "cache_dir", "cache_stats", "score_segment"]

@@ -40,7 +40,7 @@ def popcount(typingctx, x):
 
 
 @numba.njit(cache=True, nogil=True)
-def _fixed_table(ktable, weight, out):
+def fixed_table(ktable, weight, out):
     """``out[h] = floor(float32(ktable[h] * weight) * 2**40)``: the fixed-point term of every Hamming distance for
     one word weight (computed once per weight, not once per pair)."""
     for h in range(ktable.shape[0]):
@@ -66,7 +66,7 @@ def score(vecs, images, offsets, uwords, ustart, q_vecs, q_slots, q_weight, ktab
             continue
         weight = q_weight[ustart[u]]
         if weight != last:  # without idf every word has weight 1: one table for the whole call
-            _fixed_table(ktable, weight, fixed)
+            fixed_table(ktable, weight, fixed)
             last = weight
         for r in range(ustart[u], ustart[u + 1]):  # one query row against the word's postings (in L1)
             q = q_slots[r]
@@ -116,4 +116,4 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, out):
             out[i, k] = v
 
 
-__all__ = ["TWO40", "aggregate_binary", "popcount", "popcount32", "score"]
+__all__ = ["TWO40", "aggregate_binary", "fixed_table", "popcount", "popcount32", "score"]
