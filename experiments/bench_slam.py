@@ -10,7 +10,7 @@ Word assignment: jasmk's JAX quantizer against torch's expansion (MASt3R-SLAM's 
 
 The fixed cost of a one-image ``jasmk.query`` is timed on a tiny index (10 images of 10 descriptors), given words.
 
-Usage: python experiments/bench_slam.py [--sizes 200 2000 20000] [--words 1024 65536] [--steps 50] [--threads 1]
+Usage: python experiments/bench_slam.py [--sizes 200 2000 20000] [--words 512 4096 65536] [--steps 50] [--threads 1]
 Prints one table row per (words, keyframes) with medians in ms and the ratio asmk / jasmk.
 """
 
@@ -32,7 +32,7 @@ def _threads(n: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000], help="keyframes in the database")
-    ap.add_argument("--words", type=int, nargs="+", default=[1024, 65536], help="codebook sizes")
+    ap.add_argument("--words", type=int, nargs="+", default=[512, 4096, 65536], help="codebook sizes")
     ap.add_argument("--dim", type=int, default=1024, help="local feature dimension (MASt3R: 1024)")
     ap.add_argument("--feats", type=int, default=128, help="local features per keyframe")
     ap.add_argument("--steps", type=int, default=50, help="timed query+add steps per size")
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     print(f"# bench_slam: dim {args.dim}, {args.feats} features per keyframe, MA 5 / 1, {args.steps} steps, "
           f"{args.threads} thread(s); jasmk {jasmk.__version__}; ms per keyframe (median)")
-    print("| words | keyframes | words: jasmk | words: torch (SLAM) | IVF query+add: jasmk | IVF: asmk | "
-          "asmk / jasmk |")
+    print("| words | keyframes | words: jasmk | words: torch (SLAM) | IVF query+add: jasmk (aggregate query / score "
+          "/ aggregate add / add) | IVF: asmk | asmk / jasmk |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for k in args.words:
         centroids = rng.standard_normal((k, args.dim)).astype(np.float32)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             ref = None
             if not args.no_asmk:
                 ref = _asmk_database(centroids, codes, words.reshape(-1), images)
-            t_words, t_torch, t_ivf, t_asmk = [], [], [], []
+            t_words, t_torch, t_ivf, t_asmk, parts = [], [], [], [], []
             for step in range(args.steps + 3):
                 kf = n + step
                 x = (centroids[rng.integers(0, k, args.feats)]
@@ -83,9 +83,12 @@ def main(argv=None) -> int:
                 w5 = jasmk.quantize(cb, x, multiple_assignment=5, method="jax")
                 t1 = time.perf_counter()
                 agg = api.aggregate_images(cb, x, ids, binary=True, multiple_assignment=5, word_ids=w5)
+                ta = time.perf_counter()
                 scores = api.score_matrix_aggregated(index, agg)[0]
                 np.argsort(-scores, kind="stable")[:3]
+                tb = time.perf_counter()
                 add = api.aggregate_images(cb, x, ids, binary=True, multiple_assignment=1, word_ids=w5[:, :1])
+                tc = time.perf_counter()
                 index = ivf.add(index, add)
                 t2 = time.perf_counter()
                 xt = torch.from_numpy(x)
@@ -100,12 +103,14 @@ def main(argv=None) -> int:
                 if step >= 3:  # warm-up steps first
                     t_words.append(t1 - t0)
                     t_ivf.append(t2 - t1)
+                    parts.append((ta - t1, tb - ta, tc - tb, t2 - tc))
                     t_torch.append(t3 - t2)
                     if ref is not None:
                         t_asmk.append(t4 - t3)
             med = {name: 1e3 * statistics.median(v) if v else float("nan")
                    for name, v in (("w", t_words), ("t", t_torch), ("j", t_ivf), ("a", t_asmk))}
-            print(f"| {k} | {n} | {med['w']:.2f} | {med['t']:.2f} | {med['j']:.2f} | {med['a']:.2f} | "
+            split = " / ".join(f"{1e3 * statistics.median(p):.2f}" for p in zip(*parts))
+            print(f"| {k} | {n} | {med['w']:.2f} | {med['t']:.2f} | {med['j']:.2f} ({split}) | {med['a']:.2f} | "
                   f"{med['a'] / med['j']:.1f} |", flush=True)
     print(f"# fixed cost of a one-image jasmk.query (tiny index, words given): {_fixed_cost(np, jasmk):.3f} ms")
     return 0
