@@ -3,6 +3,7 @@ centroids, MASt3R's whitening recipe, head, pair graph and image loading) and sy
 Test files import from here; conftest.py holds only fixtures and markers."""
 
 import argparse
+import contextlib
 import functools
 import os
 
@@ -259,6 +260,25 @@ class Hostile:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """A list that collects one entry per XLA program compiled inside the block (JAX's monitoring event: a program
+    served from JAX's caches does not count)."""
+    import jax
+
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _no_grad(fn):

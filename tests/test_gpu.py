@@ -4,7 +4,7 @@
 import jax
 import numpy as np
 import pytest
-from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
+from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, count_compilations
 
 import jasmk
 from jasmk import compat
@@ -140,14 +140,7 @@ def test_a_reserved_slam_loop_compiles_nothing_on_the_gpu():
     rng = np.random.default_rng(1)
     cb = jasmk.Codebook.from_centroids(rng.standard_normal((1024, 128)).astype(np.float32))
     index = jasmk.reserve(jasmk.empty_index(cb), images=400, postings=400 * 128)
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiles:
         for i in range(300):
             f = rng.standard_normal((128, 128)).astype(np.float32)
             ids = np.full(128, i)
@@ -156,6 +149,4 @@ def test_a_reserved_slam_loop_compiles_nothing_on_the_gpu():
             index = jasmk.add_images(index, f, ids)
             if i == 1:
                 compiles.clear()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [], f"{len(compiles)} compilations on the GPU"

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import Hostile, make_mast3r_checkpoint, reference_whitening, torch_reference
+from helpers import Hostile, count_compilations, make_mast3r_checkpoint, reference_whitening, torch_reference
 
 from jasmk import head
 from jasmk.head import selection as select
@@ -556,21 +556,15 @@ def test_local_descriptors_compile_once_per_token_step_and_match_the_unpadded_he
     model = head.RetrievalHead(config)
     sizes = [100, 108, 105, 112]  # one step of the ladder
     assert len({head.token_capacity(n) for n in sizes}) == 1 and head.token_capacity(96) == 96
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    frames = [rng.standard_normal((1, n, 16)).astype(np.float32) for n in sizes]
-    head.local_descriptors(variables, config, frames[0])  # warm up the step
-    compiles.clear()
-    outs = [head.local_descriptors(variables, config, x) for x in frames[1:]]
-    assert compiles == [], f"{len(compiles)} compilations for frames of the same token step"
-    for x, (f, a, idx) in zip(frames[1:], outs):
-        rf, ra, ridx = model.apply(variables, jnp.asarray(x), method=head.RetrievalHead.forward_local)
-        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ridx))
-        # the same float32 ops, compiled with another padding: equal to rounding
-        np.testing.assert_allclose(np.asarray(a), np.asarray(ra), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(f), np.asarray(rf), rtol=1e-6, atol=1e-6)
+    with count_compilations() as compiles:
+        frames = [rng.standard_normal((1, n, 16)).astype(np.float32) for n in sizes]
+        head.local_descriptors(variables, config, frames[0])  # warm up the step
+        compiles.clear()
+        outs = [head.local_descriptors(variables, config, x) for x in frames[1:]]
+        assert compiles == [], f"{len(compiles)} compilations for frames of the same token step"
+        for x, (f, a, idx) in zip(frames[1:], outs):
+            rf, ra, ridx = model.apply(variables, jnp.asarray(x), method=head.RetrievalHead.forward_local)
+            np.testing.assert_array_equal(np.asarray(idx), np.asarray(ridx))
+            # the same float32 ops, compiled with another padding: equal to rounding
+            np.testing.assert_allclose(np.asarray(a), np.asarray(ra), rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(f), np.asarray(rf), rtol=1e-6, atol=1e-6)

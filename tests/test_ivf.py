@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data
+from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clustered_data, count_compilations
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
@@ -116,25 +116,19 @@ def test_no_recompilation_after_add():
     base = random_rows(rng, 60, 40, k, width)
     index = ivf.add(ivf.empty(cent, binary=True, use_idf=False), base)
     q = agg_mod.Aggregated(base.vecs[:40], base.words[:40], base.images[:40])
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    for eng in ("dense", "sparse-xla", "sparse-cpu"):
-        jasmk.query_aggregated(index, q, topk=10, kernel=eng)  # warm up
-    grown = ivf.add(index, random_rows(rng, 1, 40, k, width, first=60))
-    grown = ivf.add(grown, random_rows(rng, 2, 40, k, width, first=61))
-    assert len(grown.segments) == 2  # a small tail segment on the same capacity steps as the first
-    other = ivf.add(ivf.empty(cent, binary=True, use_idf=False), random_rows(rng, 62, 40, k, width))
-    compiles.clear()
-    for idx in (grown, other):
+    with count_compilations() as compiles:
         for eng in ("dense", "sparse-xla", "sparse-cpu"):
-            res = jasmk.query_aggregated(idx, q, topk=10, kernel=eng)
-    assert compiles == [], f"{len(compiles)} compilations after an add"
-    assert res.ranks.shape == (1, 10)
+            jasmk.query_aggregated(index, q, topk=10, kernel=eng)  # warm up
+        grown = ivf.add(index, random_rows(rng, 1, 40, k, width, first=60))
+        grown = ivf.add(grown, random_rows(rng, 2, 40, k, width, first=61))
+        assert len(grown.segments) == 2  # a small tail segment on the same capacity steps as the first
+        other = ivf.add(ivf.empty(cent, binary=True, use_idf=False), random_rows(rng, 62, 40, k, width))
+        compiles.clear()
+        for idx in (grown, other):
+            for eng in ("dense", "sparse-xla", "sparse-cpu"):
+                res = jasmk.query_aggregated(idx, q, topk=10, kernel=eng)
+        assert compiles == [], f"{len(compiles)} compilations after an add"
+        assert res.ranks.shape == (1, 10)
 
 
 def test_query_padded_over_segments_matches_query(small_data, monkeypatch):

@@ -16,7 +16,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import clustered_data
+from helpers import clustered_data, count_compilations
 from jax.sharding import Mesh
 
 import jasmk
@@ -333,19 +333,13 @@ def test_four_devices_limits_and_no_recompilation(monkeypatch):
     mesh = mesh_of(4)
     sidx = shard.build_sharded(feats[ids < 30], ids[ids < 30], codebook=cent, mesh=mesh)
     shard.query(sidx, feats[ids < 3], ids[ids < 3], topk=5, kernel="dense")
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    grown = shard.add_images(sidx, feats[ids == 30], ids[ids == 30])
-    assert grown.vecs.shape == sidx.vecs.shape and grown.norm_factor.shape == sidx.norm_factor.shape
-    compiles.clear()
-    res = shard.query(grown, feats[ids < 3], ids[ids < 3], topk=5, kernel="dense")
-    assert compiles == [], f"{len(compiles)} compilations after an add"
-    assert res.ranks.shape == (3, 5)
-    monkeypatch.setattr(sharded, "MAX_SHARD_ENTRIES", 100)
-    with pytest.raises(ValueError, match="more devices"):
-        shard.add_images(grown, feats[ids >= 31], ids[ids >= 31])
+    with count_compilations() as compiles:
+        grown = shard.add_images(sidx, feats[ids == 30], ids[ids == 30])
+        assert grown.vecs.shape == sidx.vecs.shape and grown.norm_factor.shape == sidx.norm_factor.shape
+        compiles.clear()
+        res = shard.query(grown, feats[ids < 3], ids[ids < 3], topk=5, kernel="dense")
+        assert compiles == [], f"{len(compiles)} compilations after an add"
+        assert res.ranks.shape == (3, 5)
+        monkeypatch.setattr(sharded, "MAX_SHARD_ENTRIES", 100)
+        with pytest.raises(ValueError, match="more devices"):
+            shard.add_images(grown, feats[ids >= 31], ids[ids >= 31])

@@ -27,6 +27,7 @@ from helpers import (  # noqa: E402
     asmk_params,
     asmk_with_centroids,
     build_checkpoint,
+    count_compilations,
     reference_load,
     write_scenes,
 )
@@ -224,27 +225,17 @@ def test_bad_calls_say_what_is_wrong(slam_case, tmp_path):
 def test_no_compilation_after_the_first_keyframe_on_the_xla_kernels(slam_case, monkeypatch):
     """The GPU path (XLA kernels; here on the CPU with the CPU kernel out of the way): after the first keyframe,
     queries and adds of the whole sequence compile nothing, and retrieve what the oracle retrieves."""
-    import jax
 
     from jasmk.core import cpu_kernel
     from jasmk.mast3r import RetrievalDatabase
 
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     db = RetrievalDatabase(slam_case["ckpt"], device="cpu", reserve=64)
     seq = slam_case["seq"]
     first = db.update(types.SimpleNamespace(feat=seq[0][1]), True, k=K, min_thresh=MIN_THRESH)
     second = db.update(types.SimpleNamespace(feat=seq[1][1]), True, k=K, min_thresh=MIN_THRESH)  # first query
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiles:
         got = run_loop(db, seq[2:])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [], f"{len(compiles)} compilations"
     oracle = SlamOracle(slam_case["head"], slam_case["centroids"])
     ref = run_loop(oracle, seq)
@@ -278,7 +269,6 @@ def test_torch_frames_of_other_sizes_compile_nothing(slam_case):
     """Keyframes of other sizes (aspect ratios) within one step of the token ladder: the torch tensor is padded in
     torch before it reaches JAX, so neither the head nor its checks compile again; the features equal those of the
     unpadded frame."""
-    import jax
 
     from jasmk.head import model as head_mod
     from jasmk.mast3r import RetrievalDatabase
@@ -288,17 +278,8 @@ def test_torch_frames_of_other_sizes_compile_nothing(slam_case):
     sizes = [n for n in range(90, tokens.shape[1] + 1) if head_mod.token_capacity(n) == head_mod.token_capacity(100)]
     assert len(sizes) >= 4
     db.prep_features(tokens[:, :sizes[0]])
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiles:
         got = [np.asarray(db.prep_features(tokens[:, :n])) for n in sizes[1:]]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [], f"{len(compiles)} compilations"
     for n, g in zip(sizes[1:], got):
         ref = slam_case["head"].forward_local(tokens[:, :n])[0].numpy()

@@ -4,12 +4,9 @@ Compilations are counted with JAX's own monitoring event (one ``backend_compile_
 compiled), so a program served from JAX's caches does not count and every new one does.
 """
 
-import contextlib
-
-import jax
 import numpy as np
 import pytest
-from helpers import assert_same_ranking
+from helpers import assert_same_ranking, count_compilations
 
 import jasmk
 from jasmk.core import cpu_kernel, ivf
@@ -18,21 +15,6 @@ from jasmk.core import engine as engine_mod
 STEPS = 300
 PER_IMAGE = 20
 K, D = 256, 64
-
-
-@contextlib.contextmanager
-def counting():
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def frames(seed, n):
@@ -50,7 +32,7 @@ def loop(index, cb, feats, kernel, *, start=0):
     """Each step: query the index with the new image (when it holds images), then add it. Returns the query
     results and the compilations counted after the first step that queries (the second)."""
     results = []
-    with counting() as compiles:
+    with count_compilations() as compiles:
         for i, f in enumerate(feats):
             ids = np.full(len(f), start + i)
             if index.n_images:
@@ -131,7 +113,7 @@ def test_query_padded_in_a_reserved_loop_compiles_nothing(data):
     cb, feats = data
     index = jasmk.reserve(jasmk.empty_index(cb), images=120, postings=120 * PER_IMAGE, kernel="dense",
                           topk=10, padded=(1, PER_IMAGE))
-    with counting() as compiles:
+    with count_compilations() as compiles:
         for i, f in enumerate(feats[:120]):
             if index.n_images:
                 ranks, scores = jasmk.query_padded(index, f[None], np.ones((1, PER_IMAGE), bool), topk=10)
@@ -170,7 +152,7 @@ def test_query_keeps_a_bounded_set_of_programs_for_1_to_64_images_and_any_ma(dat
     rng = np.random.default_rng(9)
 
     def run(order):
-        with counting() as compiles:
+        with count_compilations() as compiles:
             for n, ma in order:
                 pick = rng.choice(STEPS, n, replace=False)
                 f = np.concatenate([feats[i] for i in pick])
