@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 import typing
 
 import jax
@@ -225,7 +226,7 @@ def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1
 
 
 def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, query_rows: int | None = None,
-            warm: bool = True, n_queries=(1,), topk: int | None = None, kernel: str = "auto", padded=None,
+            warm: bool | str = True, n_queries=(1,), topk: int | None = None, kernel: str = "auto", padded=None,
             multiple_assignment: int = 5) -> ivf_mod.Index:
     """Reserve room in ``index`` for ``images`` more images, so that a loop of adds and queries within the
     reservation compiles nothing (MASt3R-SLAM's keyframes, a photo collection growing online).
@@ -242,7 +243,9 @@ def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, q
         postings: postings those images will hold (descriptors x multiple assignment, at most); default: the
             index's postings per image so far, plus a quarter.
         query_rows: aggregated rows of one query image (default: 8 per indexed posting of an image).
-        warm: compile the kernels now, for batches of ``n_queries`` images, ``topk`` results and ``kernel``.
+        warm: compile the kernels now, for batches of ``n_queries`` images, ``topk`` results and ``kernel``;
+            ``"background"``: in a daemon thread, so that the caller goes on (a query meanwhile compiles what it
+            needs itself, once).
         padded: also compile what :func:`query_padded` runs on the reserved shapes for ``feats`` of shape
             ``(B, N, D)`` given as ``(B, N)`` (dense scan, ``multiple_assignment`` words per descriptor; every
             merge of per-segment lists when ``topk`` is at most the smallest reserved segment's image slots).
@@ -258,29 +261,49 @@ def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, q
             raise ValueError(f"images must be a positive int, got {images!r}")
         postings = int(images) * max(1, -(-5 * index.n_entries // (4 * index.n_images)))
     kernel = engine_mod.check_kernel(kernel)
+    if warm not in (True, False, "background"):
+        raise ValueError(f"warm must be True, False or 'background', got {warm!r}")
+    if padded is not None:
+        if (not isinstance(padded, (tuple, list)) or len(padded) != 2
+                or not all(validate.is_int(x) and x >= 1 for x in padded)):
+            raise ValueError(f"padded must be (B, N), the batch and row counts of query_padded's feats, got "
+                             f"{padded!r}")
+        validate.multiple_assignment(multiple_assignment, index.n_words)
     out = ivf_mod.reserve(index, images=images, postings=postings, query_rows=query_rows)
-    if warm:
+
+    def compile_all():
         engine_mod.warm_up(out, n_queries=n_queries, topk=topk, kernel=kernel)
         if padded is not None:
-            if (not isinstance(padded, (tuple, list)) or len(padded) != 2
-                    or not all(validate.is_int(x) and x >= 1 for x in padded)):
-                raise ValueError(f"padded must be (B, N), the batch and row counts of query_padded's feats, got "
-                                 f"{padded!r}")
-            validate.multiple_assignment(multiple_assignment, index.n_words)
-            b = int(padded[0])
-            engine_mod.warm_up(out, n_queries=(), topk=topk, kernel="dense",
-                               padded_rows=(b, int(b * padded[1] * multiple_assignment)))
-            sizes = sorted({images if topk is None else min(int(topk), images)
-                            for _, images in out.reservation.shapes()})
-            for ka in sizes:  # the merges of per-segment lists (all of them when topk <= the smallest segment)
-                for kb in sizes:
-                    k = ka + kb if topk is None else min(int(topk), ka + kb)
-                    jax.block_until_ready(_merge_best(np.zeros((b, ka), np.int32), np.zeros((b, ka), np.float32),
-                                                      np.zeros((b, kb), np.int32), np.zeros((b, kb), np.float32),
-                                                      k=k))
-            jax.block_until_ready(_public_ranks(np.zeros((b, sizes[0]), np.int32),
-                                                np.zeros((b, sizes[0]), np.float32), np.int32(0)))
+            _warm_padded(out, int(padded[0]), int(padded[0] * padded[1] * multiple_assignment), topk)
+
+    if warm == "background":
+        threading.Thread(target=_logged(compile_all), name="jasmk-warm-up", daemon=True).start()
+    elif warm:
+        compile_all()
     return out
+
+
+def _logged(fn):
+    """``fn`` for a background thread: an exception is logged (the queries then compile what they need)."""
+    def run():
+        try:
+            fn()
+        except Exception:  # a warm-up is an optimization: never let it take a program down
+            log.warning("the background warm-up failed; queries compile what they need", exc_info=True)
+    return run
+
+
+def _warm_padded(index: ivf_mod.Index, b: int, rows: int, topk: int | None) -> None:
+    """Compile what :func:`query_padded` runs on the reserved shapes for ``b`` images of ``rows`` padded rows."""
+    engine_mod.warm_up(index, n_queries=(), topk=topk, kernel="dense", padded_rows=(b, rows))
+    sizes = sorted({images if topk is None else min(int(topk), images) for _, images in index.reservation.shapes()})
+    for ka in sizes:  # the merges of per-segment lists (all of them when topk <= the smallest segment)
+        for kb in sizes:
+            k = ka + kb if topk is None else min(int(topk), ka + kb)
+            jax.block_until_ready(_merge_best(np.zeros((b, ka), np.int32), np.zeros((b, ka), np.float32),
+                                              np.zeros((b, kb), np.int32), np.zeros((b, kb), np.float32), k=k))
+    jax.block_until_ready(_public_ranks(np.zeros((b, sizes[0]), np.int32), np.zeros((b, sizes[0]), np.float32),
+                                        np.int32(0)))
 
 
 def _run_batches(index, agg, fn, progress: bool, desc: str):

@@ -41,13 +41,14 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 
 import jax
 import numpy as np
 
 from . import api
+from .core import engine, runtime, validate
 from .core import ivf as ivf_mod
-from .core import runtime, validate
 from .head import model as head_mod
 from .storage import asmk_format, atomic, paths
 
@@ -536,9 +537,10 @@ class RetrievalDatabase(Retriever):
             on the GPU too, JAX is told to allocate GPU memory on demand (in every process, MASt3R-SLAM's spawned
             backend included, provided the database is made before JAX starts there).
         reserve: keyframes to reserve room for (:func:`jasmk.reserve`, made at the first keyframe): with the XLA
-            kernels (GPU), a run within the reservation compiles nothing after its first keyframe (whose update
-            compiles the kernels of every reserved shape). None: grow as needed (a compilation per new segment
-            shape, logged). On the CPU the compiled CPU kernel scores ASMK* and nothing is compiled either way.
+            kernels (GPU), the kernels of every reserved segment shape are compiled in a background thread from
+            the first keyframe on, and a run within the reservation compiles nothing once that is done. None:
+            grow as needed (a compilation per new segment shape, logged). On the CPU the compiled CPU kernel
+            scores ASMK* and nothing is compiled either way.
     """
 
     def __init__(self, modelname, backbone=None, device="cuda", *, reserve: int | None = 4096):
@@ -549,6 +551,22 @@ class RetrievalDatabase(Retriever):
             raise ValueError(f"reserve must be a positive int (keyframes) or None, got {reserve!r}")
         self._reserve = None if reserve is None else int(reserve)
         self._index = None
+        self._warming = None
+
+    @staticmethod
+    def _warm_up(index):
+        try:
+            engine.warm_up(index, n_queries=(1,), kernel="auto")
+        except Exception:  # an optimization only: the queries then compile what they need
+            log.warning("the database's background warm-up failed", exc_info=True)
+
+    def wait_until_warm(self, timeout: float | None = None) -> bool:
+        """Wait for the background compilation of the reserved shapes' kernels (started by the first keyframe);
+        True when it is done (or there is none)."""
+        if self._warming is not None:
+            self._warming.join(timeout)
+            return not self._warming.is_alive()
+        return True
 
     def _resolve_backbone(self, backbone, pretrained):
         if backbone is None:  # the database never needs one: calls on images then say so
@@ -626,8 +644,11 @@ class RetrievalDatabase(Retriever):
                 self._index = ivf_mod.empty(self._codebook.centroids, binary=p["binary"], use_idf=p["use_idf"],
                                             codebook_size_param=self._codebook.size_param)
                 if self._reserve is not None:
-                    self._index = api.reserve(self._index, images=self._reserve,
+                    self._index = api.reserve(self._index, images=self._reserve, warm=False,
                                               postings=self._reserve * feats.shape[0] * ma)
+                    self._warming = threading.Thread(target=self._warm_up, args=(self._index,),
+                                                     name="jasmk-slam-warm-up", daemon=True)
+                    self._warming.start()
             self._index = ivf_mod.add(self._index, agg)
             self.kf_ids.append(kf_id)
             self.kf_counter += 1

@@ -129,6 +129,21 @@ def test_query_padded_in_a_reserved_loop_compiles_nothing(data):
     np.testing.assert_allclose(np.asarray(scores), ref.scores, rtol=1e-6)  # rsqrt on the device, 1/sqrt on the host
 
 
+def test_a_background_warm_up_lets_the_caller_go_on(data):
+    """``warm="background"`` compiles in a daemon thread; once it is done, the loop compiles nothing."""
+    import threading
+
+    cb, feats = data
+    index = jasmk.reserve(jasmk.empty_index(cb), images=64, postings=64 * PER_IMAGE, kernel="dense",
+                          warm="background")
+    workers = [t for t in threading.enumerate() if t.name == "jasmk-warm-up"]
+    assert workers
+    for t in workers:
+        t.join(timeout=300)
+    _, _, n = loop(index, cb, feats[:64], "dense")
+    assert n == 0
+
+
 def test_reserve_checks_its_arguments(data):
     cb, _ = data
     empty = jasmk.empty_index(cb)
@@ -138,6 +153,10 @@ def test_reserve_checks_its_arguments(data):
         jasmk.reserve(empty, images=0, postings=10)
     with pytest.raises(ValueError, match="kernel must be"):
         jasmk.reserve(empty, images=10, postings=10, kernel="fast")
+    with pytest.raises(ValueError, match="warm must be"):
+        jasmk.reserve(empty, images=10, postings=10, warm="later")
+    with pytest.raises(ValueError, match="padded must be"):
+        jasmk.reserve(empty, images=10, postings=10, padded=(1,))
     assert engine_mod.xla_kernels(empty, "dense") == ("dense",)
     assert ivf.reserve(empty, images=10, postings=100).reservation.shapes()[0] == (4096, 16)
 
