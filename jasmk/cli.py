@@ -152,10 +152,18 @@ def _check_not_input(out, inputs):
             raise CliError(f"refusing to write --out {out}: it is an input of this command")
 
 
+def _check_parent(out, flag="--out"):
+    """The folder ``out`` goes into must exist: the CLI never creates folders the user did not name."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CliError(f"{flag} {out}: the folder {parent} does not exist (create it first)")
+
+
 def _check_out_checkpoint(out, *, kind, inputs):
     """Fail before any work if the checkpoint ``out`` would replace an input or anything not of ``kind``."""
     if not out:
         raise CliError("--out is empty")
+    _check_parent(out)
     _check_not_input(out, inputs)
     for inp in inputs:
         if inp and os.path.exists(inp) and _inside(inp, out):
@@ -163,12 +171,17 @@ def _check_out_checkpoint(out, *, kind, inputs):
     checkpoint.check_save_target(out, kind=kind)
 
 
-def _check_out_file(out, *, inputs):
-    """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint."""
+def _check_out_file(out, *, inputs, suffixes, what, flag="--out"):
+    """Fail before any work if the file ``out`` would replace an input, a directory or part of a checkpoint, if
+    its extension is not one of ``suffixes`` (what is written: ``what``), or if its folder does not exist."""
     if not out:
-        raise CliError("--out is empty")
+        raise CliError(f"{flag} is empty")
+    if not out.lower().endswith(tuple(suffixes)):
+        raise CliError(f"{flag} {out}: this command writes {what}; name the file with "
+                       f"{' or '.join(suffixes)}")
+    _check_parent(out, flag)
     _check_not_input(out, inputs)
-    paths.check_file_target(out, name="--out")
+    paths.check_file_target(out, name=flag)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +211,8 @@ def _query_kwargs(args):
 
 
 def _cmd_query(args):
-    _check_out_file(args.out, inputs=[args.index, args.qfeats])
+    _check_out_file(args.out, inputs=[args.index, args.qfeats], suffixes=(".npz",),
+                    what="a .npz archive (ids, ranks, scores)")
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     res = jasmk.query(index, feats, ids, topk=args.topk, **_query_kwargs(args))
@@ -207,7 +221,7 @@ def _cmd_query(args):
 
 
 def _cmd_score_matrix(args):
-    _check_out_file(args.out, inputs=[args.index, args.qfeats])
+    _check_out_file(args.out, inputs=[args.index, args.qfeats], suffixes=(".npy",), what="a .npy array")
     index = checkpoint.load_index(args.index)
     feats, ids = _load_feats(args.qfeats, need_ids=True)
     scores = jasmk.score_matrix(index, feats, ids, **_query_kwargs(args))
@@ -221,7 +235,8 @@ def _cmd_pairs(args):
         raise CliError("give either a score matrix (SCORES) or --index with --feats, not both")
     if args.index is not None and args.feats is None:
         raise CliError("--index needs --feats: the .npz with 'feats' and 'ids' of the indexed images")
-    _check_out_file(args.out, inputs=[source, args.names, args.feats])
+    _check_out_file(args.out, inputs=[source, args.names, args.feats], suffixes=(".txt", ".npy"),
+                    what="a .txt list of pairs or a .npy [P, 2] array")
     na, k = pairs.parse_scene_graph(args.scene_graph)
     names = None
     if args.names:
@@ -278,8 +293,10 @@ def _cmd_show(args):
     if not args.grid and not args.heatmap:
         raise CliError("give --grid PNG (results grid) and/or --heatmap PNG (score matrix heat map)")
     inputs = [args.results, args.images, args.query_images, args.gnd]
-    for out in filter(None, (args.grid, args.heatmap)):
-        _check_out_file(out, inputs=inputs)
+    for out, flag in ((args.grid, "--grid"), (args.heatmap, "--heatmap")):
+        if not out:
+            continue
+        _check_out_file(out, inputs=inputs, suffixes=(".png",), what="a PNG picture", flag=flag)
         show.check_out_path(out)
     if args.grid and args.heatmap and _same_path(args.grid, args.heatmap):
         raise CliError("--grid and --heatmap name the same file")

@@ -196,3 +196,24 @@ def test_cli_file_outputs_are_atomic(tmp_path, small_data, monkeypatch, capsys):
                      str(tmp_path / "p.npy")]) == 0
     assert np.load(tmp_path / "p.npy").shape[1] == 2
     assert sorted(os.listdir(tmp_path)) == ["S.npy", "db.npz", "idx", "p.npy"]
+
+
+def test_cli_outputs_must_be_named_for_what_is_written_in_an_existing_folder(tmp_path, small_data, capsys):
+    """An output whose extension does not fit what the command writes, or whose folder does not exist, is an error
+    (exit 2) before any work; no folder is created."""
+    feats, ids, cents = small_data
+    np.savez(tmp_path / "db.npz", feats=feats, ids=ids)
+    checkpoint.save_index(tmp_path / "idx", jasmk.build_index(feats, ids, codebook=cents))
+    idx, db = str(tmp_path / "idx"), str(tmp_path / "db.npz")
+    assert ".npz" in run_cli(["query", idx, db, "--out", str(tmp_path / "results.txt")], capsys)
+    assert ".npy" in run_cli(["score-matrix", idx, db, "--out", str(tmp_path / "S.npz")], capsys)
+    missing = tmp_path / "no" / "such"
+    assert "does not exist" in run_cli(["query", idx, db, "--out", str(missing / "r.npz")], capsys)
+    assert "does not exist" in run_cli(["index", db, "--codebook", idx, "--out", str(missing / "idx")], capsys)
+    assert not (tmp_path / "no").exists()
+    np.save(tmp_path / "S.npy", np.zeros((4, 4), np.float32))
+    assert ".txt or .npy" in run_cli(["pairs", str(tmp_path / "S.npy"), "--scene-graph", "retrieval-2-1", "--out",
+                                      str(tmp_path / "pairs.csv")], capsys)
+    assert "PNG" in run_cli(["show", str(tmp_path / "S.npy"), "--heatmap", str(tmp_path / "h.jpg")], capsys)
+    assert not (tmp_path / "results.txt").exists() and not (tmp_path / "S.npz").exists()
+    assert cli.main(["--quiet", "query", idx, db, "--topk", "3", "--out", str(tmp_path / "R.NPZ")]) == 0
