@@ -5,7 +5,8 @@ A checkpoint is a directory::
 
     CURRENT              {"format": "jasmk-checkpoint-2", "version": "v-<hex>"}: the live version
     v-<hex>/arrays/      the Orbax-saved arrays
-    v-<hex>/meta.json    kind, static fields, format, and dtype/shape/crc32 of every array
+    v-<hex>/meta.json    kind, static fields, format, dtype/shape/crc32 of every array, and the size (crc32 for
+                         small ones) of every file of the array store
     .lock                present while a save runs (holds the writer's pid)
 
 A save writes a new ``v-<hex>`` folder, fsyncs it, then replaces ``CURRENT`` with ``os.replace`` (atomic),
@@ -49,7 +50,7 @@ _META = "meta.json"
 _ARRAYS = "arrays"
 _VERSION_RE = re.compile(r"^v-[0-9a-f]{32}$")
 _POINTER_TMP_RE = re.compile(r"^CURRENT\.tmp-[0-9a-f]{32}$")
-_RESERVED_META = ("format", "arrays")
+_RESERVED_META = ("format", "arrays", "files")
 _READ_ATTEMPTS = 5
 
 #: seconds a save waits for another save of the same checkpoint before giving up
@@ -394,6 +395,43 @@ def _verify_arrays(where, tree, table) -> None:
 # generic PyTree checkpoints
 
 
+SMALL_FILE = 1 << 20  # files of the array store up to this size (its metadata) get a checksum, larger ones a size
+
+
+def _file_table(folder: str) -> dict:
+    """``{relative path: [size, crc32 or None]}`` of the files the array store wrote (crc32 for small files)."""
+    table = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            crc = None
+            if size <= SMALL_FILE:
+                with open(full, "rb") as handle:
+                    crc = zlib.crc32(handle.read())
+            table[os.path.relpath(full, folder).replace(os.sep, "/")] = [size, crc]
+    return table
+
+
+def _check_files(path, folder: str, table: dict) -> None:
+    """Every file the save recorded is there, of its size (and checksum, for small ones): a truncated or damaged
+    store is refused here with one clear error, before the array reader meets it."""
+    for rel, spec in table.items():
+        full = os.path.join(folder, *rel.split("/"))
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise ValueError(f"corrupt checkpoint meta in {path}: bad file entry for {rel}")
+        try:
+            size = os.path.getsize(full)
+        except OSError:
+            raise ValueError(f"checkpoint {path} is incomplete: {rel} is missing") from None
+        if size != spec[0]:
+            raise ValueError(f"checkpoint {path} is damaged: {rel} holds {size} bytes, the save wrote {spec[0]}")
+        if spec[1] is not None:
+            with open(full, "rb") as handle:
+                if zlib.crc32(handle.read()) != spec[1]:
+                    raise ValueError(f"checkpoint {path} is damaged: {rel} does not match its checksum")
+
+
 def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | None = None) -> str:
     """Save a PyTree of arrays to the directory ``path`` with a JSON-able ``meta`` dict, crash-safely.
 
@@ -444,7 +482,8 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                 with ocp.PyTreeCheckpointer() as ckptr:
                     ckptr.save(os.path.join(vdir, _ARRAYS), arrays)
                 _crash_point("arrays-written")
-                _write_synced(os.path.join(vdir, _META), meta_text)
+                files = json.dumps(_file_table(os.path.join(vdir, _ARRAYS)))
+                _write_synced(os.path.join(vdir, _META), meta_text[:-1] + f', "files": {files}}}')
                 _crash_point("meta-written")
                 _fsync_tree(vdir)
                 _fsync_dir(path)
@@ -489,6 +528,8 @@ def _load_version(path, folder, target, *, expected_format):
     _check_format(path, meta["format"], expected_format)
     if expected_format == _FORMAT and "arrays" not in meta:
         raise ValueError(f"corrupt checkpoint meta at {meta_path}: no 'arrays' table")
+    if isinstance(meta.get("files"), dict):  # before the array reader opens anything (checkpoints since 0.2)
+        _check_files(path, os.path.join(folder, _ARRAYS), meta["files"])
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             if target is not None:
