@@ -23,8 +23,10 @@ def to_arrays(index: ivf.Index):
     for i, s in enumerate(index.segments):
         h = ivf.host(s)
         e = int(h.offsets[-1])
-        segs[f"{i:05d}"] = {"vecs": h.vecs[:e], "words": h.words[:e], "images": h.images[:e],
-                            "norm_factor": h.norm_factor[: h.n_images]}
+        segs[f"{i:05d}"] = {"norm_factor": h.norm_factor[: h.n_images]}
+        if e:  # a segment of images without postings (a gap in the ids) has none: the array store holds no
+            # zero-size arrays, and the reader makes empty ones
+            segs[f"{i:05d}"].update({"vecs": h.vecs[:e], "words": h.words[:e], "images": h.images[:e]})
     arrays = {"centroids": np.asarray(index.centroids), "counts": np.asarray(index.counts),
               "idf": np.asarray(index.idf), "segments": segs}
     fields = {"n_images": int(index.n_images), "imid_offset": index.imid_offset, "binary": index.binary,
@@ -127,9 +129,16 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
     segments = []
     for (start, n), key in zip(ranges, sorted(segs)):
         s = segs[key]
-        vecs, words = np.asarray(s["vecs"]), np.asarray(s["words"])
-        images, norm = np.asarray(s["images"]), np.asarray(s["norm_factor"])
         name = f"segment {key}"
+        if not isinstance(s, dict) or "norm_factor" not in s or (set(s) - {"norm_factor"}
+                                                                 and not {"vecs", "words", "images"} <= set(s)):
+            raise problem(where, f"{name} lacks some of its arrays")
+        norm = np.asarray(s["norm_factor"])
+        if "vecs" in s:
+            vecs, words, images = np.asarray(s["vecs"]), np.asarray(s["words"]), np.asarray(s["images"])
+        else:  # no postings in this image range
+            vecs = np.zeros((0, width), np.uint32 if binary else np.float32)
+            words, images = np.zeros(0, np.int32), np.zeros(0, np.int32)
         if start != next_start or n < 1 or n > ivf.MAX_SEGMENT_IMAGES:
             raise problem(where, f"{name} covers images [{start}, {start + n}), expected to start at {next_start}")
         check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary, name=name,
