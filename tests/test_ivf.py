@@ -218,7 +218,7 @@ def test_memory_is_checked_before_allocating(small_data, monkeypatch):
 
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
-    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    monkeypatch.setattr(memory, "host_budget", lambda: (1000, "a test budget"))
     monkeypatch.setattr(memory, "MIN_CHECKED", 0)
     with pytest.raises(ValueError, match="renumber"):
         jasmk.build_index(feats, np.where(ids == 23, 10**9, ids), codebook=centroids)
@@ -311,7 +311,7 @@ def test_eval_refuses_masks_beyond_memory(monkeypatch):
     from jasmk import evaluation as jeval
     from jasmk.core import memory
 
-    monkeypatch.setattr(memory, "host_available", lambda: 2**30)
+    monkeypatch.setattr(memory, "host_budget", lambda: (2**30, "a test budget"))
     gnd = [{"easy": [0, 10**9], "hard": [], "junk": []}, {"easy": [1], "hard": [2], "junk": []}]
     with pytest.raises(ValueError, match="renumber the database"):
         jeval.evaluate_revisited(np.array([[0, 1, 2], [1, 2, 0]]), gnd)
