@@ -427,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _persistent_compilation_cache() -> None:
     """Keep XLA's compiled programs on disk between CLI runs (``JAX_COMPILATION_CACHE_DIR`` wins; default
-    ``~/.cache/jasmk/xla``), so that each run does not compile the same kernels again."""
+    ``~/.cache/jasmk/xla``), so that each run does not compile the same kernels again; ``JASMK_XLA_CACHE=0``
+    turns it off (the tests do: they call the CLI inside their own process and count compilations)."""
+    if os.environ.get("JASMK_XLA_CACHE", "1") == "0":
+        return
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jasmk", "xla")
     try:

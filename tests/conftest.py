@@ -1,8 +1,14 @@
 """Shared fixtures and oracles for the tests: asmk 0.1.1 runs beside jasmk on the same data."""
 
+import os
+
 import numpy as np
 import pytest
 from helpers import clustered_data
+
+# the CLI, called inside this process by some tests, would otherwise turn on JAX's persistent compilation cache
+# for the whole session (and the compilation counts of later tests would count cache hits as nothing)
+os.environ["JASMK_XLA_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")
