@@ -195,13 +195,18 @@ def reserved_pairs_capacity(capacity: int, n_queries: int, width: int) -> int:
     return pairs_capacity(min(max(1024, capacity * n_queries // 4), most))
 
 
+def _cpu_kernel_serves(binary: bool) -> bool:
+    """Whether the compiled CPU kernel can score here: the CPU backend, ASMK*, numba available."""
+    return backend() == "cpu" and binary and cpu_kernel.available()
+
+
 def choose_kernel(*, kernel: str, capacity: int, n_queries: int, max_rows: int, pairs: int, binary: bool,
                   width: int) -> str:
     """The kernel for one segment (``capacity`` postings) and one batch (``n_queries`` images, at most
     ``max_rows`` rows each, ``pairs`` touched posting-row pairs): the cost model's cheapest unless ``kernel`` forces
     one (``"auto"``, ``"sparse"``, or a kernel name)."""
     be = backend()
-    cpu_ok = be == "cpu" and binary and cpu_kernel.available()
+    cpu_ok = _cpu_kernel_serves(binary)
     if kernel in ("sparse", "auto") and cpu_ok:
         # on the CPU the compiled kernel beat both XLA kernels at every size measured
         return "sparse-cpu"
@@ -355,7 +360,7 @@ def _dummy_segment(postings: int, images: int, width: int, dtype, n_words: int) 
 def xla_kernels(index: ivf_mod.Index, kernel: str = "auto") -> tuple:
     """The XLA kernels a query of ``index`` with ``kernel`` may run on this backend (none where the CPU kernel
     scores everything)."""
-    if kernel in ("auto", "sparse", "sparse-cpu") and backend() == "cpu" and index.binary and cpu_kernel.available():
+    if kernel in ("auto", "sparse", "sparse-cpu") and _cpu_kernel_serves(index.binary):
         return ()
     return {"dense": ("dense",), "sparse-xla": ("sparse-xla",), "sparse": ("sparse-xla",)}.get(
         kernel, ("dense", "sparse-xla"))

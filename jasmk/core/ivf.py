@@ -411,8 +411,7 @@ def _shape(entries: int, n_images: int, shape) -> tuple[int, int]:
     if entries > want_cap or n_images > want_images:
         log.info("a segment of %d postings and %d images exceeds the reserved shape %s: a new shape (a compilation "
                  "of each XLA kernel that scores it)", entries, n_images, shape)
-        return (max(cap, want_cap) if entries > want_cap else want_cap,
-                max(i_cap, want_images) if n_images > want_images else want_images)
+        return (cap if entries > want_cap else want_cap, i_cap if n_images > want_images else want_images)
     return want_cap, want_images
 
 

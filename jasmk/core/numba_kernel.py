@@ -15,17 +15,6 @@ TWO40 = 2.0**40
 
 
 @intrinsic
-def popcount32(typingctx, x):
-    """The population count of a uint32 (LLVM's ctpop)."""
-    sig = types.uint32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
-
-
-@intrinsic
 def popcount(typingctx, x):
     """The population count of an unsigned integer of any width (LLVM's ctpop): the kernel reads packed codes as
     uint64 words where their width allows (half the loop of uint32 words)."""
@@ -116,4 +105,4 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, out):
             out[i, k] = v
 
 
-__all__ = ["TWO40", "aggregate_binary", "fixed_table", "popcount", "popcount32", "score"]
+__all__ = ["TWO40", "aggregate_binary", "fixed_table", "popcount", "score"]
