@@ -460,8 +460,9 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
     if reserved:
         raise ValueError(f"checkpoint meta keys {reserved} are reserved")
     arrays = jax.tree_util.tree_map(np.asarray, tree)
-    try:
-        meta_text = json.dumps({**meta, "format": _FORMAT, "arrays": _array_table(arrays)}, default=_json_scalar)
+    record = {**meta, "format": _FORMAT, "arrays": _array_table(arrays)}
+    try:  # refused here, before anything is written
+        json.dumps(record, default=_json_scalar)
     except TypeError as exc:
         raise ValueError(f"checkpoint meta must be JSON-serializable: {exc}") from exc
     created = not os.path.lexists(path)
@@ -482,8 +483,8 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                 with ocp.PyTreeCheckpointer() as ckptr:
                     ckptr.save(os.path.join(vdir, _ARRAYS), arrays)
                 _crash_point("arrays-written")
-                files = json.dumps(_file_table(os.path.join(vdir, _ARRAYS)))
-                _write_synced(os.path.join(vdir, _META), meta_text[:-1] + f', "files": {files}}}')
+                record["files"] = _file_table(os.path.join(vdir, _ARRAYS))  # what the array store wrote
+                _write_synced(os.path.join(vdir, _META), json.dumps(record, default=_json_scalar))
                 _crash_point("meta-written")
                 _fsync_tree(vdir)
                 _fsync_dir(path)
