@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import threading
 import typing
 
 import jax
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from .core import aggregate as agg_mod
 from .core import engine as engine_mod
 from .core import ivf as ivf_mod
-from .core import memory, validate
+from .core import memory, runtime, validate
 from .core import score as score_mod
 from .core.codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
 
@@ -277,20 +276,10 @@ def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, q
             _warm_padded(out, int(padded[0]), int(padded[0] * padded[1] * multiple_assignment), topk)
 
     if warm == "background":
-        threading.Thread(target=_logged(compile_all), name="jasmk-warm-up", daemon=True).start()
+        runtime.in_background(compile_all, name="jasmk-warm-up")
     elif warm:
         compile_all()
     return out
-
-
-def _logged(fn):
-    """``fn`` for a background thread: an exception is logged (the queries then compile what they need)."""
-    def run():
-        try:
-            fn()
-        except Exception:  # a warm-up is an optimization: never let it take a program down
-            log.warning("the background warm-up failed; queries compile what they need", exc_info=True)
-    return run
 
 
 def _warm_padded(index: ivf_mod.Index, b: int, rows: int, topk: int | None) -> None:

@@ -41,7 +41,6 @@ import collections
 import concurrent.futures
 import logging
 import os
-import threading
 
 import jax
 import numpy as np
@@ -275,7 +274,9 @@ def _pretrained_mast3r(pretrained, device):
     return AsymmetricMASt3R.from_pretrained(pretrained)
 
 
-def _check_device(device):
+def _check_device(device, *, cpu_fallback: bool = False):
+    """``device`` as a torch device; a CUDA device where torch has none is an error, or with ``cpu_fallback``
+    the CPU (logged)."""
     import torch
 
     try:
@@ -283,7 +284,10 @@ def _check_device(device):
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but torch sees no CUDA GPU: pass device='cpu'")
+        if not cpu_fallback:
+            raise ValueError(f"device {device!r} asked for but torch sees no CUDA GPU: pass device='cpu'")
+        log.info("device %r asked for but torch sees no CUDA GPU: running on the CPU", device)
+        return torch.device("cpu")
     return dev
 
 
@@ -309,6 +313,9 @@ class Retriever:
             an unusable backbone or device.
     """
 
+    #: a CUDA ``device`` where torch has none: an error (False), or the CPU, logged (True)
+    CPU_FALLBACK = False
+
     def __init__(self, modelname, backbone=None, device="cuda", *, batch_size: int = 1, num_workers: int = 0,
                  progress: bool = False):
         runtime.share_gpu_with_torch()  # before anything can start JAX
@@ -319,7 +326,7 @@ class Retriever:
             if not validate.is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.batch_size, self.num_workers, self.progress = int(batch_size), int(num_workers), bool(progress)
-        self.device = _check_device(device)
+        self.device = _check_device(device, cpu_fallback=self.CPU_FALLBACK)
         args, state = head_mod.read_mast3r_checkpoint(modelname)
         get = head_mod.args_getter(args)
 
@@ -498,21 +505,6 @@ class Retriever:
 # MASt3R-SLAM's keyframe database
 
 
-def _slam_device(device):
-    """The torch device for the database: ``device``, or the CPU (logged) where it names CUDA and torch has none.
-    The database does not need a GPU: it only moves a backbone given to it there."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.info("device %r asked for but torch sees no CUDA GPU: the retrieval database runs on the CPU", device)
-        return "cpu"
-    return device
-
-
 class RetrievalDatabase(Retriever):
     """MASt3R-SLAM's keyframe retrieval database (``mast3r_slam.retrieval_database.RetrievalDatabase``) on jasmk:
     the same constructor, :meth:`update`, :attr:`kf_counter` and :attr:`kf_ids`, without asmk or mast3r.
@@ -543,8 +535,10 @@ class RetrievalDatabase(Retriever):
             scores ASMK* and nothing is compiled either way.
     """
 
+    CPU_FALLBACK = True  # the database does not need a GPU: it only moves a backbone given to it there
+
     def __init__(self, modelname, backbone=None, device="cuda", *, reserve: int | None = 4096):
-        super().__init__(modelname, backbone=backbone, device=_slam_device(device))
+        super().__init__(modelname, backbone=backbone, device=device)
         self.kf_counter = 0
         self.kf_ids = []
         if reserve is not None and (not validate.is_int(reserve) or reserve < 1):
@@ -552,13 +546,6 @@ class RetrievalDatabase(Retriever):
         self._reserve = None if reserve is None else int(reserve)
         self._index = None
         self._warming = None
-
-    @staticmethod
-    def _warm_up(index):
-        try:
-            engine.warm_up(index, n_queries=(1,), kernel="auto")
-        except Exception:  # an optimization only: the queries then compile what they need
-            log.warning("the database's background warm-up failed", exc_info=True)
 
     def wait_until_warm(self, timeout: float | None = None) -> bool:
         """Wait for the background compilation of the reserved shapes' kernels (started by the first keyframe);
@@ -646,9 +633,9 @@ class RetrievalDatabase(Retriever):
                 if self._reserve is not None:
                     self._index = api.reserve(self._index, images=self._reserve, warm=False,
                                               postings=self._reserve * feats.shape[0] * ma)
-                    self._warming = threading.Thread(target=self._warm_up, args=(self._index,),
-                                                     name="jasmk-slam-warm-up", daemon=True)
-                    self._warming.start()
+                    reserved = self._index
+                    self._warming = runtime.in_background(
+                        lambda: engine.warm_up(reserved, n_queries=(1,), kernel="auto"), name="jasmk-slam-warm-up")
             self._index = ivf_mod.add(self._index, agg)
             self.kf_ids.append(kf_id)
             self.kf_counter += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import jax  # importing JAX starts no backend: backend_started() tells when one has
 
@@ -66,4 +67,18 @@ def float64():
 
     return enable_x64()
 
-__all__ = ["backend_started", "float64", "share_gpu_with_torch"]
+def in_background(fn, *, name: str) -> threading.Thread:
+    """Run ``fn()`` in a started daemon thread (a compilation ahead of need); a failure is logged, never raised:
+    what it would have prepared is then made when it is needed."""
+    def run():
+        try:
+            fn()
+        except Exception:
+            log.warning("the background task %s failed; its work is done when needed instead", name, exc_info=True)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["backend_started", "float64", "in_background", "share_gpu_with_torch"]
