@@ -166,19 +166,9 @@ def test_reproduce_how_reads_the_published_layout(tmp_path, capsys):
     import jasmk
 
     rh = _import_reproduce_how()
-    rng = np.random.default_rng(3)
-    n_db, n_q, dim, per = 12, 4, 16, 30
-    scenes = rng.standard_normal((n_q, 60, dim)).astype(np.float32)
-
-    def image(scene):
-        return scenes[scene][rng.choice(60, per, replace=False)] + 0.25 * rng.standard_normal((per, dim))
-
-    vecs = np.concatenate([image(i % n_q) for i in range(n_db)]).astype(np.float32)
-    qvecs = np.concatenate([image(q) for q in range(n_q)]).astype(np.float32)
-    desc = {"vecs": vecs, "imids": np.repeat(np.arange(n_db), per), "qvecs": qvecs,
-            "qimids": np.repeat(np.arange(n_q), per)}
-    gnd = [{"easy": [i for i in range(n_db) if i % n_q == q][:2], "hard": [i for i in range(n_db) if i % n_q == q][2:],
-            "junk": [], "bbx": None} for q in range(n_q)]
+    n_db, n_q = 12, 4
+    desc, gnd = _standin(np.random.default_rng(3), n_db, n_q, n_easy=2)
+    vecs, qvecs = desc["vecs"], desc["qvecs"]
     feats = tmp_path / "features"
     (tmp_path / "test" / "roxford5k").mkdir(parents=True)
     feats.mkdir()
@@ -228,8 +218,9 @@ def test_reproduce_how_reads_the_published_layout(tmp_path, capsys):
 # formats asmk's demo reads, the rankings checked against asmk 0.1.1 and the mAP against the revisitop oracle
 
 
-def _standin(rng, n_db, n_q, dim=16, per=30, n_scenes=None):
-    """(features dict as in <dataset>_<features>.pkl, gnd list) for toy scenes."""
+def _standin(rng, n_db, n_q, dim=16, per=30, n_scenes=None, n_easy=1):
+    """(features dict as in <dataset>_<features>.pkl, gnd list) for toy scenes: the first ``n_easy`` images of a
+    query's scene are easy positives, the others hard."""
     n_scenes = n_scenes or n_q
     scenes = rng.standard_normal((n_scenes, 60, dim)).astype(np.float32)
 
@@ -240,8 +231,8 @@ def _standin(rng, n_db, n_q, dim=16, per=30, n_scenes=None):
     qvecs = np.concatenate([image(q) for q in range(n_q)]).astype(np.float32)
     desc = {"vecs": vecs, "imids": np.repeat(np.arange(n_db), per), "qvecs": qvecs,
             "qimids": np.repeat(np.arange(n_q), per)}
-    gnd = [{"easy": [i for i in range(n_db) if i % n_q == q][:1], "hard": [i for i in range(n_db) if i % n_q == q][1:],
-            "junk": [], "bbx": None} for q in range(n_q)]
+    gnd = [{"easy": [i for i in range(n_db) if i % n_q == q][:n_easy],
+            "hard": [i for i in range(n_db) if i % n_q == q][n_easy:], "junk": [], "bbx": None} for q in range(n_q)]
     return desc, gnd
 
 

@@ -167,7 +167,10 @@ def test_retrieval_database_matches_mast3r_slams_loop(slam_case):
     assert any(kind == "reloc-add" for kind, _, _ in ref)
     assert any(kind == "reloc-fail" for kind, _, _ in ref)
     # the index holds what asmk's does: the first keyframes' scores against every keyframe, within float32 rounding
+    import jasmk
     from jasmk import api
+
+    codebook = jasmk.Codebook.from_centroids(slam_case["centroids"])
 
     kfs = [t for kind, t in slam_case["seq"] if kind == "kf"][:5]
     q = oracle.params["query_ivf"]
@@ -180,7 +183,8 @@ def test_retrieval_database_matches_mast3r_slams_loop(slam_case):
         ref_scores = np.empty_like(ranked)
         ref_scores[ranks] = ranked
         f = np.asarray(db.prep_features(t)[0])
-        got = api.score_matrix(db.index, f, np.zeros(len(f), np.int64), word_ids=db._words(f, 5))[0]
+        words = jasmk.quantize(codebook, f, multiple_assignment=5, method="jax")  # SLAM's assignment
+        got = api.score_matrix(db.index, f, np.zeros(len(f), np.int64), word_ids=words)[0]
         np.testing.assert_allclose(got, ref_scores, atol=1e-6)
 
 
