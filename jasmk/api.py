@@ -385,7 +385,7 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     if named is None:
         return QueryResult(ids, ranks, scores)
     # images named without descriptors: all-zero scores, ranked by ascending id as asmk's argsort orders them
-    empty_ranks = np.arange(k, dtype=ranks.dtype) - index.imid_offset
+    empty_ranks = index.image_ids[:k].astype(ranks.dtype)
     out_ranks = np.broadcast_to(empty_ranks, (n_q, k)).copy()
     out_scores = np.zeros((n_q, k), scores.dtype)
     rows, src = _rows_of(named, ids)
@@ -446,8 +446,8 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending), or ``query_ids[i]`` when given (an image named
-    there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image with
-    internal id ``j`` (its own id when no distractor index was used). This is the matrix MASt3R's
+    there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image
+    ``index.image_ids[j]`` (ids ascending; ``j`` itself when the ids are ``0..n-1``). This is the matrix MASt3R's
     Retriever builds from asmk's ranks and scores. ``kernel`` as in :func:`query`.
     """
     kernel = engine_mod.kernel_arg(kernel, engine)
@@ -583,8 +583,8 @@ def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: in
             most that many pairs and the dense scan for the others (chosen inside the program, same scores).
 
     Returns:
-        ``(ranks [B, k] int32, scores [B, k] float32)``: best first, ranks in ids minus ``index.imid_offset``,
-        equal scores in ascending id order.
+        ``(ranks [B, k] int32, scores [B, k] float32)``: best first, ranks in image ids (int64 under
+        ``jax_enable_x64``), equal scores in ascending id order.
     """
     b = feats.shape[0]
     rows, words, slots, q_scale = _prepare_padded(index.centroids, index.idf, feats, valid,
@@ -603,12 +603,35 @@ def _query_padded(index: ivf_mod.Index, feats, valid, *, multiple_assignment: in
         else:
             total = ids.shape[1] + i.shape[1]
             ids, scores = _merge_best(ids, scores, i, t, k=total if topk is None else min(int(topk), total))
-    return _public_ranks(ids, scores, np.int32(index.imid_offset))
+    if index.ids is None:
+        return _public_ranks(ids, scores, np.int32(index.imid_offset))
+    return _mapped_ranks(ids, scores, _id_table(index))
 
 
 @jax.jit
 def _public_ranks(ids, scores, offset):
     return jnp.where(scores > score_mod.NEG_INF, ids - offset, -1), scores
+
+
+@jax.jit
+def _mapped_ranks(ids, scores, table):
+    return jnp.where(scores > score_mod.NEG_INF, table[jnp.maximum(ids, 0)], -1), scores
+
+
+def _id_table(index: ivf_mod.Index):
+    """The index's image ids as a device array, padded to a power of two (one program per doubling), for the
+    jitted query: int32, or int64 under ``jax_enable_x64``; cached on the index."""
+    table = index.caches.get("id_table")
+    if table is None:
+        ids = index.image_ids
+        x64 = bool(jax.config.jax_enable_x64)
+        if not x64 and ids.size and (int(ids.max()) > 2**31 - 1 or int(ids.min()) < -2**31):
+            raise ValueError(f"image id {int(ids.max())} does not fit int32: query_padded returns JAX arrays, "
+                             "int32 unless jax_enable_x64 is set; set it, or use jasmk.query (int64 ids)")
+        padded = np.full(ivf_mod.capacity(ids.size, minimum=64, steps=1), -1, np.int64 if x64 else np.int32)
+        padded[:ids.size] = ids
+        table = index.caches["id_table"] = jnp.asarray(padded)
+    return table
 
 __all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QueryResult", "add_images",
            "aggregate_images", "as_codebook", "auto_codebook_plan", "build_index", "check_aggregated",

@@ -229,8 +229,9 @@ class IvfBuilder:
             self.metadata = {"load_time": time.time() - time0}
             self.cache_path = None
         else:
+            # asmk's dense layout: gap ids count in idf's n_images and appear in full rankings, as in asmk
             self.ivf = ivf_mod.empty(codebook.centroids, binary=self.binary, use_idf=bool(ivf_params["use_idf"]),
-                                     codebook_size_param=codebook.size_param)
+                                     codebook_size_param=codebook.size_param, dense_ids=True)
             self.metadata = {"index_time": 0.0}
             self.cache_path = cache_path
 

@@ -10,6 +10,7 @@ from helpers import asmk_params, asmk_with_centroids, assert_same_ranking, clust
 
 import jasmk
 from jasmk import api
+from jasmk.core import ivf
 
 
 class _Records(logging.Handler):
@@ -175,7 +176,10 @@ def test_query_ids_give_every_named_image_a_row(with_empty_word, topk):
                                              lambda m: m.build_ivf(feats[db], ids[db].copy()))
     assert np.all(zero_scores == 0) and zero_ranks.shape == (24 if topk is None else topk,)
 
-    index = jasmk.build_index(feats[db], ids[db], codebook=centroids)
+    # asmk numbers the database 0..23 (ids 0..5 are a gap): asmk's dense layout (jasmk.compat's) ranks them too
+    index = jasmk.add_images(ivf.empty(centroids, binary=True, use_idf=False, dense_ids=True), feats[db], ids[db])
+    compact = jasmk.build_index(feats[db], ids[db], codebook=centroids)  # jasmk's: 18 images, ids 6..23
+    np.testing.assert_array_equal(compact.image_ids, np.arange(6, 24))
     named = np.array([3, 0, 40, 1, 2, 4, 5])
     res = jasmk.query(index, feats[q], ids[q], topk=topk, query_ids=named)
     np.testing.assert_array_equal(res.ids, named)
@@ -195,6 +199,15 @@ def test_query_ids_give_every_named_image_a_row(with_empty_word, topk):
     np.testing.assert_array_equal(plain.ids, ref_images)
     assert_same_ranking(plain.ranks, plain.scores, ref_ranks, ref_scores)
     np.testing.assert_array_equal(res.ranks[have], plain.ranks[[3, 0, 1, 2, 4, 5]])
+    # compact ids: the same ranking without the gap's zero-scored ids
+    small = jasmk.query(compact, feats[q], ids[q], topk=topk, query_ids=named)
+    k = 18 if topk is None else topk
+    assert small.ranks.shape == (7, k)
+    real = res.ranks >= 6
+    for r in range(7):  # the dense layout's top k holds some gap ids: compare what it holds of the real ones
+        n = int(real[r].sum())
+        np.testing.assert_array_equal(small.ranks[r, :n], res.ranks[r][real[r]])
+        np.testing.assert_array_equal(small.scores[r, :n], res.scores[r][real[r]])
 
     # the same through query_aggregated
     agg = jasmk.aggregate_images(centroids, feats[q], ids[q], binary=True, multiple_assignment=5, sort=False)
@@ -210,10 +223,13 @@ def test_score_matrix_query_ids(with_empty_word):
     ref = asmk_with_centroids(params, centroids).build_ivf(feats[db], ids[db].copy())
     _, ref_images, ref_ranks, ref_scores = ref.query_ivf(feats[q], ids[q])
     dense_ref = dense_from_ranks(ref_ranks, ref_scores, 24)
-    index = jasmk.build_index(feats[db], ids[db], codebook=centroids)
+    index = jasmk.add_images(ivf.empty(centroids, binary=True, use_idf=False, dense_ids=True), feats[db], ids[db])
     named = [5, 77, 0, 1, 2, 3, 4]
     S = jasmk.score_matrix(index, feats[q], ids[q], query_ids=named)
     assert S.shape == (7, 24) and S.dtype == np.float32
+    compact = jasmk.build_index(feats[db], ids[db], codebook=centroids)  # columns: compact.image_ids = 6..23
+    np.testing.assert_array_equal(jasmk.score_matrix(compact, feats[q], ids[q], query_ids=named),
+                                  S[:, compact.image_ids])
     np.testing.assert_array_equal(S[1], 0)
     for row, image in enumerate(named):
         if image != 77:

@@ -114,23 +114,43 @@ def test_distractors_match_asmk(tmp_path, small_data):
     assert res.ranks.min() < 0  # distractor images come back with negative ids, as in asmk
 
 
-def test_larger_codebook_with_gaps_in_ids():
-    """Non-contiguous image ids leave empty image slots that score 0, as in asmk."""
+@pytest.mark.parametrize("use_idf", [False, True])
+def test_larger_codebook_with_gaps_in_ids(use_idf):
+    """Non-contiguous image ids (1, 3, ..., 59 and a jump to 10**6). jasmk.compat keeps asmk's numbers: gap ids
+    count in idf's n_images and rank with score 0 in full rankings. jasmk's own index keeps only the 31 images
+    (ids are names): the same ranking of the real images; the same scores without idf, and with idf the scores
+    of an index over ids 0..30 (idf counts the images there)."""
+    from jasmk.compat import asmk_method
+
     rng = np.random.default_rng(3)
-    feats, ids = clustered_data(rng, n_images=30, per_image=80, dim=64)
-    ids = ids * 2 + 1
+    feats, ids = clustered_data(rng, n_images=31, per_image=80, dim=64)
+    ids = np.where(ids == 30, 10**6, ids * 2 + 1)
     cb = jasmk.train_codebook(feats, size=256)
     centroids = np.asarray(cb.centroids)
-    params = asmk_params(size=256, binary=True)
+    params = asmk_params(size=256, binary=True, use_idf=use_idf)
     ref = asmk_with_centroids(params, centroids).build_ivf(feats, ids.copy())
     _, ref_images, ref_ranks, ref_scores = ref.query_ivf(feats, ids)
-    index = jasmk.build_index(feats, ids, codebook=cb)
+    assert ref_ranks.shape == (31, 10**6 + 1)
+    ours = asmk_method.ASMKMethod(params, {}, codebook=jasmk.Codebook.from_centroids(centroids, size_param=256))
+    _, images, ranks, scores = ours.build_ivf(feats, ids.copy()).query_ivf(feats, ids)
+    np.testing.assert_array_equal(images, ref_images)
+    assert_same_ranking(ranks, scores, ref_ranks, ref_scores)
+
+    index = jasmk.build_index(feats, ids, codebook=cb, use_idf=use_idf)
+    assert index.n_images == 31 and index.image_ids.tolist() == sorted(set(ids.tolist()))
     # asmk quantizes each query image on its own; faiss's BLAS path can order near-tied 5th neighbours
     # differently for a batch of all images, so the queries here are quantized per image, as asmk does
     words = np.concatenate([jasmk.quantize(cb, feats[ids == i], multiple_assignment=5) for i in np.unique(ids)])
     res = jasmk.query(index, feats, ids, word_ids=words)
-    assert index.n_images == 60
     np.testing.assert_array_equal(res.ids, ref_images)
-    assert_same_ranking(res.ranks, res.scores, ref_ranks, ref_scores)
-    dense = jasmk.score_matrix(index, feats, ids, word_ids=words)
-    assert np.all(dense[:, ::2] == 0)
+    assert res.ranks.shape == (31, 31)
+    if not use_idf:
+        assert_same_ranking(res.ranks, res.scores, ref_ranks[:, :31], ref_scores[:, :31])
+    dense_ids = np.searchsorted(np.unique(ids), ids)  # the same images numbered 0..30
+    dense = jasmk.build_index(feats, dense_ids, codebook=cb, use_idf=use_idf)
+    back = jasmk.query(dense, feats, dense_ids, word_ids=words)
+    np.testing.assert_array_equal(res.scores, back.scores)
+    np.testing.assert_array_equal(res.ranks, index.image_ids[back.ranks])
+    S = jasmk.score_matrix(index, feats, ids, word_ids=words)
+    assert S.shape == (31, 31)
+    np.testing.assert_array_equal(S, jasmk.score_matrix(dense, feats, dense_ids, word_ids=words))

@@ -218,10 +218,12 @@ def test_memory_is_checked_before_allocating(small_data, monkeypatch):
 
     feats, ids, centroids = small_data
     index = jasmk.build_index(feats, ids, codebook=centroids)
+    assert jasmk.build_index(feats, np.where(ids == 23, 10**9, ids), codebook=centroids).n_images == 24  # compact
     monkeypatch.setattr(memory, "host_budget", lambda: (1000, "a test budget"))
     monkeypatch.setattr(memory, "MIN_CHECKED", 0)
-    with pytest.raises(ValueError, match="renumber"):
-        jasmk.build_index(feats, np.where(ids == 23, 10**9, ids), codebook=centroids)
+    dense = ivf.empty(centroids, binary=True, use_idf=False, dense_ids=True)  # asmk's layout (compat)
+    with pytest.raises(ValueError, match="keeps asmk's dense layout"):
+        jasmk.add_images(dense, feats, np.where(ids == 23, 10**9, ids))
     with pytest.raises(ValueError, match=r"score matrix needs 4.5 KiB .* only 1000.0 B"):
         jasmk.score_matrix(index, feats, ids)
     with pytest.raises(ValueError, match="smaller topk"):

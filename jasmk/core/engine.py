@@ -325,8 +325,8 @@ def score_segments(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: 
 
 def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, topk: int | None,
            kernel: str = "auto"):
-    """``(ranks [b, k] int64, scores [b, k] float32)`` of a batch: best first, ranks in ids minus
-    ``imid_offset``, equal scores in ascending id order, ``k = min(topk, n_images)``."""
+    """``(ranks [b, k] int64, scores [b, k] float32)`` of a batch: best first, ranks in image ids (names minus
+    ``imid_offset``), equal scores in ascending id order, ``k = min(topk, n_images)``."""
     ids, scores = [], []
     for seg, kind, out in score_segments(index, batch, alpha, threshold, kernel=kernel):
         k = seg.image_capacity if topk is None else min(int(topk), seg.image_capacity)
@@ -345,7 +345,7 @@ def ranked(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *
     if len(index.segments) > 1:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-    return ids[:, :k] - index.imid_offset, scores[:, :k]
+    return ivf_mod.public_ids(index, ids[:, :k]), scores[:, :k]
 
 
 def _dummy_segment(postings: int, images: int, width: int, dtype, n_words: int) -> ivf_mod.Segment:
@@ -408,7 +408,8 @@ def warm_up(index: ivf_mod.Index, *, n_queries=(1,), topk: int | None = None, ke
 
 
 def dense_scores(index: ivf_mod.Index, batch: Batch, alpha: float, threshold: float, *, kernel: str = "auto"):
-    """``[b, n_images] float32`` scores of a batch (columns: internal image ids)."""
+    """``[b, n_images] float32`` scores of a batch (column ``j``: the image in internal slot ``j``, whose id is
+    ``index.image_ids[j]``)."""
     b = len(batch.ids)
     out = np.zeros((b, int(index.n_images)), np.float32)
     for seg, _, s in score_segments(index, batch, alpha, threshold, kernel=kernel):

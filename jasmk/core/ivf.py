@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 
 import jax
@@ -248,8 +249,66 @@ def _add_reserved(segments: list, res: Reservation, vecs, words, images, old_n: 
     return segments
 
 
+class IdMap:
+    """The sorted names of an index's images: ``names[slot]`` is the name (user id plus ``imid_offset``) of the
+    image in internal slot ``slot``; slots are dense (``0..n-1``), so memory and time follow the number of
+    images, not the largest id.
+
+    Immutable and hashable (it is static metadata of the :class:`Index` PyTree): the hash is a digest of the
+    names computed once, equality compares the names.
+
+    Attributes:
+        names: ``[n] int64`` strictly increasing, non-negative.
+    """
+
+    __slots__ = ("names", "_digest")
+
+    def __init__(self, names):
+        names = np.array(names, dtype=np.int64, copy=True).reshape(-1)
+        names.setflags(write=False)
+        self.names = names
+        self._digest = hash((names.size, hashlib.blake2b(names.tobytes(), digest_size=16).digest()))
+
+    def __len__(self) -> int:
+        return int(self.names.size)
+
+    def __hash__(self) -> int:
+        return self._digest
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, IdMap) and self._digest == other._digest
+                and np.array_equal(self.names, other.names))
+
+    def __repr__(self) -> str:
+        return f"IdMap({self.names.size} names, {self.names[:1].tolist()}..{self.names[-1:].tolist()})"
+
+
+MAX_NAME = 2**63 - 2  # ids plus imid_offset stay below int64's top
+
+
+def slots_of(names: np.ndarray, *, old_n: int, last_name: int, id_map: "IdMap | None", dense: bool):
+    """Internal slots of new images named ``names`` (``[E] int64``, grouped ascending, all above ``last_name``).
+
+    Returns:
+        ``(slots [E] int64, n_images, id_map)``: each row's slot, the slot count after the add and the index's
+        new :class:`IdMap` (None while names equal slots). ``dense``: asmk's layout (a slot for every name up
+        to the largest, gaps included: :mod:`jasmk.compat`), never a map.
+    """
+    if dense:
+        return names, int(names[-1]) + 1, id_map
+    starts = np.flatnonzero(np.diff(names)) + 1
+    new = names[np.concatenate([[0], starts])] if names.size else names
+    slots = np.repeat(np.arange(old_n, old_n + new.size, dtype=np.int64),
+                      np.diff(np.concatenate([[0], starts, [names.size]])))
+    n_images = old_n + int(new.size)
+    if id_map is None and int(new[0]) == old_n and int(new[-1]) == n_images - 1:
+        return slots, n_images, None  # still 0..n-1: names are slots
+    old = id_map.names if id_map is not None else np.arange(old_n, dtype=np.int64)
+    return slots, n_images, IdMap(np.concatenate([old, new]))
+
+
 _DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
-_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "reservation"]
+_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "reservation", "ids", "dense_ids"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
@@ -262,14 +321,17 @@ class Index:
         counts: ``[K] int32`` postings per word (over all segments).
         idf: ``[K] float32`` inverse document frequency weights (all ones when ``use_idf`` is off).
         segments: tuple of :class:`Segment`, in image order, tiling ``[0, n_images)``.
-        image_slots: ``[] int32`` number of internal image slots (largest internal id + 1), data rather than a
-            static field so that adds do not recompile jitted code; :attr:`n_images` is the host int.
-        imid_offset: internal ids of added images are their ids plus this (asmk's distractor offset);
-            query ranks are reported minus it.
+        image_slots: ``[] int32`` number of internal image slots, data rather than a static field so that adds
+            do not recompile jitted code; :attr:`n_images` is the host int.
+        imid_offset: the names of added images are their ids plus this (asmk's distractor offset); query ranks
+            are reported minus it.
         binary: ASMK* (packed sign bits) or ASMK (real vectors).
         use_idf: whether adds refresh idf.
         dim: descriptor dimension ``D``.
         codebook_size_param: the codebook ``size`` parameter (for asmk's params schema).
+        ids: the :class:`IdMap` from internal slots to names; None while the names are the slots ``0..n-1``.
+        dense_ids: asmk's layout: a slot for every name up to the largest, gaps included (:mod:`jasmk.compat`,
+            whose idf and full rankings count gap ids as asmk does); False: slots only for the images there.
     """
 
     centroids: jax.Array
@@ -284,6 +346,8 @@ class Index:
     codebook_size_param: object = None
     #: room reserved for growth (:func:`reserve`): segments made on its fixed shapes; not saved in checkpoints
     reservation: "Reservation | None" = None
+    ids: "IdMap | None" = None
+    dense_ids: bool = False
     #: device copies made on demand (:func:`on_device`, the device idf): neither a PyTree leaf nor static metadata
     caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -299,8 +363,20 @@ class Index:
 
     @property
     def n_images(self) -> int:
-        """Internal image slots (largest internal id + 1), a host int."""
+        """Internal image slots, a host int: the images in the index (plus, for an index with asmk's dense
+        layout, the gap ids below the largest)."""
         return int(self.image_slots)
+
+    @property
+    def next_name(self) -> int:
+        """The smallest name a new image may take (largest name + 1; asmk's ``n_images``)."""
+        return int(self.ids.names[-1]) + 1 if self.ids is not None else int(self.image_slots)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """``[n_images] int64`` id of the image in each internal slot (ascending): what column ``j`` of a score
+        matrix and slot ``j`` of the index stand for. Distractor images (``imid_offset``) have negative ids."""
+        return public_ids(self, np.arange(self.n_images, dtype=np.int64))
 
     @property
     def width(self) -> int:
@@ -357,6 +433,17 @@ def _segment_entries(seg: Segment):
     h = host(seg)
     e = int(h.offsets[-1])
     return h.vecs[:e], h.words[:e], h.images[:e] + h.image_start
+
+
+def public_ids(index, slots) -> np.ndarray:
+    """Ids (names minus ``imid_offset``) of the internal ``slots`` (an int array of any shape; -1 stays -1)."""
+    slots = np.asarray(slots, np.int64)
+    if index.ids is None:
+        out = slots - int(index.imid_offset)
+    else:
+        names = index.ids.names
+        out = names[np.clip(slots, 0, max(names.size - 1, 0))] - int(index.imid_offset) if names.size else slots
+    return np.where(slots < 0, -1, out) if slots.size and slots.min() < 0 else out
 
 
 def _word_sort(words: np.ndarray, n_words: int) -> np.ndarray:
@@ -531,22 +618,25 @@ def from_postings(centroids, vecs, words, images, *, idf, norm_factor, n_images:
                  codebook_size_param=k if codebook_size_param is None else codebook_size_param)
 
 
-def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None) -> Index:
-    """An index with no entries over the codebook ``centroids`` (``[K, D] float32``)."""
+def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None, dense_ids: bool = False) -> Index:
+    """An index with no entries over the codebook ``centroids`` (``[K, D] float32``); ``dense_ids``: asmk's layout
+    (see :class:`Index`)."""
     k, d = np.shape(centroids)
     width = packed_width(d) if binary else d
-    return from_postings(centroids, np.zeros((0, width)), np.zeros(0, np.int32), np.zeros(0, np.int32),
-                         idf=np.ones(k, np.float32), norm_factor=np.zeros(0, np.float32), n_images=0,
-                         imid_offset=0, binary=binary, use_idf=use_idf, codebook_size_param=codebook_size_param)
+    index = from_postings(centroids, np.zeros((0, width)), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                          idf=np.ones(k, np.float32), norm_factor=np.zeros(0, np.float32), n_images=0,
+                          imid_offset=0, binary=binary, use_idf=use_idf, codebook_size_param=codebook_size_param)
+    return dataclasses.replace(index, dense_ids=bool(dense_ids))
 
 
 def add(index: Index, agg: Aggregated) -> Index:
     """Return ``index`` with the aggregated images ``agg`` appended (asmk's ``IVF.add``), in amortized
     O(rows added) (O(index) with idf on, whose normalization changes everywhere).
 
-    The new image ids are shifted by ``index.imid_offset`` and must not be below ``index.n_images``
-    (images are added in ascending id order and never twice). ``agg`` rows must be grouped by image in
-    ascending order (their order within an image does not matter).
+    Image ids are names: the new images take the next internal slots whatever their ids, so gaps between ids
+    cost nothing (except with ``dense_ids``, asmk's layout). Their names (ids plus ``index.imid_offset``) must be
+    larger than every name already there: images are added in ascending id order and never twice. ``agg`` rows
+    must be grouped by image in ascending order (their order within an image does not matter).
     """
     width = index.width
     if agg.vecs.ndim != 2 or agg.vecs.shape[1] != width:
@@ -554,19 +644,34 @@ def add(index: Index, agg: Aggregated) -> Index:
     if agg.words.shape[0] == 0:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = int(index.n_images)
-    images = np.asarray(agg.images, np.int64) + index.imid_offset
-    if images.min() < old_n:
-        raise ValueError(
-            f"image id {int(images.min()) - index.imid_offset} is already in the index "
-            f"(it holds internal ids below {old_n}); add new images with larger ids"
-        )
-    if images.size > 1 and (np.diff(images) < 0).any():
+    ids = np.asarray(agg.images, np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"image ids must be non-negative, got {int(ids.min())}")
+    if int(ids.max()) > MAX_NAME - index.imid_offset:
+        raise ValueError(f"image id {int(ids.max())} is too large: ids plus the distractor offset "
+                         f"{index.imid_offset} must stay below 2**63 - 1")
+    names = ids + index.imid_offset
+    if ids.size > 1 and (np.diff(names) < 0).any():
         raise ValueError("aggregated rows must be grouped by image in ascending id order")
+    next_name = index.next_name
+    if int(names[0]) < next_name:
+        raise ValueError(
+            f"image id {int(names[0]) - index.imid_offset} is not larger than every id already in the index "
+            f"(the next free id is {next_name - index.imid_offset}); add new images with larger ids, each once")
+    if index.dense_ids:
+        # asmk's layout: a slot for every id up to the largest, gaps included
+        memory.require((int(names[-1]) + 1 - old_n) * 16 + add_bytes(agg), f"adding images up to id {int(ids[-1])}",
+                       hint="this index keeps asmk's dense layout (jasmk.compat): a slot per id up to the largest; "
+                            "jasmk.build_index keeps only the images there")
+        if int(names[-1]) > 2**31 - 3:
+            raise ValueError(f"image id {int(ids[-1])} does not fit asmk's dense layout (int32 slots)")
+    images, n_images, id_map = slots_of(names, old_n=old_n, last_name=next_name - 1, id_map=index.ids,
+                                        dense=index.dense_ids)
+    if n_images > 2**31 - 2:
+        raise ValueError(f"an index holds at most 2**31 - 2 images, this add would make {n_images}")
+    memory.require((n_images - old_n) * 24 + add_bytes(agg), f"adding {n_images - old_n} images",
+                   hint="add fewer images at a time")
     k = index.n_words
-    n_images = int(images.max()) + 1
-    # image slots are max id + 1: a stray huge id would allocate per-slot arrays for every id below it
-    memory.require((n_images - old_n) * 16 + add_bytes(agg), f"adding images up to id {n_images - 1}",
-                   hint="image ids are slots (max id + 1): renumber the images densely from 0")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
     touched, added = np.unique(new_words, return_counts=True)  # O(rows): a small add does not pass over all K
@@ -591,7 +696,7 @@ def add(index: Index, agg: Aggregated) -> Index:
         segments = _compact(segments, k)
     log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
     return dataclasses.replace(index, counts=counts, idf=idf, segments=tuple(segments),
-                               image_slots=_scalar(n_images))
+                               image_slots=_scalar(n_images), ids=id_map)
 
 
 def add_bytes(agg: Aggregated) -> int:
@@ -616,19 +721,21 @@ def compact(index: Index) -> Index:
 
 
 def with_distractors(index: Index) -> Index:
-    """Use ``index`` as a distractor set: later adds are numbered after its images (asmk's ``imid_offset``)."""
-    return dataclasses.replace(index, imid_offset=int(index.n_images))
+    """Use ``index`` as a distractor set: later adds are numbered after its images (asmk's ``imid_offset``: the
+    largest name + 1), and their ids are reported as given; the distractors' ids become negative."""
+    return dataclasses.replace(index, imid_offset=int(index.next_name))
 
 
 def from_segments(centroids, counts, idf, segments, *, n_images: int, imid_offset: int, binary: bool,
-                  use_idf: bool, dim: int, codebook_size_param=None) -> Index:
+                  use_idf: bool, dim: int, codebook_size_param=None, ids: IdMap | None = None,
+                  dense_ids: bool = False) -> Index:
     """An :class:`Index` of already built segments (tiling ``[0, n_images)`` in order) and its per-word arrays."""
     return Index(centroids=centroids, counts=counts, idf=idf, segments=tuple(segments), image_slots=_scalar(n_images),
                  imid_offset=int(imid_offset), binary=bool(binary), use_idf=bool(use_idf), dim=int(dim),
-                 codebook_size_param=codebook_size_param)
+                 codebook_size_param=codebook_size_param, ids=ids, dense_ids=bool(dense_ids))
 
 
-__all__ = ["ENTRY_BLOCK", "HostSegment", "Index", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES", "MERGE_RATIO",
-           "Reservation", "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries", "from_postings",
-           "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments", "on_device", "renormalized",
-           "reserve", "with_distractors"]
+__all__ = ["ENTRY_BLOCK", "HostSegment", "IdMap", "Index", "MAX_NAME", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES",
+           "MERGE_RATIO", "Reservation", "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries",
+           "from_postings", "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments", "on_device",
+           "public_ids", "renormalized", "reserve", "slots_of", "with_distractors"]

@@ -4,11 +4,13 @@ a pickle runs) and written atomically. :mod:`jasmk.compat` (asmk's API) and the 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
 
 from ..core import ivf as ivf_mod
+from ..core import memory
 from ..core.codebook import Codebook
 from . import atomic, index_format, safepickle
 
@@ -91,16 +93,34 @@ def load_asmk_ivf(path_or_state, codebook: Codebook) -> ivf_mod.Index:
         imid_offset=int(st.get("imid_offset", 0)), binary=bool(binary),
         use_idf=bool(state.get("params", {}).get("use_idf", False)), codebook_size_param=codebook.size_param,
     )
+    index = dataclasses.replace(index, dense_ids=True)  # asmk's layout: later adds keep asmk's numbering
     arrays, fields = index_format.to_arrays(index)
     return index_format.from_arrays(arrays, fields, where="the asmk IVF")
 
 
 def export_asmk_ivf(index: ivf_mod.Index) -> dict:
-    """asmk 0.1.1's IVF state dict for ``index`` (``asmk.inverted_file.IVF.initialize_from_state`` reads it)."""
+    """asmk 0.1.1's IVF state dict for ``index`` (``asmk.inverted_file.IVF.initialize_from_state`` reads it).
+
+    asmk numbers images densely (a slot per id up to the largest, ``n_images`` = largest id + 1); an index with
+    compact ids is laid out that way here (its idf, computed from its image count, goes with it), and one whose
+    dense layout would not fit in memory is refused before anything is allocated.
+
+    Raises:
+        ValueError: the dense layout needs more memory than allowed, or ids beyond asmk's int32 range.
+    """
     counts = np.asarray(index.counts)
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    n_slots = index.next_name
+    if n_slots > 2**31 - 1:
+        raise ValueError(f"asmk numbers images with int32 ids; this index holds id {n_slots - 1 - index.imid_offset}")
+    memory.require(n_slots * 8 + index.n_entries * (index.width * 4 + 12),
+                   f"asmk's dense layout of this index ({n_slots} image slots, largest id + 1)",
+                   hint="asmk keeps a slot per id up to the largest: renumber the images densely before exporting, "
+                        "or save with jasmk.checkpoint.save_index (compact ids)")
     vecs, words, images = ivf_mod.entries(index)
     images = images.astype(np.int64)
+    if index.ids is not None:
+        images = index.ids.names[images]
     ivf_vecs, ivf_ids = [], []
     for w in range(index.n_words):
         if counts[w] == 0:
@@ -109,14 +129,14 @@ def export_asmk_ivf(index: ivf_mod.Index) -> dict:
         else:
             ivf_vecs.append(vecs[offsets[w]: offsets[w] + counts[w]].copy())
             ivf_ids.append(images[offsets[w]: offsets[w] + counts[w]].copy())
-    norm = np.zeros(int(index.n_images))
+    norm = np.zeros(n_slots)
     np.add.at(norm, images, np.asarray(index.idf, np.float64)[words])
     return {
         "type": "IVF",
         "params": {"use_idf": index.use_idf},
         "state": {
             "norm_factor": norm,
-            "n_images": int(index.n_images),
+            "n_images": n_slots,
             "ivf_vecs": ivf_vecs,
             "ivf_image_ids": ivf_ids,
             "counts": counts.astype(np.int32),

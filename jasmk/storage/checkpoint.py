@@ -3,14 +3,17 @@ import/export.
 
 A checkpoint is a directory::
 
-    CURRENT              {"format": "jasmk-checkpoint-2", "version": "v-<hex>"}: the live version
+    CURRENT              {"format": "jasmk-checkpoint-3", "version": "v-<hex>"}: the live version
     v-<hex>/arrays/      the Orbax-saved arrays
-    v-<hex>/meta.json    kind, static fields, format, dtype/shape/crc32 of every array, and the size (crc32 for
-                         small ones) of every file of the array store
+    v-<hex>/meta.json    kind, static fields, format, dtype/shape/crc32 of every array, the size (crc32 for
+                         small ones) of every file of the array store, and the stores the version uses
+    s-<hex>/<name>.npy   a store: immutable arrays (a segment's postings, a codebook) shared between versions
     .lock                present while a save runs (holds the writer's pid)
 
-A save writes a new ``v-<hex>`` folder, fsyncs it, then replaces ``CURRENT`` with ``os.replace`` (atomic),
-then deletes older versions. At every instant the directory holds the old or the new complete checkpoint,
+A save writes a new ``v-<hex>`` folder (and the stores it does not share with the live version), fsyncs them,
+then replaces ``CURRENT`` with ``os.replace`` (atomic), then deletes older versions and the stores no live
+version names (Lucene-style commits: an index saved over its own earlier checkpoint writes only the segments
+made since). At every instant the directory holds the old or the new complete checkpoint,
 and a crash leaves at worst unreferenced folders that the next save deletes. Saves never replace anything
 that is not a jasmk checkpoint of the same kind. Loads check the format version and every array's checksum.
 Checkpoints of the first format (``arrays/`` and ``meta.json`` directly in the directory) still load, and
@@ -29,6 +32,7 @@ import shutil
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 
 import jax
@@ -41,7 +45,9 @@ from .asmk_format import export_asmk_ivf, load_asmk_codebook, load_asmk_ivf  # n
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "jasmk-checkpoint-2"
+_FORMAT = "jasmk-checkpoint-2"  # one array store per version (codebooks, heads, sharded indexes)
+_STORES_FORMAT = "jasmk-checkpoint-3"  # versions that also name shared stores (indexes: compact ids, stores)
+_FORMATS = (_FORMAT, _STORES_FORMAT)
 _LEGACY_FORMAT = "jasmk-checkpoint-1"
 _FORMAT_PREFIX = "jasmk-checkpoint-"
 _POINTER = "CURRENT"
@@ -49,6 +55,8 @@ _LOCK = ".lock"
 _META = "meta.json"
 _ARRAYS = "arrays"
 _VERSION_RE = re.compile(r"^v-[0-9a-f]{32}$")
+_STORE_RE = re.compile(r"^s-[0-9a-f]{32}$")
+_STORE_ARRAY_RE = re.compile(r"^[a-z_]{1,32}$")
 _POINTER_TMP_RE = re.compile(r"^CURRENT\.tmp-[0-9a-f]{32}$")
 _RESERVED_META = ("format", "arrays", "files")
 _READ_ATTEMPTS = 5
@@ -89,7 +97,7 @@ def _parse_pointer(folder, text):
     if not isinstance(pointer, dict) or not isinstance(pointer.get("format"), str) \
             or not pointer["format"].startswith(_FORMAT_PREFIX):
         raise ValueError(f"{folder} is not a jasmk checkpoint (bad {_POINTER} file)")
-    _check_format(folder, pointer["format"], _FORMAT)
+    _check_format(folder, pointer["format"], _FORMATS)
     version = pointer.get("version")
     if not isinstance(version, str) or not _VERSION_RE.match(version):
         raise ValueError(f"corrupt checkpoint pointer {os.path.join(folder, _POINTER)}: bad version {version!r}")
@@ -97,9 +105,10 @@ def _parse_pointer(folder, text):
 
 
 def _check_format(where, found, expected):
-    if found != expected:
-        raise ValueError(f"checkpoint {where} has format version {found!r}; this jasmk reads {_FORMAT!r} "
-                         f"(and the older {_LEGACY_FORMAT!r})")
+    if found not in ((expected,) if isinstance(expected, str) else expected):
+        raise ValueError(f"checkpoint {where} has format version {found!r}; this jasmk reads "
+                         f"{', '.join(map(repr, _FORMATS))} (and the older {_LEGACY_FORMAT!r}): a newer jasmk "
+                         "wrote it, upgrade jasmk to read it")
 
 
 def _version_dir(path) -> str:
@@ -141,7 +150,7 @@ def _is_leftover(folder, name) -> bool:
     """Whether ``name`` in ``folder`` is something a jasmk save creates (a lock, an unpublished version)."""
     if name == _LOCK or _POINTER_TMP_RE.match(name):
         return True
-    return bool(_VERSION_RE.match(name)) and os.path.isdir(os.path.join(folder, name))
+    return bool(_VERSION_RE.match(name) or _STORE_RE.match(name)) and os.path.isdir(os.path.join(folder, name))
 
 
 def enclosing_checkpoint(path):
@@ -322,6 +331,10 @@ def _collect_garbage(path, *, keep=None) -> None:
     first-format ``arrays/`` + ``meta.json`` once a pointer exists. Runs under the lock."""
     text = _pointer_text(path)
     live = _parse_pointer(path, text) if text is not None else None
+    used = set()
+    for version in (live, keep):
+        if version is not None:
+            used.update(_store_names(os.path.join(path, version)))
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
         if _POINTER_TMP_RE.match(name):
@@ -330,6 +343,9 @@ def _collect_garbage(path, *, keep=None) -> None:
         elif _VERSION_RE.match(name) and name not in (live, keep) and os.path.isdir(full):
             shutil.rmtree(full, ignore_errors=True)
             _crash_point("old-version-removed")
+        elif _STORE_RE.match(name) and name not in used and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+            _crash_point("old-store-removed")
     if live is not None:
         if os.path.isfile(os.path.join(path, _META)):
             os.unlink(os.path.join(path, _META))
@@ -392,6 +408,118 @@ def _verify_arrays(where, tree, table) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# stores: immutable arrays shared between versions
+
+
+class Blob:
+    """Arrays that a save may keep in a store shared between versions (:func:`save_tree`'s ``blobs``).
+
+    Args:
+        slot: where the arrays go back into the loaded tree, ``"a/b"`` (a dict path; ``""``: the top level).
+        arrays: ``{name: numpy array}`` (names: lowercase letters and ``_``).
+        owner: the immutable object the arrays were taken from (a segment's posting array, a codebook's
+            centroids): a later save of the same path reuses the store this owner was saved to or loaded from,
+            as long as the live version still names it with the same checksums.
+    """
+
+    def __init__(self, slot: str, arrays: dict, owner=None):
+        self.slot, self.owner = slot, owner
+        self.arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        self.saved_as = None  # the store name, once saved
+
+
+_KNOWN: dict = {}  # id(owner) -> (weakref to owner, {checkpoint path: (store name, table)})
+
+
+def remember_store(owner, path, name: str, table: dict) -> None:
+    """Record that ``owner``'s arrays are the store ``name`` of the checkpoint at ``path`` (see :class:`Blob`)."""
+    if owner is None:
+        return
+    key = id(owner)
+    entry = _KNOWN.get(key)
+    if entry is None or entry[0]() is not owner:
+        try:
+            ref = weakref.ref(owner, lambda _, key=key: _KNOWN.pop(key, None))
+        except TypeError:  # not weakly referenceable: nothing to reuse later
+            return
+        entry = _KNOWN[key] = (ref, {})
+    entry[1][os.path.abspath(os.fspath(path))] = (name, table)
+
+
+def _known_store(owner, path):
+    entry = _KNOWN.get(id(owner)) if owner is not None else None
+    if entry is None or entry[0]() is not owner:
+        return None
+    return entry[1].get(path)
+
+
+def _store_table(arrays: dict) -> dict:
+    return {name: {"dtype": str(a.dtype), "shape": list(a.shape), "crc32": zlib.crc32(a) if a.size else 0,
+                   "bytes": int(a.nbytes)} for name, a in arrays.items()}
+
+
+def _store_names(vdir) -> list:
+    """The stores the version folder ``vdir`` names (none for versions without stores, or unreadable ones)."""
+    try:
+        meta = _read_json(os.path.join(vdir, _META))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    stores = meta.get("stores") if isinstance(meta, dict) else None
+    if not isinstance(stores, dict):
+        return []
+    return [v["name"] for v in stores.values() if isinstance(v, dict) and isinstance(v.get("name"), str)]
+
+
+def _write_store(path, arrays: dict) -> str:
+    """Write ``arrays`` as a new store folder of ``path`` (each array a ``.npy`` file, fsynced); its name."""
+    name = f"s-{uuid.uuid4().hex}"
+    folder = os.path.join(path, name)
+    os.mkdir(folder)
+    for key, a in arrays.items():
+        with open(os.path.join(folder, f"{key}.npy"), "wb") as handle:
+            np.lib.format.write_array(handle, a, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _crash_point("store-array-written")
+    _fsync_dir(folder)
+    return name
+
+
+def _read_store(path, name, table) -> dict:
+    """The arrays of the store ``name`` of ``path``, checked against ``table`` (dtype, shape, crc32)."""
+    if not isinstance(name, str) or not _STORE_RE.match(name) or not isinstance(table, dict):
+        raise ValueError(f"corrupt checkpoint meta in {path}: bad store entry {name!r}")
+    out = {}
+    for key, spec in table.items():
+        if not isinstance(key, str) or not _STORE_ARRAY_RE.match(key) or not isinstance(spec, dict):
+            raise ValueError(f"corrupt checkpoint meta in {path}: bad array {key!r} of store {name}")
+        file = os.path.join(path, name, f"{key}.npy")
+        try:
+            with open(file, "rb") as handle:
+                a = np.load(handle, allow_pickle=False)
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint {path} is incomplete: store {name} lacks {key}.npy") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"checkpoint {path} is damaged: store {name}/{key}.npy cannot be read ({exc})") from None
+        if str(a.dtype) != spec.get("dtype") or list(a.shape) != spec.get("shape"):
+            raise ValueError(f"array {name}/{key} in checkpoint {path} is {a.dtype} {list(a.shape)}, its meta says "
+                             f"{spec.get('dtype')} {spec.get('shape')}")
+        if (zlib.crc32(np.ascontiguousarray(a)) if a.size else 0) != spec.get("crc32"):
+            raise ValueError(f"array {name}/{key} in checkpoint {path} is corrupt (checksum mismatch)")
+        out[key] = a
+    return out
+
+
+def _place(tree: dict, slot: str, arrays: dict) -> None:
+    node = tree
+    for part in [p for p in slot.split("/") if p]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"store slot {slot!r} is not a dict of the checkpoint's tree")
+    node.update(arrays)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # generic PyTree checkpoints
 
 
@@ -432,7 +560,7 @@ def _check_files(path, folder: str, table: dict) -> None:
                     raise ValueError(f"checkpoint {path} is damaged: {rel} does not match its checksum")
 
 
-def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | None = None) -> str:
+def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | None = None, blobs=()) -> str:
     """Save a PyTree of arrays to the directory ``path`` with a JSON-able ``meta`` dict, crash-safely.
 
     ``path`` may be missing, an empty directory, or a jasmk checkpoint of the same ``meta["kind"]``; anything
@@ -444,6 +572,8 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
         tree: PyTree of arrays.
         meta: JSON-serializable dict (``kind`` and static fields); ``format`` and ``arrays`` are reserved.
         lock_timeout: seconds to wait for a concurrent save of the same path (default :data:`LOCK_TIMEOUT`).
+        blobs: :class:`Blob` arrays kept in stores: those the live version already holds (same owner, same
+            checksums) are shared, not written again; each blob's ``saved_as`` names its store afterwards.
 
     Returns:
         The absolute path written.
@@ -456,11 +586,16 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
     meta = dict(meta or {})
     kind = meta.get("kind")
     path = check_save_target(path, kind=kind)
-    reserved = [k for k in _RESERVED_META if k in meta]
+    reserved = [k for k in _RESERVED_META + ("stores",) if k in meta]
     if reserved:
         raise ValueError(f"checkpoint meta keys {reserved} are reserved")
     arrays = jax.tree_util.tree_map(np.asarray, tree)
-    record = {**meta, "format": _FORMAT, "arrays": _array_table(arrays)}
+    blobs = list(blobs)
+    fmt = _STORES_FORMAT if blobs else _FORMAT
+    record = {**meta, "format": fmt, "arrays": _array_table(arrays)}
+    slots = [b.slot for b in blobs]
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"blob slots must be distinct, got {slots}")
     try:  # refused here, before anything is written
         json.dumps(record, default=_json_scalar)
     except TypeError as exc:
@@ -479,7 +614,25 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
             version = f"v-{uuid.uuid4().hex}"
             vdir = os.path.join(path, version)
             tmp = os.path.join(path, f"{_POINTER}.tmp-{uuid.uuid4().hex}")
+            live_text = _pointer_text(path)
+            live = set(_store_names(os.path.join(path, _parse_pointer(path, live_text)))) if live_text else set()
+            written = []
             try:
+                stores = {}
+                for blob in blobs:
+                    known = _known_store(blob.owner, path)
+                    if known is not None and known[0] in live and os.path.isdir(os.path.join(path, known[0])):
+                        name, table = known  # unchanged since the live version: shared
+                    else:
+                        table = _store_table(blob.arrays)
+                        name = _write_store(path, blob.arrays)
+                        written.append(name)
+                    stores[blob.slot] = {"name": name, "arrays": table}
+                    blob.saved_as = name
+                if blobs:
+                    record["stores"] = stores
+                    _fsync_dir(path)
+                    _crash_point("stores-written")
                 with ocp.PyTreeCheckpointer() as ckptr:
                     ckptr.save(os.path.join(vdir, _ARRAYS), arrays)
                 _crash_point("arrays-written")
@@ -489,7 +642,7 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                 _fsync_tree(vdir)
                 _fsync_dir(path)
                 _crash_point("version-synced")
-                _write_synced(tmp, json.dumps({"format": _FORMAT, "version": version}))
+                _write_synced(tmp, json.dumps({"format": fmt, "version": version}))
                 _crash_point("pointer-written")
                 os.replace(tmp, os.path.join(path, _POINTER))
                 published = True
@@ -498,7 +651,11 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
             except BaseException:
                 if not published:
                     _discard(vdir, tmp)
+                    for name in written:
+                        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
                 raise
+            for blob in blobs:
+                remember_store(blob.owner, path, blob.saved_as, record["stores"][blob.slot]["arrays"])
             _collect_garbage(path, keep=version)
             _crash_point("cleaned")
         finally:
@@ -509,6 +666,8 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                 os.rmdir(path)  # only if empty: what we made for nothing
         raise
     log.info("saved checkpoint %s", path)
+    if blobs:
+        log.debug("stores: %d written, %d shared with the previous version", len(written), len(blobs) - len(written))
     return path
 
 
@@ -527,7 +686,8 @@ def _load_version(path, folder, target, *, expected_format):
             or not meta["format"].startswith(_FORMAT_PREFIX):
         raise ValueError(f"{path} is not a jasmk checkpoint")
     _check_format(path, meta["format"], expected_format)
-    if expected_format == _FORMAT and "arrays" not in meta:
+    current = expected_format != _LEGACY_FORMAT
+    if current and "arrays" not in meta:
         raise ValueError(f"corrupt checkpoint meta at {meta_path}: no 'arrays' table")
     if isinstance(meta.get("files"), dict):  # before the array reader opens anything (checkpoints since 0.2)
         _check_files(path, os.path.join(folder, _ARRAYS), meta["files"])
@@ -539,8 +699,15 @@ def _load_version(path, folder, target, *, expected_format):
                 tree = ckptr.restore(os.path.join(folder, _ARRAYS))
     except Exception as exc:  # orbax raises many kinds of errors for damaged data
         raise ValueError(f"corrupt or incomplete checkpoint arrays in {path}: {exc}") from exc
-    if expected_format == _FORMAT:
+    if current:
         _verify_arrays(path, tree, meta["arrays"])
+    stores = meta.get("stores", {}) if meta["format"] == _STORES_FORMAT else {}
+    if not isinstance(stores, dict) or not isinstance(tree, dict):
+        raise ValueError(f"corrupt checkpoint meta in {path}: bad 'stores' table")
+    for slot, entry in stores.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"corrupt checkpoint meta in {path}: bad store entry for {slot!r}")
+        _place(tree, slot, _read_store(path, entry.get("name"), entry.get("arrays")))
     return tree, meta
 
 
@@ -570,7 +737,7 @@ def load_tree(path, *, target=None):
             if text is None:
                 return _load_version(path, path, target, expected_format=_LEGACY_FORMAT)
             folder = os.path.join(path, _parse_pointer(path, text))
-            return _load_version(path, folder, target, expected_format=_FORMAT)
+            return _load_version(path, folder, target, expected_format=_FORMATS)
         except ValueError:
             if attempt + 1 < _READ_ATTEMPTS and _pointer_text(path) != text:
                 log.debug("checkpoint %s changed while being read: reading it again", path)
@@ -609,10 +776,22 @@ def load_codebook(path) -> Codebook:
 
 
 def save_index(path, index: ivf_mod.Index) -> str:
-    """Save an :class:`~jasmk.ivf.Index` (atomic): each segment's real postings, the per-word arrays, and the
-    other fields in the meta (:func:`jasmk.storage.index_format.to_arrays`)."""
+    """Save an :class:`~jasmk.ivf.Index` (atomic): each segment's real postings and the codebook in stores, the
+    per-word and per-image arrays in the version, the other fields in the meta
+    (:func:`jasmk.storage.index_format.to_arrays`).
+
+    Saving over the index's own earlier checkpoint (the path it was saved to or loaded from, unchanged since)
+    writes only what changed: segments made since (new and merged ones), the per-image normalization and ids,
+    the per-word arrays; the other segments' stores are shared with the earlier version."""
     arrays, fields = index_format.to_arrays(index)
-    return save_tree(path, arrays, meta={"kind": "index", "index": fields})
+    blobs = [Blob("", {"centroids": arrays.pop("centroids")}, owner=index.centroids)]
+    for i, seg in enumerate(index.segments):
+        key = f"{i:05d}"
+        part = arrays["segments"][key]
+        if "vecs" in part:
+            blobs.append(Blob(f"segments/{key}", {n: part.pop(n) for n in ("vecs", "words", "images")},
+                              owner=ivf_mod.host(seg).vecs))
+    return save_tree(path, arrays, meta={"kind": "index", "index": fields}, blobs=blobs)
 
 
 def load_index(path) -> ivf_mod.Index:
@@ -624,9 +803,18 @@ def load_index(path) -> ivf_mod.Index:
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not an index")
     if not isinstance(tree, dict):
         raise ValueError(f"index checkpoint {path} holds no arrays")
-    if "index" in meta:
-        return index_format.from_arrays(tree, meta["index"], where=str(path))
-    return _load_legacy_index(tree, meta, str(path))
+    if "index" not in meta:
+        return _load_legacy_index(tree, meta, str(path))
+    index = index_format.from_arrays(tree, meta["index"], where=str(path))
+    stores = meta.get("stores") if isinstance(meta.get("stores"), dict) else {}
+    # the arrays just read are those stores: a save over this path shares them while they are unchanged
+    if "" in stores:
+        remember_store(index.centroids, path, stores[""]["name"], stores[""]["arrays"])
+    for i, seg in enumerate(index.segments):
+        entry = stores.get(f"segments/{i:05d}")
+        if entry is not None:
+            remember_store(ivf_mod.host(seg).vecs, path, entry["name"], entry["arrays"])
+    return index
 
 
 def _load_legacy_index(tree, meta, where: str) -> ivf_mod.Index:

@@ -29,10 +29,30 @@ def to_arrays(index: ivf.Index):
             segs[f"{i:05d}"].update({"vecs": h.vecs[:e], "words": h.words[:e], "images": h.images[:e]})
     arrays = {"centroids": np.asarray(index.centroids), "counts": np.asarray(index.counts),
               "idf": np.asarray(index.idf), "segments": segs}
+    if index.ids is not None:
+        arrays["ids"] = np.asarray(index.ids.names, np.int64)
     fields = {"n_images": int(index.n_images), "imid_offset": index.imid_offset, "binary": index.binary,
               "use_idf": index.use_idf, "dim": index.dim, "codebook_size_param": index.codebook_size_param,
-              "segment_ranges": [[ivf.host(s).image_start, ivf.host(s).n_images] for s in index.segments]}
+              "segment_ranges": [[ivf.host(s).image_start, ivf.host(s).n_images] for s in index.segments],
+              "dense_ids": bool(index.dense_ids)}
     return arrays, fields
+
+
+def id_map(arrays, n_images: int, *, where: str):
+    """The :class:`~jasmk.core.ivf.IdMap` of a serialized index (None without an ``ids`` array), checked:
+    ``[n_images] int64``, strictly increasing, non-negative.
+
+    Raises:
+        ValueError: naming the problem.
+    """
+    if "ids" not in arrays:
+        return None
+    names = np.asarray(arrays["ids"])
+    if names.shape != (n_images,) or names.dtype != np.int64:
+        raise problem(where, f"ids must be [{n_images}] int64, got {names.shape} {names.dtype}")
+    if names.size and (names[0] < 0 or names[-1] > ivf.MAX_NAME or (np.diff(names) <= 0).any()):
+        raise problem(where, "ids must be non-negative and strictly increasing")
+    return ivf.IdMap(names)
 
 
 def problem(where: str, what: str) -> ValueError:
@@ -78,7 +98,7 @@ def check_header(arrays, fields, *, where: str) -> Header:
         raise problem(where, f"counts / idf must be [{k}] (the codebook size)")
     if not np.isfinite(idf).all() or (idf < 0).any():
         raise problem(where, "idf holds NaN, inf or negative values")
-    if not 0 <= imid_offset <= n_images or n_images < 0 or n_images > 2**31 - 2:
+    if n_images < 0 or n_images > 2**31 - 2 or imid_offset < 0:
         raise problem(where, f"imid_offset {imid_offset} / n_images {n_images} out of range")
     return Header(n_images, imid_offset, binary, use_idf, dim, centroids, counts, idf)
 
@@ -151,9 +171,14 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
         raise problem(where, f"segments cover {next_start} images, n_images is {n_images}")
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
+    ids = id_map(arrays, n_images, where=where)
+    next_name = int(ids.names[-1]) + 1 if ids is not None else n_images
+    if imid_offset > next_name:
+        raise problem(where, f"imid_offset {imid_offset} exceeds the largest image name + 1 ({next_name})")
     return ivf.from_segments(centroids, counts.astype(np.int32), idf.astype(np.float32), segments, n_images=n_images,
                              imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
-                             codebook_size_param=fields.get("codebook_size_param"))
+                             codebook_size_param=fields.get("codebook_size_param"), ids=ids,
+                             dense_ids=bool(fields.get("dense_ids", False)))
 
 
-__all__ = ["Header", "check_header", "check_postings", "from_arrays", "problem", "to_arrays"]
+__all__ = ["Header", "check_header", "check_postings", "from_arrays", "id_map", "problem", "to_arrays"]
