@@ -81,7 +81,10 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
     """
     cb = as_codebook(centroids)
     x = validate.descriptors(feats, dim=cb.dim, allow_empty=allow_empty)
-    imids = validate.image_ids(ids, x.shape[0])
+    imids = validate.image_ids(ids, x.shape[0], wide=True)
+    names = None
+    if imids.size and int(imids[-1]) >= agg_mod.PAD_IMAGE:  # beyond the aggregation's int32 ids: number them
+        names, imids = np.unique(imids, return_inverse=True)
     if word_ids is None and x.shape[0] == 0:
         ma = validate.multiple_assignment(multiple_assignment, cb.size)
         words = np.zeros((0, ma), np.int32)
@@ -89,7 +92,8 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
         words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
     else:
         words = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
-    return agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary, sort=sort)
+    agg = agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary, sort=sort)
+    return agg if names is None else agg._replace(images=names[agg.images])  # int64 ids back
 
 
 def auto_codebook_plan(n_descriptors: int, *, sample: int = AUTO_SAMPLE, seed: int = 1234):

@@ -230,9 +230,9 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
     :func:`jasmk.score_matrix_aggregated` plus ``Na - 1`` single queries.
 
     Args:
-        index: the :class:`~jasmk.ivf.Index` of the ``n`` images (ids ``0..n-1``, no distractors).
-        query_agg: :class:`~jasmk.aggregate.Aggregated` rows of the same ``n`` images as queries, every id
-            ``0..n-1`` present, grouped ascending, e.g. ``jasmk.aggregate_images(index.centroids, feats, ids,
+        index: the :class:`~jasmk.ivf.Index` of the ``n`` images (any ids, no distractors).
+        query_agg: :class:`~jasmk.aggregate.Aggregated` rows of the same ``n`` images as queries, every id of
+            the index present, grouped ascending, e.g. ``jasmk.aggregate_images(index.centroids, feats, ids,
             binary=index.binary, multiple_assignment=5)`` (MASt3R: 5 assignments for queries, 1 in the index).
         na, k, seed, knn_excludes_self, symmetrize: as :func:`retrieval_pairs`.
         alpha, similarity_threshold, kernel: scoring, as :func:`jasmk.query` (``engine``: 0.1's name for
@@ -251,14 +251,16 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
         raise ValueError(f"the index holds {index.imid_offset} distractor images: pairs need the index of the "
                          "images alone (query ids = index ids)")
     n = int(index.n_images)
+    names = index.image_ids  # ids of the matrix's rows and columns (0..n-1 for a densely numbered collection)
     images = np.asarray(query_agg.images)
     bounds = np.flatnonzero(np.diff(images)) + 1
     starts = np.concatenate([[0], bounds]).astype(np.int64)
     stops = np.concatenate([bounds, [images.shape[0]]]).astype(np.int64)
     ids = images[starts]
-    if ids.size != n or ids[0] != 0 or ids[-1] != n - 1:
-        raise ValueError(f"the query rows must hold every image 0..{n - 1} of the index once (their ids in "
-                         f"order), got {ids.size} images with ids {int(ids[0])}..{int(ids[-1])}")
+    if ids.size != n or not np.array_equal(ids, names):
+        raise ValueError(f"the query rows must hold every image of the index once, with the index's ids in order "
+                         f"({n} images, ids {int(names[0])}..{int(names[-1])}), got {ids.size} images with ids "
+                         f"{int(ids[0])}..{int(ids[-1])}")
     if na > n:
         raise ValueError(f"Na={na} key images asked for, but there are only {n} images")
     kk = min(k, n - 1 if knn_excludes_self else n)
@@ -285,7 +287,7 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
     if na or kk:
         with api_mod.progress_bar(n, "pairs", progress) as bar:
             for batch in engine_mod.batches(query_agg, **engine_mod.layout(index)):
-                q = np.asarray(batch.ids, np.int64)
+                q = np.searchsorted(names, np.asarray(batch.ids, np.int64))  # rows: the images' slots
                 s = scores_of(batch)
                 if na:
                     key_scores[q] = s[:, keys]
@@ -294,6 +296,8 @@ def retrieval_pairs_from_index(index, query_agg, *, na: int, k: int, seed: int =
                 bar.update(len(q))
     pairs = _graph(n, keys, 1.0 - key_scores.astype(np.float64) if na else None, nn)
     log.debug("retrieval-%d-%d from the index: %d pairs over %d images", na, k, len(pairs), n)
+    if index.ids is not None:  # slots to ids
+        pairs, keys = names[pairs], names[keys]
     if symmetrize:
         pairs = np.concatenate([pairs, pairs[:, ::-1]])
     return pairs, keys

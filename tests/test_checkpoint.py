@@ -547,3 +547,92 @@ def test_an_index_with_an_id_gap_wider_than_a_segment_saves_and_loads(tmp_path, 
     np.testing.assert_array_equal(a.ranks, b.ranks)
     np.testing.assert_array_equal(a.scores, b.scores)
     assert set(np.unique(a.ranks)) <= set(np.unique(ids).tolist())
+
+
+def _files(path) -> dict:
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            out[os.path.join(root, name)] = os.path.getsize(os.path.join(root, name))
+    return out
+
+
+@pytest.mark.parametrize("use_idf", [False, True])
+def test_saving_over_its_own_checkpoint_writes_only_what_changed(tmp_path, use_idf):
+    """Lucene-style commits: after one image is added, a save over the index's checkpoint (the one it was saved to,
+    or loaded from) writes the new segment's postings, the per-image and per-word arrays and a manifest, not the
+    other segments or the codebook; versions share stores, and stores no version names are deleted."""
+    rng = np.random.default_rng(0)
+    n, per = 3000, 30
+    feats = rng.standard_normal((n * per, 64)).astype(np.float32)
+    ids = np.repeat(np.arange(n), per)
+    cb = feats[:: 97][:512]
+    index = jasmk.build_index(feats, ids, codebook=cb, use_idf=use_idf)
+    path = tmp_path / "idx"
+    checkpoint.save_index(path, index)
+    first = _files(path)
+    postings = index.n_entries * (index.width * 4 + 8)
+    assert sum(first.values()) > postings
+    for step, start in enumerate((index, checkpoint.load_index(path))):  # saved from memory, or loaded
+        grown = jasmk.add_images(start, feats[:per], np.full(per, n + step))
+        before = _files(path)
+        checkpoint.save_index(path, grown)
+        after = _files(path)
+        written = sum(size for name, size in after.items() if name not in before)
+        # the new image's postings (30 rows) + per-image (n x 4 B norms) + per-word arrays + orbax's own files
+        assert written < 0.1 * postings, (written, postings)
+        assert written < 64 * 1024 + n * 4 + 3 * 512 * 4 + 30 * 5 * (index.width * 4 + 8), written
+        stores = [d for d in os.listdir(path) if d.startswith("s-")]
+        with open(path / [d for d in os.listdir(path) if d.startswith("v-")][0] / "meta.json") as handle:
+            named = {e["name"] for e in json.load(handle)["stores"].values()}
+        assert set(stores) == named  # the replaced segment's store went with the old version
+        back = checkpoint.load_index(path)
+        a, b = jasmk.query(grown, feats[:90], ids[:90], topk=5), jasmk.query(back, feats[:90], ids[:90], topk=5)
+        np.testing.assert_array_equal(a.ranks, b.ranks)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        index = grown
+    # another path, or a store changed behind jasmk's back: written in full
+    checkpoint.save_index(tmp_path / "other", index)
+    assert sum(_files(tmp_path / "other").values()) > postings
+
+
+def test_a_reader_overlapping_an_incremental_save_reads_one_complete_version(tmp_path, monkeypatch):
+    """A reader that read the manifest of the old version when a save published a new one and deleted the old
+    version's stores reads again, the new version, complete (never a mix)."""
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((600, 32)).astype(np.float32)
+    ids = np.repeat(np.arange(20), 30)
+    index = jasmk.build_index(feats, ids, codebook=feats[::9])
+    path = tmp_path / "idx"
+    checkpoint.save_index(path, index)
+    bigger = jasmk.add_images(jasmk.build_index(feats[:300], ids[:300], codebook=feats[::9]), feats[300:], ids[300:])
+    real, calls = checkpoint._read_store, []
+
+    def racing(*args, **kwargs):
+        if not calls:  # the whole save (new stores, publish, cleanup of the old ones) runs under the reader
+            calls.append(1)
+            checkpoint.save_index(path, bigger)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_store", racing)
+    back = checkpoint.load_index(path)
+    assert calls and len(back.segments) == len(bigger.segments)
+    a, b = jasmk.query(bigger, feats[:60], ids[:60], topk=5), jasmk.query(back, feats[:60], ids[:60], topk=5)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_an_older_jasmk_refuses_the_newer_index_format_clearly(tmp_path, small_data):
+    """Index checkpoints are format 3 (ids, shared stores): a jasmk that reads only format 2 says so; format-2
+    index checkpoints (today's main before compact ids) still load."""
+    feats, ids, centroids = small_data
+    path = tmp_path / "idx"
+    checkpoint.save_index(path, jasmk.build_index(feats, ids, codebook=centroids))
+    with open(path / "CURRENT") as handle:
+        assert json.load(handle)["format"] == "jasmk-checkpoint-3"
+    formats = checkpoint._FORMATS
+    try:
+        checkpoint._FORMATS = ("jasmk-checkpoint-2",)  # what the previous jasmk read
+        with pytest.raises(ValueError, match="format version 'jasmk-checkpoint-3'.*upgrade jasmk"):
+            checkpoint.load_index(path)
+    finally:
+        checkpoint._FORMATS = formats

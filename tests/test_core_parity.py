@@ -116,7 +116,7 @@ def test_distractors_match_asmk(tmp_path, small_data):
 
 @pytest.mark.parametrize("use_idf", [False, True])
 def test_larger_codebook_with_gaps_in_ids(use_idf):
-    """Non-contiguous image ids (1, 3, ..., 59 and a jump to 10**6). jasmk.compat keeps asmk's numbers: gap ids
+    """Non-contiguous image ids (1, 3, ..., 59 and a jump to 200,000). jasmk.compat keeps asmk's numbers: gap ids
     count in idf's n_images and rank with score 0 in full rankings. jasmk's own index keeps only the 31 images
     (ids are names): the same ranking of the real images; the same scores without idf, and with idf the scores
     of an index over ids 0..30 (idf counts the images there)."""
@@ -124,13 +124,13 @@ def test_larger_codebook_with_gaps_in_ids(use_idf):
 
     rng = np.random.default_rng(3)
     feats, ids = clustered_data(rng, n_images=31, per_image=80, dim=64)
-    ids = np.where(ids == 30, 10**6, ids * 2 + 1)
+    ids = np.where(ids == 30, 200_000, ids * 2 + 1)  # a gap wider than a segment
     cb = jasmk.train_codebook(feats, size=256)
     centroids = np.asarray(cb.centroids)
     params = asmk_params(size=256, binary=True, use_idf=use_idf)
     ref = asmk_with_centroids(params, centroids).build_ivf(feats, ids.copy())
     _, ref_images, ref_ranks, ref_scores = ref.query_ivf(feats, ids)
-    assert ref_ranks.shape == (31, 10**6 + 1)
+    assert ref_ranks.shape == (31, 200_001)
     ours = asmk_method.ASMKMethod(params, {}, codebook=jasmk.Codebook.from_centroids(centroids, size_param=256))
     _, images, ranks, scores = ours.build_ivf(feats, ids.copy()).query_ivf(feats, ids)
     np.testing.assert_array_equal(images, ref_images)

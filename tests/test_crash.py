@@ -6,6 +6,7 @@ The default run kills 20 savers and 4 CLI runs (about 40 s); ``JASMK_CRASH_TRIAL
 tests/test_crash.py`` kills that many more savers.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -26,10 +27,15 @@ SAVER = textwrap.dedent("""
     import numpy as np
     import jasmk
     from jasmk.storage import checkpoint
-    path, n = sys.argv[1], int(sys.argv[2])
+    path, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     rng = np.random.default_rng(n)
     feats = rng.standard_normal((n * 40, 32)).astype(np.float32)
-    index = jasmk.build_index(feats, np.repeat(np.arange(n), 40), codebook=feats[:64])
+    if mode == "incremental":  # the index on disk plus images: the save shares its unchanged segments
+        old = checkpoint.load_index(path)
+        index = jasmk.add_images(old, feats[: (n - old.n_images) * 40],
+                                 np.repeat(np.arange(old.n_images, n) * 3, 40))
+    else:
+        index = jasmk.build_index(feats, np.repeat(np.arange(n), 40), codebook=feats[:64])
     checkpoint.save_index(path + ".warm", index)  # the first save in a process pays orbax's set-up: not timed
     print("ready", flush=True)
     t = time.perf_counter()
@@ -46,8 +52,8 @@ def index_of(n):
     return jasmk.build_index(feats, np.repeat(np.arange(n), 40), codebook=feats[:64])
 
 
-def saver(path, n):
-    return subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(n)], stdout=subprocess.PIPE,
+def saver(path, n, mode="full"):
+    return subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(n), mode], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
@@ -63,7 +69,10 @@ def check_survivor(path, allowed):
     checkpoint.save_index(path, index_of(OLD))
     left = sorted(os.listdir(path))
     versions = [n for n in left if n.startswith("v-")]
-    assert len(versions) == 1 and set(left) <= {"CURRENT", versions[0]}, left
+    assert len(versions) == 1, left
+    with open(path / versions[0] / "meta.json") as handle:
+        stores = {entry["name"] for entry in json.load(handle)["stores"].values()}
+    assert set(left) == {"CURRENT", versions[0]} | stores, left  # nothing else: unreferenced stores are gone
     assert checkpoint.load_index(path).n_images == OLD
     return index.n_images
 
@@ -83,12 +92,14 @@ def write_phase(tmp_path_factory):
 
 
 def kill_trials(tmp_path, write_phase, trials, seed):
+    """Every other trial saves incrementally (the index on disk plus images, over its own checkpoint: shared
+    stores, and the cleanup of the ones no version names)."""
     rng = np.random.default_rng(seed)
     seen = []
     for t in range(trials):
         path = tmp_path / f"idx{t}"
         checkpoint.save_index(path, index_of(OLD))
-        proc = saver(path, NEW)
+        proc = saver(path, NEW, "incremental" if t % 2 else "full")
         wait_ready(proc)
         time.sleep(rng.uniform(0, 1.2 * write_phase))  # anywhere in the write phase (and a little after)
         proc.send_signal(signal.SIGKILL)

@@ -256,7 +256,7 @@ def test_query_padded_and_small_inputs_are_checked(small_data):
         (lambda: jax.vmap(lambda f, v: jasmk.query_padded(index, f, v))(good[:, None, :, :5], valid[:, None]),
          "dimension 5"),
         (lambda: jasmk.query(index, feats, ids, alpha=-2.0), "alpha"),
-        (lambda: jasmk.build_index(feats, np.full(len(ids), 2**63 + 5, np.uint64), codebook=centroids), "2\\*\\*31"),
+        (lambda: jasmk.build_index(feats, np.full(len(ids), 2**63 + 5, np.uint64), codebook=centroids), "2\\*\\*63"),
         (lambda: jeval.evaluate_revisited(np.zeros((1, 3), int), [{"easy": [0.5], "hard": []}]), "integer image ids"),
         (lambda: pairs.retrieval_pairs(np.eye(5, dtype=np.float32), na=2, k=2, seed="x"), "seed"),
         (lambda: head.parse_hdims("-5"), "positive"),

@@ -32,3 +32,43 @@ def test_the_address_space_limit_is_part_of_the_budget(tmp_path):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["True", "True", "refused", "True"], run.stdout
+
+
+HUGE_IDS = textwrap.dedent("""
+    import resource, sys, tempfile
+    import numpy as np
+    import jasmk
+    from jasmk.core import memory
+    from jasmk.storage import checkpoint
+    limit = 6 * 2**30  # ulimit -v 6G, as on many clusters
+    if memory.status_bytes("VmSize") > limit - 2**30:
+        print("skip"); sys.exit(0)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    ids = np.repeat([0, 10**9], 20)
+    index = jasmk.build_index(x, ids, codebook=x[::3])
+    res = jasmk.query(index, x, ids)
+    path = tempfile.mkdtemp() + "/idx"
+    checkpoint.save_index(path, index)
+    back = jasmk.query(checkpoint.load_index(path), x, ids)
+    assert (back.ranks == res.ranks).all() and (back.scores == res.scores).all()
+    print(index.n_images, sorted(set(res.ranks.ravel().tolist())),
+          (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+""")
+
+
+def test_ids_up_to_a_billion_under_ulimit_v_6g():
+    """Two images with ids 0 and 10**9 (40 descriptors) build, query, save and load under ``ulimit -v 6G``: slots
+    follow the images (asmk's dense layout would need 10**9 slots, ~16 GB)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: the limits cannot be read here")
+    run = subprocess.run([sys.executable, "-c", HUGE_IDS], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    if run.stdout.strip() == "skip":
+        pytest.skip("this process's address space is already near 6 GiB")
+    words = run.stdout.split()
+    assert words[0] == "2" and " ".join(words[1:3]) == "[0, 1000000000]", run.stdout
+    assert int(words[3]) < 1024, f"peak RSS grew by {words[3]} MB"  # compilers and imports; no per-id arrays

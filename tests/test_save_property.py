@@ -57,18 +57,44 @@ def test_build_save_load_query_is_bit_for_bit(tmp_path, seed):
         distractors = jasmk.build_index(np.random.default_rng(seed).standard_normal((len(d), D)).astype(np.float32),
                                         d, codebook=codebook, binary=binary, use_idf=use_idf)
     (f0, i0), rest = batches[0], batches[1:]
-    index = jasmk.build_index(f0, i0, codebook=codebook, binary=binary, use_idf=use_idf, distractors=distractors)
+    dense = seed % 3 == 0  # asmk's dense layout (jasmk.compat's): a slot per id up to the largest
+    if dense:
+        start = ivf.empty(codebook, binary=binary, use_idf=use_idf, dense_ids=True)
+        if distractors is not None:
+            start = ivf.with_distractors(jasmk.add_images(start, *_distractor_feats(seed, n_distractors)))
+        index = jasmk.add_images(start, f0, i0)
+    else:
+        index = jasmk.build_index(f0, i0, codebook=codebook, binary=binary, use_idf=use_idf, distractors=distractors)
     for f, i in rest:
         index = jasmk.add_images(index, f, i)
+    names = np.unique(np.concatenate([i for _, i in batches]))
+    if not dense:  # compact: a slot per image, distractors first (negative ids)
+        np.testing.assert_array_equal(index.image_ids, np.r_[np.arange(-n_distractors, 0), names])
     q = np.concatenate([f for f, _ in batches])[: 6 * PER]
     qi = np.repeat(np.arange(6), PER)
     checkpoint.save_index(tmp_path / "idx", index)
     back = checkpoint.load_index(tmp_path / "idx")
     assert back.n_images == index.n_images and back.n_entries == index.n_entries
     same(jasmk.query(index, q, qi, topk=7), jasmk.query(back, q, qi, topk=7))
+    # one more add after a gap, saved over the same checkpoint (an incremental save), loads bit for bit
+    more = jasmk.add_images(back, q[:PER], np.full(PER, names[-1] + 1000))
+    checkpoint.save_index(tmp_path / "idx", more)
+    same(jasmk.query(more, q, qi, topk=7), jasmk.query(checkpoint.load_index(tmp_path / "idx"), q, qi, topk=7))
     # sharded (one device here: the save and load paths are the same for more)
     mesh = Mesh(np.array(jax.devices()[:1]), ("s",))
     sidx = shard.shard_index(index, mesh)
     shard.save_sharded_index(tmp_path / "sidx", sidx)
     sback = shard.load_sharded_index(tmp_path / "sidx", mesh)
     same(shard.query(sidx, q, qi, topk=7), shard.query(sback, q, qi, topk=7))
+    same(shard.query(sidx, q, qi, topk=7), jasmk.query(index, q, qi, topk=7))
+    # the sharded index grows the same way (and its id map saves)
+    smore = shard.add_images(sback, q[:PER], np.full(PER, names[-1] + 1000))
+    same(shard.query(smore, q, qi, topk=7), jasmk.query(more, q, qi, topk=7))
+    shard.save_sharded_index(tmp_path / "sidx", smore)
+    same(shard.query(shard.load_sharded_index(tmp_path / "sidx", mesh), q, qi, topk=7),
+         jasmk.query(more, q, qi, topk=7))
+
+
+def _distractor_feats(seed, n):
+    d = np.repeat(np.arange(n), PER)
+    return np.random.default_rng(seed).standard_normal((len(d), D)).astype(np.float32), d

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 import jasmk
 from jasmk import compat, head, shard
-from jasmk.storage import asmk_format
+from jasmk.storage import asmk_format, checkpoint
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v0_1")
 
@@ -83,3 +83,21 @@ def test_asmk_pickles_written_through_0_1_compat_load(old):
     _, _, ranks, scores = dataset.query_ivf(want["feats"], want["ids"])
     np.testing.assert_array_equal(ranks, want["asmk_ranks"])
     np.testing.assert_array_equal(scores, want["asmk_scores"])
+
+
+def test_format_2_index_of_the_main_before_compact_ids_loads_and_grows(tmp_path):
+    """An index saved before compact ids (format 2; ids 0-3 and 9-11 in dense slots, idf on; fixtures/format2)
+    loads, answers as it did, grows (new ids take compact slots after its 12) and saves in format 3."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "format2")
+    shutil.copytree(os.path.join(here, "index"), tmp_path / "index")
+    ans = np.load(os.path.join(here, "answers.npz"))
+    index = checkpoint.load_index(tmp_path / "index")
+    assert index.n_images == 12 and index.ids is None
+    res = jasmk.query(index, ans["feats"], ans["ids"])
+    np.testing.assert_array_equal(res.ranks, ans["ranks"])
+    np.testing.assert_array_equal(res.scores, ans["scores"])
+    grown = jasmk.add_images(index, ans["feats"][:10], np.full(10, 10**6))
+    assert grown.n_images == 13 and grown.image_ids[-2:].tolist() == [11, 10**6]
+    checkpoint.save_index(tmp_path / "index", grown)
+    back = checkpoint.load_index(tmp_path / "index")
+    assert back.ids == grown.ids

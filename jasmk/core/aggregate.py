@@ -35,8 +35,8 @@ class Aggregated(typing.NamedTuple):
     Attributes:
         vecs: ``[M, W] uint32`` packed sign bits (binary) or ``[M, D] float32`` unit vectors.
         words: ``[M] int32`` visual word of each row.
-        images: ``[M] int32`` image id of each row (rows of one image are contiguous, images ascending;
-            within an image the rows are sorted by word unless made with ``sort=False``).
+        images: ``[M] int32`` image id of each row (int64 for ids beyond int32; rows of one image are contiguous,
+            images ascending; within an image the rows are sorted by word unless made with ``sort=False``).
     """
 
     vecs: np.ndarray

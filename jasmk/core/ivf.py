@@ -464,11 +464,12 @@ def _padded(a: np.ndarray, order, cap: int, fill) -> np.ndarray:
 
 
 def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_factor, n_words: int,
-                 order=None, shape: tuple[int, int] | None = None) -> Segment:
+                 order=None, shape: tuple[int, int] | None = None, local: bool = False) -> Segment:
     """A :class:`Segment` from postings of the images ``[image_start, image_start + n_images)``.
 
     Args:
-        vecs: ``[E, W]``; words: ``[E] int``; images: ``[E] int`` internal (global) image ids.
+        vecs: ``[E, W]``; words: ``[E] int``; images: ``[E] int`` internal (global) image ids, or with ``local``
+            ids relative to ``image_start`` (``[E] int32``, as a segment stores them).
         norm_factor: ``[n_images]`` normalization of the range's images.
         order: ``[E]`` permutation putting the postings in word-major order; None when they already are.
         shape: ``(postings, images)`` capacities at least (a reservation's level shape); None: the ladder's.
@@ -477,7 +478,10 @@ def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_f
     e = int(words.shape[0])
     if order is None and e > 1 and (np.diff(words) < 0).any():
         order = _word_sort(words, n_words)
-    local = np.asarray(images, np.int64) - int(image_start)
+    if local:
+        rel = np.asarray(images, np.int32)
+    else:
+        rel = (np.asarray(images, np.int64) - int(image_start)).astype(np.int32)
     counts = np.bincount(words, minlength=n_words) if e else np.zeros(n_words, np.int64)
     offsets = np.zeros(n_words + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
@@ -485,7 +489,7 @@ def make_segment(vecs, words, images, *, image_start: int, n_images: int, norm_f
     norm = np.zeros(i_cap, np.float32)
     norm[:n_images] = norm_factor
     return _segment_from(_padded(np.asarray(vecs), order, cap, 0), _padded(words, order, cap, 0),
-                         _padded(local.astype(np.int32), order, cap, PAD_IMAGE), offsets, norm, image_start, n_images)
+                         _padded(rel, order, cap, PAD_IMAGE), offsets, norm, image_start, n_images)
 
 
 def _shape(entries: int, n_images: int, shape) -> tuple[int, int]:

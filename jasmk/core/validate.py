@@ -35,12 +35,14 @@ def descriptors(vecs, *, name: str = "descriptors", dim: int | None = None, allo
     return x
 
 
-def image_ids(ids, n: int, *, name: str = "image ids") -> np.ndarray:
+def image_ids(ids, n: int, *, name: str = "image ids", wide: bool = False) -> np.ndarray:
     """Return ``ids`` as an ``[N] int64`` array after checking it matches ``n`` descriptors and is grouped.
 
     Image ids must be non-negative integers in non-decreasing order (all descriptors of an image
-    next to each other, images in ascending id order), as asmk requires.
+    next to each other, images in ascending id order), as asmk requires; below ``2**31 - 1``, or with ``wide``
+    (ids that name images of an index) below ``2**63 - 1``.
     """
+    top = 2**63 - 1 if wide else 2**31 - 1
     a = np.asarray(ids)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
@@ -51,8 +53,8 @@ def image_ids(ids, n: int, *, name: str = "image ids") -> np.ndarray:
             a = a.astype(np.int64)
         else:
             raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
-    if a.size and a.dtype.kind == "u" and a.max() >= 2**31 - 1:
-        raise ValueError(f"{name} must be below 2**31 - 1, got {a.max()}")
+    if a.size and a.dtype.kind == "u" and int(a.max()) >= top:
+        raise ValueError(f"{name} must be below {'2**63' if wide else '2**31'} - 1, got {a.max()}")
     a = a.astype(np.int64)
     if a.size and a.min() < 0:
         raise ValueError(f"{name} must be non-negative, got {a.min()}")
@@ -62,8 +64,8 @@ def image_ids(ids, n: int, *, name: str = "image ids") -> np.ndarray:
             f"{name} are not grouped in ascending order (id {a[pos]} at position {pos} is followed by {a[pos + 1]}); "
             "sort the descriptors by image id"
         )
-    if a.size and a.max() >= 2**31 - 1:
-        raise ValueError(f"{name} must be below 2**31 - 1, got {a.max()}")
+    if a.size and a.max() >= top:
+        raise ValueError(f"{name} must be below {'2**63' if wide else '2**31'} - 1, got {a.max()}")
     return a
 
 

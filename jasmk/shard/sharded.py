@@ -74,7 +74,7 @@ ENGINES = KERNELS  # the 0.1 name
 
 _DATA = ["centroids", "counts", "idf", "vecs", "words", "images", "offsets", "norm_factor", "scale", "gids",
          "shard_images", "image_slots"]
-_META = ["mesh", "axis", "imid_offset", "binary", "use_idf", "dim", "codebook_size_param"]
+_META = ["mesh", "axis", "imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "ids", "dense_ids"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
@@ -97,7 +97,8 @@ class ShardedIndex:
         shard_images: ``[S] int32`` image slots of each shard.
         image_slots: ``[] int32`` global image slots (largest internal id + 1, replicated).
         mesh, axis: the mesh and the name of the axis the shards lie along.
-        imid_offset, binary, use_idf, dim, codebook_size_param: as in :class:`jasmk.ivf.Index`.
+        imid_offset, binary, use_idf, dim, codebook_size_param, ids, dense_ids: as in :class:`jasmk.ivf.Index`
+            (``gids`` are internal slots; ``ids`` names them).
     """
 
     centroids: jax.Array
@@ -119,6 +120,8 @@ class ShardedIndex:
     use_idf: bool
     dim: int
     codebook_size_param: object = None
+    ids: "ivf_mod.IdMap | None" = None
+    dense_ids: bool = False
     #: the host bookkeeping (shard ranges, per-shard offsets and segments) and the host centroids: neither a PyTree
     #: leaf nor static metadata; a PyTree transform starts without them (see :func:`_host_info`)
     caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
@@ -147,6 +150,16 @@ class ShardedIndex:
     @property
     def width(self) -> int:
         return packed_width(self.dim) if self.binary else int(self.dim)
+
+    @property
+    def next_name(self) -> int:
+        """As :attr:`jasmk.ivf.Index.next_name`."""
+        return int(self.ids.names[-1]) + 1 if self.ids is not None else self.n_images
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """``[n_images] int64`` id of each internal slot (as :attr:`jasmk.ivf.Index.image_ids`)."""
+        return ivf_mod.public_ids(self, np.arange(self.n_images, dtype=np.int64))
 
     @property
     def shard_entries(self) -> np.ndarray:
@@ -292,7 +305,8 @@ def _gids(ranges, i_cap: int) -> np.ndarray:
     return out
 
 
-def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, dim, size_param) -> ShardedIndex:
+def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, dim, size_param, ids=None,
+              dense_ids=False) -> ShardedIndex:
     """A :class:`ShardedIndex` over the host bookkeeping ``h``: each local shard's segment padded to the common
     capacities and sent to its device(s) only."""
     s = int(mesh.shape[axis])
@@ -331,7 +345,8 @@ def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, 
                        counts=_replicated(mesh, h.counts.astype(np.int32)),
                        idf=_replicated(mesh, h.idf), image_slots=_replicated(mesh, np.int32(h.n_images)),
                        mesh=mesh, axis=axis, imid_offset=int(imid_offset), binary=bool(binary),
-                       use_idf=bool(use_idf), dim=int(dim), codebook_size_param=size_param, **arrays)
+                       use_idf=bool(use_idf), dim=int(dim), codebook_size_param=size_param, ids=ids,
+                       dense_ids=bool(dense_ids), **arrays)
     out.caches["host"] = h
     out.caches["centroids"] = np.asarray(centroids, np.float32)
     log.debug("sharded index: %d images, postings per shard %s, capacity %d x %d", h.n_images, entries.tolist(),
@@ -342,7 +357,7 @@ def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, 
 def _fields(sidx: ShardedIndex) -> dict:
     return dict(centroids=sidx.caches["centroids"], mesh=sidx.mesh, axis=sidx.axis,
                 imid_offset=sidx.imid_offset, binary=sidx.binary, use_idf=sidx.use_idf, dim=sidx.dim,
-                size_param=sidx.codebook_size_param)
+                size_param=sidx.codebook_size_param, ids=sidx.ids, dense_ids=sidx.dense_ids)
 
 
 def empty(centroids, *, mesh, axis=None, binary: bool, use_idf: bool, codebook_size_param=None) -> ShardedIndex:
@@ -372,17 +387,31 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
     if agg.words.shape[0] == 0:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = h.n_images
-    images = np.asarray(agg.images, np.int64) + sidx.imid_offset
-    if images.min() < old_n:
-        raise ValueError(f"image id {int(images.min()) - sidx.imid_offset} is already in the index (it holds "
-                         f"internal ids below {old_n}); add new images with larger ids")
-    if images.size > 1 and (np.diff(images) < 0).any():
+    ids = np.asarray(agg.images, np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"image ids must be non-negative, got {int(ids.min())}")
+    if int(ids.max()) > ivf_mod.MAX_NAME - sidx.imid_offset:
+        raise ValueError(f"image id {int(ids.max())} is too large: ids plus the distractor offset must stay below "
+                         "2**63 - 1")
+    names = ids + sidx.imid_offset
+    if ids.size > 1 and (np.diff(names) < 0).any():
         raise ValueError("aggregated rows must be grouped by image in ascending id order")
-    n_images = int(images.max()) + 1
+    if int(names[0]) < sidx.next_name:
+        raise ValueError(f"image id {int(names[0]) - sidx.imid_offset} is not larger than every id already in the "
+                         f"index (the next free id is {sidx.next_name - sidx.imid_offset}); add new images with larger "
+                         "ids, each once")
+    if sidx.dense_ids:
+        memory.require((int(names[-1]) + 1 - old_n) * 16 + ivf_mod.add_bytes(agg),
+                       f"adding images up to id {int(ids[-1])}",
+                       hint="this index keeps asmk's dense layout: a slot per id up to the largest")
+    if sidx.dense_ids and int(names[-1]) > 2**31 - 3:
+        raise ValueError(f"image id {int(ids[-1])} does not fit asmk's dense layout (int32 slots)")
+    images, n_images, id_map = ivf_mod.slots_of(names, old_n=old_n, last_name=sidx.next_name - 1, id_map=sidx.ids,
+                                                dense=sidx.dense_ids)
     if n_images > 2**31 - 2:
-        raise ValueError(f"image ids up to {n_images - 1} do not fit int32 internal ids")
-    memory.require((n_images - old_n) * 16 + ivf_mod.add_bytes(agg), f"adding images up to id {n_images - 1}",
-                   hint="image ids are slots (max id + 1): renumber the images densely from 0")
+        raise ValueError(f"an index holds at most 2**31 - 2 images, this add would make {n_images}")
+    memory.require((n_images - old_n) * 24 + ivf_mod.add_bytes(agg), f"adding {n_images - old_n} images",
+                   hint="add fewer images at a time")
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
     per_slot = np.bincount(images - old_n, minlength=n_images - old_n)
@@ -423,11 +452,11 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
                 ranges[si].append((a, b))
     new_h = _Host(n_images=n_images, ranges=ranges, offsets=offsets, counts=counts, idf=idf, segments=segments)
     log.debug("sharded add: %d rows, %d images, cuts %s", new_words.shape[0], n_images, cuts.tolist())
-    return _assemble(new_h, **_fields(sidx))
+    return _assemble(new_h, **{**_fields(sidx), "ids": id_map})
 
 
 def _from_postings(centroids, vecs, words, images, *, norm_factor, idf, counts, n_images: int, mesh, axis,
-                   imid_offset, binary, use_idf, size_param) -> ShardedIndex:
+                   imid_offset, binary, use_idf, size_param, ids=None, dense_ids=False) -> ShardedIndex:
     """A sharded index over global postings (host arrays; any order), split by posting count into ``S``
     contiguous image ranges, keeping the given normalization and idf."""
     centroids = np.asarray(centroids, np.float32)
@@ -457,7 +486,7 @@ def _from_postings(centroids, vecs, words, images, *, norm_factor, idf, counts, 
             else:
                 h.segments[si] = _empty_segment(width, binary, k)
     return _assemble(h, centroids=centroids, mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary,
-                     use_idf=use_idf, dim=d, size_param=size_param)
+                     use_idf=use_idf, dim=d, size_param=size_param, ids=ids, dense_ids=dense_ids)
 
 
 def shard_index(index: ivf_mod.Index, mesh, *, axis=None) -> ShardedIndex:
@@ -468,12 +497,13 @@ def shard_index(index: ivf_mod.Index, mesh, *, axis=None) -> ShardedIndex:
     return _from_postings(index.centroids, vecs, words, images, norm_factor=index.norm_factor,
                           idf=np.asarray(index.idf, np.float32), counts=np.asarray(index.counts),
                           n_images=index.n_images, mesh=mesh, axis=axis, imid_offset=index.imid_offset,
-                          binary=index.binary, use_idf=index.use_idf, size_param=index.codebook_size_param)
+                          binary=index.binary, use_idf=index.use_idf, size_param=index.codebook_size_param,
+                          ids=index.ids, dense_ids=index.dense_ids)
 
 
 def with_distractors(sidx: ShardedIndex) -> ShardedIndex:
     """Use ``sidx`` as a distractor set: later adds are numbered after its images (asmk's ``imid_offset``)."""
-    out = dataclasses.replace(sidx, imid_offset=int(sidx.n_images))
+    out = dataclasses.replace(sidx, imid_offset=int(sidx.next_name))
     out.caches.update(sidx.caches)
     return out
 
@@ -618,6 +648,12 @@ def _batch_inputs(sidx: ShardedIndex, batch):
     return q
 
 
+def _kernel_view(sidx: ShardedIndex) -> ShardedIndex:
+    """``sidx`` without its id map, for the jitted kernels (which score slots): an add that changes the map
+    changes no program."""
+    return sidx if sidx.ids is None else dataclasses.replace(sidx, ids=None)
+
+
 def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0, similarity_threshold: float = 0.0,
                      topk: int | None = None, kernel: str = "auto", engine: str | None = None) -> api.QueryResult:
     """:func:`jasmk.query_aggregated` on a sharded index: the same ranks and scores as the single-device index.
@@ -638,11 +674,12 @@ def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0,
     out_ids, out_ranks, out_scores = [], [], []
     for batch in engine_mod.batches(agg, **_layout(sidx)):
         kind, cap = _kernel(sidx, batch, kernel)
-        ids, scores = _ranked(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries, k=k_shard,
+        ids, scores = _ranked(_kernel_view(sidx), *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries,
+                              k=k_shard,
                               kind=kind, pairs_cap=cap)
         b = len(batch.ids)
         out_ids.append(batch.ids)
-        out_ranks.append(_replica(ids)[:b, :k].astype(np.int64) - sidx.imid_offset)
+        out_ranks.append(ivf_mod.public_ids(sidx, _replica(ids)[:b, :k]))
         out_scores.append(_replica(scores)[:b, :k])
     return api.QueryResult(np.concatenate(out_ids).astype(np.int64), np.concatenate(out_ranks),
                            np.concatenate(out_scores))
@@ -678,7 +715,8 @@ def score_matrix_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float
     rows = []
     for batch in engine_mod.batches(agg, **_layout(sidx)):
         kind, cap = _kernel(sidx, batch, kernel)
-        blocks = _to_host(_block_scores(sidx, *_batch_inputs(sidx, batch), a32, t32, n_queries=batch.n_queries,
+        blocks = _to_host(_block_scores(_kernel_view(sidx), *_batch_inputs(sidx, batch), a32, t32,
+                                        n_queries=batch.n_queries,
                                         kind=kind, pairs_cap=cap))
         b = len(batch.ids)
         out = np.zeros((b, h.n_images), np.float32)
@@ -723,7 +761,8 @@ def to_arrays(sidx: ShardedIndex):
         postings.append((hs.vecs[:e], hs.words[:e], hs.images[:e], hs.norm_factor[: hs.n_images]))
     return shard_format.to_arrays(sidx.caches["centroids"], h.counts, h.idf, postings, ranges=h.ranges,
                                   n_images=h.n_images, imid_offset=sidx.imid_offset, binary=sidx.binary,
-                                  use_idf=sidx.use_idf, dim=sidx.dim, codebook_size_param=sidx.codebook_size_param)
+                                  use_idf=sidx.use_idf, dim=sidx.dim, codebook_size_param=sidx.codebook_size_param,
+                                  names=None if sidx.ids is None else sidx.ids.names, dense_ids=sidx.dense_ids)
 
 
 def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -> ShardedIndex:
@@ -754,7 +793,7 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
                                                        norm_factor=norm, n_words=k) if n else
                                   _empty_segment(width, binary, k))
         return _assemble(h, centroids=centroids, mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary,
-                         use_idf=use_idf, dim=dim, size_param=size_param)
+                         use_idf=use_idf, dim=dim, size_param=size_param, ids=data.ids, dense_ids=data.dense_ids)
     # another mesh size: global postings, split again
     g_vecs, g_words, g_images = [], [], []
     g_norm = np.zeros(n_images, np.float32)
@@ -767,7 +806,7 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
     return _from_postings(centroids, np.concatenate(g_vecs), np.concatenate(g_words), np.concatenate(g_images),
                           norm_factor=g_norm, idf=idf.astype(np.float32), counts=counts, n_images=n_images,
                           mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary, use_idf=use_idf,
-                          size_param=size_param)
+                          size_param=size_param, ids=data.ids, dense_ids=data.dense_ids)
 
 
 def save_sharded_index(path, sidx) -> str:

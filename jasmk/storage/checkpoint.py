@@ -591,7 +591,8 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
         raise ValueError(f"checkpoint meta keys {reserved} are reserved")
     arrays = jax.tree_util.tree_map(np.asarray, tree)
     blobs = list(blobs)
-    fmt = _STORES_FORMAT if blobs else _FORMAT
+    # indexes take the newer format (ids, stores): a jasmk that cannot read them says so instead of misreading
+    fmt = _STORES_FORMAT if blobs or kind in ("index", "sharded-index") else _FORMAT
     record = {**meta, "format": fmt, "arrays": _array_table(arrays)}
     slots = [b.slot for b in blobs]
     if len(set(slots)) != len(slots):

@@ -163,9 +163,10 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
             raise problem(where, f"{name} covers images [{start}, {start + n}), expected to start at {next_start}")
         check_postings(vecs, words, images, norm, n_images=n, n_words=k, width=width, binary=binary, name=name,
                        where=where)
-        total += np.bincount(words, minlength=k)
-        segments.append(ivf.make_segment(vecs, words, images.astype(np.int64) + start, image_start=start, n_images=n,
-                                     norm_factor=norm, n_words=k))
+        seg = ivf.make_segment(vecs, words, images, image_start=start, n_images=n, norm_factor=norm, n_words=k,
+                               local=True)
+        total += np.diff(ivf.host(seg).offsets)
+        segments.append(seg)
         next_start = start + n
     if next_start != n_images:
         raise problem(where, f"segments cover {next_start} images, n_images is {n_images}")

@@ -13,16 +13,19 @@ import typing
 import numpy as np
 
 from ..core.aggregate import packed_width
-from .index_format import Header, check_header, check_postings
+from .index_format import Header, check_header, check_postings, id_map
 
 
 class ShardData(typing.NamedTuple):
-    """A checked serialized sharded index: the header, each shard's image-id ranges, and each shard's
-    ``(vecs, words int32, local images int64, norm float32, n_images)``."""
+    """A checked serialized sharded index: the header, each shard's image-id ranges, each shard's
+    ``(vecs, words int32, local images int64, norm float32, n_images)``, the id map (None: names are slots) and
+    whether the index keeps asmk's dense layout."""
 
     header: Header
     ranges: list
     parts: list
+    ids: object = None
+    dense_ids: bool = False
 
 
 def problem(where, what) -> ValueError:
@@ -31,7 +34,7 @@ def problem(where, what) -> ValueError:
 
 
 def to_arrays(centroids, counts, idf, postings, *, ranges, n_images: int, imid_offset: int, binary: bool,
-              use_idf: bool, dim: int, codebook_size_param=None):
+              use_idf: bool, dim: int, codebook_size_param=None, names=None, dense_ids: bool = False):
     """``(arrays, fields)`` from the shards' host postings ``[(vecs, words, local images, norm), ...]``.
     Zero-size arrays are left out (Orbax saves none); :func:`read` puts them back."""
     shards = {}
@@ -41,9 +44,11 @@ def to_arrays(centroids, counts, idf, postings, *, ranges, n_images: int, imid_o
         if arrays:  # a shard without images or postings has none
             shards[f"{si:05d}"] = arrays
     arrays = {"centroids": centroids, "counts": np.asarray(counts).astype(np.int32), "idf": idf, "shards": shards}
+    if names is not None:
+        arrays["ids"] = np.asarray(names, np.int64)
     fields = {"n_images": int(n_images), "imid_offset": imid_offset, "binary": binary, "use_idf": use_idf,
               "dim": dim, "codebook_size_param": codebook_size_param,
-              "shard_ranges": [[[int(a), int(b)] for a, b in r] for r in ranges]}
+              "shard_ranges": [[[int(a), int(b)] for a, b in r] for r in ranges], "dense_ids": bool(dense_ids)}
     return arrays, fields
 
 
@@ -100,7 +105,11 @@ def read(arrays, fields, *, where: str, max_entries: int) -> ShardData:
         parts.append((vecs, words.astype(np.int32), images.astype(np.int64), norm.astype(np.float32), n))
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
-    return ShardData(head, ranges, parts)
+    ids = id_map(arrays, n_images, where=where)
+    next_name = int(ids.names[-1]) + 1 if ids is not None else n_images
+    if head.imid_offset > next_name:
+        raise problem(where, f"imid_offset {head.imid_offset} exceeds the largest image name + 1 ({next_name})")
+    return ShardData(head, ranges, parts, ids, bool(fields.get("dense_ids", False)))
 
 
 __all__ = ["ShardData", "problem", "read", "to_arrays"]
