@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             mb_now = _tree_bytes(full) / 1e6
             t_raw = _raw_read(full)
             print(f"{n:>9} {grown.n_entries:>11} {mb_full:>9.0f} MB {t_full:>6.2f} s {mb_inc:>11.2f} MB "
-                  f"{t_inc:>6.3f} s {t_again:>18.2f} s {mb_now / t_load:>9.0f} MB/s {t_load:>4.2f} s {mb_now / t_raw:>5.0f} MB/s",
+                  f"{t_inc:>6.3f} s {t_again:>18.2f} s {mb_now / t_load:>9.0f} MB/s {t_load:>4.2f} s "
+                  f"{mb_now / t_raw:>5.0f} MB/s",
                   flush=True)
             shutil.rmtree(full)
             del index, grown
