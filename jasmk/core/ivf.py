@@ -286,25 +286,60 @@ class IdMap:
 MAX_NAME = 2**63 - 2  # ids plus imid_offset stay below int64's top
 
 
-def slots_of(names: np.ndarray, *, old_n: int, last_name: int, id_map: "IdMap | None", dense: bool):
-    """Internal slots of new images named ``names`` (``[E] int64``, grouped ascending, all above ``last_name``).
+def assign_slots(index, agg: Aggregated):
+    """Check the image ids of an add and give each new image its internal slot (shared by :func:`add` and the
+    sharded index's add: ``index`` has ``n_images``, ``imid_offset``, ``next_name``, ``ids`` and ``dense_ids``).
+
+    Image ids are names: the new images take the next slots whatever their ids, so gaps cost nothing (except with
+    ``dense_ids``, asmk's layout: a slot for every name up to the largest). Names (ids plus ``imid_offset``) must
+    be non-negative, grouped ascending and larger than every name already there. The memory the new slots need is
+    checked before anything is allocated.
 
     Returns:
         ``(slots [E] int64, n_images, id_map)``: each row's slot, the slot count after the add and the index's
-        new :class:`IdMap` (None while names equal slots). ``dense``: asmk's layout (a slot for every name up
-        to the largest, gaps included: :mod:`jasmk.compat`), never a map.
+        new :class:`IdMap` (None while names equal slots).
+
+    Raises:
+        ValueError: naming what is wrong with the ids, or the memory they would need.
     """
-    if dense:
-        return names, int(names[-1]) + 1, id_map
-    starts = np.flatnonzero(np.diff(names)) + 1
-    new = names[np.concatenate([[0], starts])] if names.size else names
-    slots = np.repeat(np.arange(old_n, old_n + new.size, dtype=np.int64),
-                      np.diff(np.concatenate([[0], starts, [names.size]])))
-    n_images = old_n + int(new.size)
-    if id_map is None and int(new[0]) == old_n and int(new[-1]) == n_images - 1:
-        return slots, n_images, None  # still 0..n-1: names are slots
-    old = id_map.names if id_map is not None else np.arange(old_n, dtype=np.int64)
-    return slots, n_images, IdMap(np.concatenate([old, new]))
+    old_n = int(index.n_images)
+    ids = np.asarray(agg.images, np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"image ids must be non-negative, got {int(ids.min())}")
+    if int(ids.max()) > MAX_NAME - index.imid_offset:
+        raise ValueError(f"image id {int(ids.max())} is too large: ids plus the distractor offset "
+                         f"{index.imid_offset} must stay below 2**63 - 1")
+    names = ids + index.imid_offset
+    if ids.size > 1 and (np.diff(names) < 0).any():
+        raise ValueError("aggregated rows must be grouped by image in ascending id order")
+    next_name = index.next_name
+    if int(names[0]) < next_name:
+        raise ValueError(
+            f"image id {int(names[0]) - index.imid_offset} is not larger than every id already in the index "
+            f"(the next free id is {next_name - index.imid_offset}); add new images with larger ids, each once")
+    if index.dense_ids:
+        if int(names[-1]) > 2**31 - 3:
+            raise ValueError(f"image id {int(ids[-1])} does not fit asmk's dense layout (int32 slots)")
+        slots, n_images, id_map = names, int(names[-1]) + 1, index.ids
+        what = f"adding images up to id {int(ids[-1])}"
+        hint = ("this index keeps asmk's dense layout (jasmk.compat): a slot per id up to the largest; "
+                "jasmk.build_index keeps only the images there")
+    else:
+        starts = np.flatnonzero(np.diff(names)) + 1
+        new = names[np.concatenate([[0], starts])]
+        n_images = old_n + int(new.size)
+        if n_images > 2**31 - 2:
+            raise ValueError(f"an index holds at most 2**31 - 2 images, this add would make {n_images}")
+        slots = np.repeat(np.arange(old_n, n_images, dtype=np.int64),
+                          np.diff(np.concatenate([[0], starts, [names.size]])))
+        if index.ids is None and int(new[0]) == old_n and int(new[-1]) == n_images - 1:
+            id_map = None  # still 0..n-1: names are slots
+        else:
+            old = index.ids.names if index.ids is not None else np.arange(old_n, dtype=np.int64)
+            id_map = IdMap(np.concatenate([old, new]))
+        what, hint = f"adding {n_images - old_n} images", "add fewer images at a time"
+    memory.require((n_images - old_n) * 24 + add_bytes(agg), what, hint=hint)
+    return slots, n_images, id_map
 
 
 _DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
@@ -648,33 +683,7 @@ def add(index: Index, agg: Aggregated) -> Index:
     if agg.words.shape[0] == 0:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = int(index.n_images)
-    ids = np.asarray(agg.images, np.int64)
-    if ids.min() < 0:
-        raise ValueError(f"image ids must be non-negative, got {int(ids.min())}")
-    if int(ids.max()) > MAX_NAME - index.imid_offset:
-        raise ValueError(f"image id {int(ids.max())} is too large: ids plus the distractor offset "
-                         f"{index.imid_offset} must stay below 2**63 - 1")
-    names = ids + index.imid_offset
-    if ids.size > 1 and (np.diff(names) < 0).any():
-        raise ValueError("aggregated rows must be grouped by image in ascending id order")
-    next_name = index.next_name
-    if int(names[0]) < next_name:
-        raise ValueError(
-            f"image id {int(names[0]) - index.imid_offset} is not larger than every id already in the index "
-            f"(the next free id is {next_name - index.imid_offset}); add new images with larger ids, each once")
-    if index.dense_ids:
-        # asmk's layout: a slot for every id up to the largest, gaps included
-        memory.require((int(names[-1]) + 1 - old_n) * 16 + add_bytes(agg), f"adding images up to id {int(ids[-1])}",
-                       hint="this index keeps asmk's dense layout (jasmk.compat): a slot per id up to the largest; "
-                            "jasmk.build_index keeps only the images there")
-        if int(names[-1]) > 2**31 - 3:
-            raise ValueError(f"image id {int(ids[-1])} does not fit asmk's dense layout (int32 slots)")
-    images, n_images, id_map = slots_of(names, old_n=old_n, last_name=next_name - 1, id_map=index.ids,
-                                        dense=index.dense_ids)
-    if n_images > 2**31 - 2:
-        raise ValueError(f"an index holds at most 2**31 - 2 images, this add would make {n_images}")
-    memory.require((n_images - old_n) * 24 + add_bytes(agg), f"adding {n_images - old_n} images",
-                   hint="add fewer images at a time")
+    images, n_images, id_map = assign_slots(index, agg)
     k = index.n_words
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
@@ -740,6 +749,6 @@ def from_segments(centroids, counts, idf, segments, *, n_images: int, imid_offse
 
 
 __all__ = ["ENTRY_BLOCK", "HostSegment", "IdMap", "Index", "MAX_NAME", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES",
-           "MERGE_RATIO", "Reservation", "Segment", "add", "add_bytes", "capacity", "compact", "empty", "entries",
-           "from_postings", "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments", "on_device",
-           "public_ids", "renormalized", "reserve", "slots_of", "with_distractors"]
+           "MERGE_RATIO", "Reservation", "Segment", "add", "add_bytes", "assign_slots", "capacity", "compact", "empty",
+           "entries", "from_postings", "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments",
+           "on_device", "public_ids", "renormalized", "reserve", "with_distractors"]

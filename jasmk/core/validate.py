@@ -42,7 +42,7 @@ def image_ids(ids, n: int, *, name: str = "image ids", wide: bool = False) -> np
     next to each other, images in ascending id order), as asmk requires; below ``2**31 - 1``, or with ``wide``
     (ids that name images of an index) below ``2**63 - 1``.
     """
-    top = 2**63 - 1 if wide else 2**31 - 1
+    top, top_text = (2**63 - 1, "2**63 - 1") if wide else (2**31 - 1, "2**31 - 1")
     a = np.asarray(ids)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
@@ -54,7 +54,7 @@ def image_ids(ids, n: int, *, name: str = "image ids", wide: bool = False) -> np
         else:
             raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
     if a.size and a.dtype.kind == "u" and int(a.max()) >= top:
-        raise ValueError(f"{name} must be below {'2**63' if wide else '2**31'} - 1, got {a.max()}")
+        raise ValueError(f"{name} must be below {top_text}, got {a.max()}")
     a = a.astype(np.int64)
     if a.size and a.min() < 0:
         raise ValueError(f"{name} must be non-negative, got {a.min()}")
@@ -65,7 +65,7 @@ def image_ids(ids, n: int, *, name: str = "image ids", wide: bool = False) -> np
             "sort the descriptors by image id"
         )
     if a.size and a.max() >= top:
-        raise ValueError(f"{name} must be below {'2**63' if wide else '2**31'} - 1, got {a.max()}")
+        raise ValueError(f"{name} must be below {top_text}, got {a.max()}")
     return a
 
 

@@ -387,31 +387,7 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
     if agg.words.shape[0] == 0:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = h.n_images
-    ids = np.asarray(agg.images, np.int64)
-    if ids.min() < 0:
-        raise ValueError(f"image ids must be non-negative, got {int(ids.min())}")
-    if int(ids.max()) > ivf_mod.MAX_NAME - sidx.imid_offset:
-        raise ValueError(f"image id {int(ids.max())} is too large: ids plus the distractor offset must stay below "
-                         "2**63 - 1")
-    names = ids + sidx.imid_offset
-    if ids.size > 1 and (np.diff(names) < 0).any():
-        raise ValueError("aggregated rows must be grouped by image in ascending id order")
-    if int(names[0]) < sidx.next_name:
-        raise ValueError(f"image id {int(names[0]) - sidx.imid_offset} is not larger than every id already in the "
-                         f"index (the next free id is {sidx.next_name - sidx.imid_offset}); add new images with larger "
-                         "ids, each once")
-    if sidx.dense_ids:
-        memory.require((int(names[-1]) + 1 - old_n) * 16 + ivf_mod.add_bytes(agg),
-                       f"adding images up to id {int(ids[-1])}",
-                       hint="this index keeps asmk's dense layout: a slot per id up to the largest")
-    if sidx.dense_ids and int(names[-1]) > 2**31 - 3:
-        raise ValueError(f"image id {int(ids[-1])} does not fit asmk's dense layout (int32 slots)")
-    images, n_images, id_map = ivf_mod.slots_of(names, old_n=old_n, last_name=sidx.next_name - 1, id_map=sidx.ids,
-                                                dense=sidx.dense_ids)
-    if n_images > 2**31 - 2:
-        raise ValueError(f"an index holds at most 2**31 - 2 images, this add would make {n_images}")
-    memory.require((n_images - old_n) * 24 + ivf_mod.add_bytes(agg), f"adding {n_images - old_n} images",
-                   hint="add fewer images at a time")
+    images, n_images, id_map = ivf_mod.assign_slots(sidx, agg)
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
     per_slot = np.bincount(images - old_n, minlength=n_images - old_n)
