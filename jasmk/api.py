@@ -627,7 +627,7 @@ def _id_table(index: ivf_mod.Index):
     jitted query: int32, or int64 under ``jax_enable_x64``; cached on the index."""
     table = index.caches.get("id_table")
     if table is None:
-        ids = index.image_ids
+        ids = index.ids.names - index.imid_offset  # static: also while the index's arrays are traced
         x64 = bool(jax.config.jax_enable_x64)
         if not x64 and ids.size and (int(ids.max()) > 2**31 - 1 or int(ids.min()) < -2**31):
             raise ValueError(f"image id {int(ids.max())} does not fit int32: query_padded returns JAX arrays, "

@@ -1,6 +1,7 @@
 """Image ids are names: any non-negative int64 id, any gap, costs memory and time in the number of images (an id
 map from dense internal slots to the ids), and every result speaks the ids given."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,6 +51,9 @@ def test_huge_and_sparse_ids_cost_nothing(tmp_path, far, monkeypatch):
         ranks, scores = jasmk.query_padded(index, padded, valid, topk=3)
         np.testing.assert_array_equal(np.asarray(ranks), got.ranks)
         np.testing.assert_allclose(np.asarray(scores), got.scores, rtol=1e-6)
+        # inside a user's jit, the index traced too (the id map is static metadata)
+        traced = jax.jit(lambda i, f, v: jasmk.query_padded(i, f, v, topk=3))(index, padded, valid)
+        np.testing.assert_array_equal(np.asarray(traced[0]), got.ranks)
     else:
         with pytest.raises(ValueError, match="jax_enable_x64"):
             jasmk.query_padded(index, padded, valid, topk=3)
