@@ -425,7 +425,6 @@ class Blob:
     def __init__(self, slot: str, arrays: dict, owner=None):
         self.slot, self.owner = slot, owner
         self.arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-        self.saved_as = None  # the store name, once saved
 
 
 _KNOWN: dict = {}  # id(owner) -> (weakref to owner, {checkpoint path: (store name, table)})
@@ -451,11 +450,6 @@ def _known_store(owner, path):
     if entry is None or entry[0]() is not owner:
         return None
     return entry[1].get(path)
-
-
-def _store_table(arrays: dict) -> dict:
-    return {name: {"dtype": str(a.dtype), "shape": list(a.shape), "crc32": zlib.crc32(a) if a.size else 0,
-                   "bytes": int(a.nbytes)} for name, a in arrays.items()}
 
 
 def _store_names(vdir) -> list:
@@ -486,7 +480,8 @@ def _write_store(path, arrays: dict) -> str:
 
 
 def _read_store(path, name, table) -> dict:
-    """The arrays of the store ``name`` of ``path``, checked against ``table`` (dtype, shape, crc32)."""
+    """The arrays of the store ``name`` of ``path``, checked against ``table`` (:func:`_array_table`'s: dtype,
+    shape, crc32)."""
     if not isinstance(name, str) or not _STORE_RE.match(name) or not isinstance(table, dict):
         raise ValueError(f"corrupt checkpoint meta in {path}: bad store entry {name!r}")
     out = {}
@@ -501,12 +496,8 @@ def _read_store(path, name, table) -> dict:
             raise ValueError(f"checkpoint {path} is incomplete: store {name} lacks {key}.npy") from None
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"checkpoint {path} is damaged: store {name}/{key}.npy cannot be read ({exc})") from None
-        if str(a.dtype) != spec.get("dtype") or list(a.shape) != spec.get("shape"):
-            raise ValueError(f"array {name}/{key} in checkpoint {path} is {a.dtype} {list(a.shape)}, its meta says "
-                             f"{spec.get('dtype')} {spec.get('shape')}")
-        if (zlib.crc32(np.ascontiguousarray(a)) if a.size else 0) != spec.get("crc32"):
-            raise ValueError(f"array {name}/{key} in checkpoint {path} is corrupt (checksum mismatch)")
         out[key] = a
+    _verify_arrays(f"{path} (store {name})", out, table)
     return out
 
 
@@ -573,7 +564,7 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
         meta: JSON-serializable dict (``kind`` and static fields); ``format`` and ``arrays`` are reserved.
         lock_timeout: seconds to wait for a concurrent save of the same path (default :data:`LOCK_TIMEOUT`).
         blobs: :class:`Blob` arrays kept in stores: those the live version already holds (same owner, same
-            checksums) are shared, not written again; each blob's ``saved_as`` names its store afterwards.
+            checksums) are shared, not written again.
 
     Returns:
         The absolute path written.
@@ -625,11 +616,10 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                     if known is not None and known[0] in live and os.path.isdir(os.path.join(path, known[0])):
                         name, table = known  # unchanged since the live version: shared
                     else:
-                        table = _store_table(blob.arrays)
+                        table = _array_table(blob.arrays)
                         name = _write_store(path, blob.arrays)
                         written.append(name)
                     stores[blob.slot] = {"name": name, "arrays": table}
-                    blob.saved_as = name
                 if blobs:
                     record["stores"] = stores
                     _fsync_dir(path)
@@ -656,7 +646,7 @@ def save_tree(path, tree, *, meta: dict | None = None, lock_timeout: float | Non
                         shutil.rmtree(os.path.join(path, name), ignore_errors=True)
                 raise
             for blob in blobs:
-                remember_store(blob.owner, path, blob.saved_as, record["stores"][blob.slot]["arrays"])
+                remember_store(blob.owner, path, stores[blob.slot]["name"], stores[blob.slot]["arrays"])
             _collect_garbage(path, keep=version)
             _crash_point("cleaned")
         finally:
@@ -786,13 +776,17 @@ def save_index(path, index: ivf_mod.Index) -> str:
     the per-word arrays; the other segments' stores are shared with the earlier version."""
     arrays, fields = index_format.to_arrays(index)
     blobs = [Blob("", {"centroids": arrays.pop("centroids")}, owner=index.centroids)]
-    for i, seg in enumerate(index.segments):
-        key = f"{i:05d}"
-        part = arrays["segments"][key]
+    for slot, owner in _segment_stores(index):
+        part = arrays["segments"][slot.split("/")[1]]
         if "vecs" in part:
-            blobs.append(Blob(f"segments/{key}", {n: part.pop(n) for n in ("vecs", "words", "images")},
-                              owner=ivf_mod.host(seg).vecs))
+            blobs.append(Blob(slot, {n: part.pop(n) for n in ("vecs", "words", "images")}, owner=owner))
     return save_tree(path, arrays, meta={"kind": "index", "index": fields}, blobs=blobs)
+
+
+def _segment_stores(index: ivf_mod.Index):
+    """``[(slot, owner)]`` of each segment's postings store: its place in the tree of
+    :func:`jasmk.storage.index_format.to_arrays` and the array whose identity marks it unchanged."""
+    return [(f"segments/{i:05d}", ivf_mod.host(seg).vecs) for i, seg in enumerate(index.segments)]
 
 
 def load_index(path) -> ivf_mod.Index:
@@ -809,12 +803,10 @@ def load_index(path) -> ivf_mod.Index:
     index = index_format.from_arrays(tree, meta["index"], where=str(path))
     stores = meta.get("stores") if isinstance(meta.get("stores"), dict) else {}
     # the arrays just read are those stores: a save over this path shares them while they are unchanged
-    if "" in stores:
-        remember_store(index.centroids, path, stores[""]["name"], stores[""]["arrays"])
-    for i, seg in enumerate(index.segments):
-        entry = stores.get(f"segments/{i:05d}")
+    for slot, owner in [("", index.centroids)] + _segment_stores(index):
+        entry = stores.get(slot)
         if entry is not None:
-            remember_store(ivf_mod.host(seg).vecs, path, entry["name"], entry["arrays"])
+            remember_store(owner, path, entry["name"], entry["arrays"])
     return index
 
 
