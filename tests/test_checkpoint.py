@@ -462,6 +462,28 @@ def test_flipped_byte_is_detected(tmp_path, small_data):
         checkpoint.load_index(path)
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_a_damaged_postings_store_is_refused(tmp_path, small_data, damage):
+    """The segments' postings live in stores (s-<hex>/*.npy) beside the version: a flipped byte, a truncated file or
+    a missing one gives one ValueError naming the store."""
+    feats, ids, cents = small_data
+    path = tmp_path / "idx"
+    checkpoint.save_index(path, jasmk.build_index(feats, ids, codebook=cents))
+    files = [os.path.join(path, d, f) for d in os.listdir(path) if d.startswith("s-")
+             for f in os.listdir(path / d)]
+    target = max(files, key=os.path.getsize)
+    data = bytearray(open(target, "rb").read())
+    if damage == "flip":
+        data[-1] ^= 0xFF
+        open(target, "wb").write(bytes(data))
+    elif damage == "truncate":
+        open(target, "wb").write(bytes(data[: len(data) // 2]))
+    else:
+        os.unlink(target)
+    with pytest.raises(ValueError, match=r"s-[0-9a-f]{32}"):
+        checkpoint.load_index(path)
+
+
 @pytest.mark.parametrize("damage", ["truncate-manifest", "flip-metadata", "remove-data"])
 def test_a_damaged_array_store_is_refused_before_it_is_read(tmp_path, small_data, damage):
     """Truncated, altered or missing files of the array store are refused with one ValueError naming the file,
