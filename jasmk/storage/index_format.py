@@ -38,21 +38,25 @@ def to_arrays(index: ivf.Index):
     return arrays, fields
 
 
-def id_map(arrays, n_images: int, *, where: str):
+def id_map(arrays, n_images: int, imid_offset: int, *, where: str):
     """The :class:`~jasmk.core.ivf.IdMap` of a serialized index (None without an ``ids`` array), checked:
-    ``[n_images] int64``, strictly increasing, non-negative.
+    ``[n_images] int64``, strictly increasing, non-negative, and ``imid_offset`` at most the largest name + 1.
 
     Raises:
         ValueError: naming the problem.
     """
-    if "ids" not in arrays:
-        return None
-    names = np.asarray(arrays["ids"])
-    if names.shape != (n_images,) or names.dtype != np.int64:
-        raise problem(where, f"ids must be [{n_images}] int64, got {names.shape} {names.dtype}")
-    if names.size and (names[0] < 0 or names[-1] > ivf.MAX_NAME or (np.diff(names) <= 0).any()):
-        raise problem(where, "ids must be non-negative and strictly increasing")
-    return ivf.IdMap(names)
+    ids = None
+    if "ids" in arrays:
+        names = np.asarray(arrays["ids"])
+        if names.shape != (n_images,) or names.dtype != np.int64:
+            raise problem(where, f"ids must be [{n_images}] int64, got {names.shape} {names.dtype}")
+        if names.size and (names[0] < 0 or names[-1] > ivf.MAX_NAME or (np.diff(names) <= 0).any()):
+            raise problem(where, "ids must be non-negative and strictly increasing")
+        ids = ivf.IdMap(names)
+    next_name = int(ids.names[-1]) + 1 if ids is not None and len(ids) else n_images
+    if imid_offset > next_name:
+        raise problem(where, f"imid_offset {imid_offset} exceeds the largest image name + 1 ({next_name})")
+    return ids
 
 
 def problem(where: str, what: str) -> ValueError:
@@ -172,10 +176,7 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
         raise problem(where, f"segments cover {next_start} images, n_images is {n_images}")
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
-    ids = id_map(arrays, n_images, where=where)
-    next_name = int(ids.names[-1]) + 1 if ids is not None else n_images
-    if imid_offset > next_name:
-        raise problem(where, f"imid_offset {imid_offset} exceeds the largest image name + 1 ({next_name})")
+    ids = id_map(arrays, n_images, imid_offset, where=where)
     return ivf.from_segments(centroids, counts.astype(np.int32), idf.astype(np.float32), segments, n_images=n_images,
                              imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
                              codebook_size_param=fields.get("codebook_size_param"), ids=ids,

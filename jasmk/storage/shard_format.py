@@ -105,10 +105,7 @@ def read(arrays, fields, *, where: str, max_entries: int) -> ShardData:
         parts.append((vecs, words.astype(np.int32), images.astype(np.int64), norm.astype(np.float32), n))
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
-    ids = id_map(arrays, n_images, where=where)
-    next_name = int(ids.names[-1]) + 1 if ids is not None else n_images
-    if head.imid_offset > next_name:
-        raise problem(where, f"imid_offset {head.imid_offset} exceeds the largest image name + 1 ({next_name})")
+    ids = id_map(arrays, n_images, head.imid_offset, where=where)
     return ShardData(head, ranges, parts, ids, bool(fields.get("dense_ids", False)))
 
 
