@@ -22,12 +22,12 @@ import tempfile
 import time
 
 
-def _tree_bytes(path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
 def _files(path) -> dict:
     return {os.path.join(r, f): os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs}
+
+
+def _tree_bytes(path) -> int:
+    return sum(_files(path).values())
 
 
 def _raw_read(path) -> float:
