@@ -255,7 +255,8 @@ class IdMap:
     images, not the largest id.
 
     Immutable and hashable (it is static metadata of the :class:`Index` PyTree): the hash is a digest of the
-    names computed once, equality compares the names.
+    names, computed the first time it is needed (a jit keyed on the index; an add computes none), equality
+    compares the names.
 
     Attributes:
         names: ``[n] int64`` strictly increasing, non-negative.
@@ -267,16 +268,18 @@ class IdMap:
         names = np.array(names, dtype=np.int64, copy=True).reshape(-1)
         names.setflags(write=False)
         self.names = names
-        self._digest = hash((names.size, hashlib.blake2b(names.tobytes(), digest_size=16).digest()))
+        self._digest = None
 
     def __len__(self) -> int:
         return int(self.names.size)
 
     def __hash__(self) -> int:
+        if self._digest is None:
+            self._digest = hash((self.names.size, hashlib.blake2b(self.names.tobytes(), digest_size=16).digest()))
         return self._digest
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, IdMap) and self._digest == other._digest
+        return (isinstance(other, IdMap) and hash(self) == hash(other)
                 and np.array_equal(self.names, other.names))
 
     def __repr__(self) -> str:
