@@ -10,7 +10,8 @@ Nothing is downloaded here: fetch the files first (asmk's examples/demo_how.py r
   gnd       http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/<dataset>/gnd_<dataset>.pkl
             a dict with 'gnd' (one dict per query: 'easy', 'hard', 'junk', 'bbx'), 'imlist', 'qimlist'.
 
-Parameter sets (asmk's file names, as they are; a path to such a .yml file works too):
+Parameter sets (asmk's file names, as they are, shipped in jasmk/params/ and read with
+jasmk.compat.load_params; a path to such a .yml file works too):
 
   eccv20_how_r18_1000    evaluates how_r18_1000 features, codebook trained on how_r18_1000
   eccv20_how_r50-_1000   evaluates how_r50-_1000 features, codebook trained on how_r50-_1000
@@ -48,7 +49,6 @@ Parameters (the eccv20_how ones): 65536 words, ASMK* (binary), no idf, multiple 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -62,22 +62,9 @@ GND_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/"
 CODEBOOK_DATASET = "sfm120k_subset20k"
 DATASETS = ("roxford5k", "rparis6k")
 
-# asmk 0.1.1 examples/params/_eccv20_how.yml (the template of the three files below), verbatim.
-ECCV20_HOW = {
-    "demo_how": {"eval_datasets": list(DATASETS), "eval_features": None, "codebook_dataset": CODEBOOK_DATASET,
-                 "codebook_features": None},
-    "train_codebook": {"codebook": {"size": "64k"}},
-    "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False}, "quantize": {"multiple_assignment": 1},
-                  "aggregate": {}},
-    "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {}, "search": {"topk": None},
-                  "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
-}
-# asmk 0.1.1 examples/params/eccv20_how_*.yml: the features evaluated and those the codebook is trained on.
-PARAM_FILES = {
-    "eccv20_how_r18_1000": {"eval_features": "how_r18_1000", "codebook_features": "how_r18_1000"},
-    "eccv20_how_r50-_1000": {"eval_features": "how_r50-_1000", "codebook_features": "how_r50-_1000"},
-    "eccv20_how_r50-_2000": {"eval_features": "how_r50-_2000", "codebook_features": "how_r50-_1000"},
-}
+# asmk 0.1.1's parameter files (examples/params/eccv20_how_*.yml) by name: jasmk ships them (jasmk/params/), and
+# jasmk.compat.load_params reads them, or any asmk .yml file, as asmk's io_helpers.load_params does.
+PARAM_FILES = ("eccv20_how_r18_1000", "eccv20_how_r50-_1000", "eccv20_how_r50-_2000")
 # Medium-protocol mAP of the seed table, per parameter set and dataset.
 EXPECTED = {
     "eccv20_how_r18_1000": {"roxford5k": 75.1, "rparis6k": 79.4},
@@ -104,45 +91,24 @@ class Setup(typing.NamedTuple):
     params: dict
 
 
-def _overlay(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_yml(path: str) -> dict:
-    """asmk's ``io_helpers.load_params``: a yaml file whose ``__template__`` (a path beside it) gives defaults."""
-    import yaml
-
-    try:
-        with open(path) as handle:
-            content = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"reproduce_how: cannot read the parameter file {path}: {err}") from None
-    if not isinstance(content, dict):
-        raise InputError(f"reproduce_how: {path} is not an asmk parameter file (no mapping at the top)")
-    if "__template__" in content:
-        template = os.path.join(os.path.dirname(path), os.path.expanduser(content.pop("__template__")))
-        content = _overlay(_read_yml(template), content)
-    return content
-
-
 def resolve_params(name_or_path: str, codebook_size=None) -> Setup:
     """The :class:`Setup` of an asmk parameter set: one of :data:`PARAM_FILES` by name, or a ``.yml`` file."""
+    from jasmk.compat import load_params
     from jasmk.core.codebook import parse_size
 
     if name_or_path.endswith((".yml", ".yaml")):
         if not os.path.isfile(name_or_path):
             raise InputError(f"reproduce_how: parameter file not found: {name_or_path}")
-        content = _read_yml(name_or_path)
         name = os.path.basename(name_or_path).rsplit(".", 1)[0]
     elif name_or_path in PARAM_FILES:
-        content = _overlay(ECCV20_HOW, {"demo_how": PARAM_FILES[name_or_path]})
         name = name_or_path
     else:
         raise InputError(f"reproduce_how: unknown parameter set {name_or_path!r}: give one of "
                          f"{', '.join(sorted(PARAM_FILES))} or an asmk .yml file")
+    try:
+        content = load_params(name_or_path)
+    except ValueError as err:
+        raise InputError(f"reproduce_how: cannot read the parameter file {name_or_path}: {err}") from None
     try:
         demo = content["demo_how"]
         size = parse_size(content["train_codebook"]["codebook"]["size"] if codebook_size is None else codebook_size)
@@ -348,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--params", default=None,
                     help="asmk parameter set: eccv20_how_r18_1000 (default), eccv20_how_r50-_1000, "
                          "eccv20_how_r50-_2000, or a path to an asmk .yml file")
-    ap.add_argument("--features", choices=sorted(v["eval_features"] for v in PARAM_FILES.values()),
-                    help="the same as --params eccv20_how_<FEATURES>")
+    ap.add_argument("--features", choices=sorted(n.removeprefix("eccv20_") for n in PARAM_FILES),
+                    help="the same as --params eccv20_<FEATURES>")
     ap.add_argument("--data-root", help="folder in the asmk demo layout (features/, test/<dataset>/, experiments/)")
     ap.add_argument("--datasets", nargs="+", default=None, help="datasets used with --data-root (default: the "
                                                                 "parameter set's, roxford5k rparis6k)")
@@ -373,7 +339,7 @@ def main(argv=None) -> int:
     configure_logging(verbose=args.verbose, prefix="reproduce_how")
     if args.params and args.features:
         raise InputError("reproduce_how: give --params or --features, not both")
-    setup = resolve_params(args.params or f"eccv20_how_{args.features or 'r18_1000'}", args.codebook_size)
+    setup = resolve_params(args.params or f"eccv20_{args.features or 'how_r18_1000'}", args.codebook_size)
     params = setup.params
     cb_path, evals = plan(args, setup)  # every file checked before hours of work start
     cb = get_codebook(args, cb_path, setup)

@@ -10,6 +10,9 @@ values, same codebook and IVF pickle formats, so MASt3R's ``Retriever`` works af
     dataset = asmk.build_ivf(feats, ids)
     metadata, images, ranks, scores = dataset.query_ivf(feats, ids)
 
+``load_params`` reads asmk's parameter files (``asmk.io_helpers.load_params``: a yaml file, its ``__template__``
+laid under it) and also takes the name of a HOW set jasmk ships: ``load_params("eccv20_how_r50-_1000")``.
+
 ``params["index"]["gpu_id"]`` is honoured as asmk does for faiss: None quantizes with faiss on the CPU; an int
 quantizes with jitted JAX on that GPU (at full float32 precision), or with faiss on the CPU where JAX has no
 GPU (as MASt3R's own fallback for faiss-cpu does). Constructing an ``ASMKMethod`` and loading a codebook touch
@@ -33,6 +36,7 @@ from .core import runtime, validate
 from .core.codebook import Codebook, have_faiss, quantize, train_codebook
 from .storage import asmk_format
 from .storage.asmk_format import codebook_from_state, codebook_state  # noqa: F401 (0.1 names)
+from .storage.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -265,4 +269,4 @@ class IvfBuilder:
         return {**self.metadata, "ivf_stats": self.ivf.stats()}
 
 
-__all__ = ["ASMKMethod", "IvfBuilder", "asmk_method", "codebook_from_state", "codebook_state"]
+__all__ = ["ASMKMethod", "IvfBuilder", "asmk_method", "codebook_from_state", "codebook_state", "load_params"]
