@@ -16,7 +16,12 @@ The frame of a result is the ring of width ``frame`` inside ``[y, y + cell) x [x
 whether the result is right under the revisited Oxford/Paris protocol (:mod:`jasmk.eval`): :data:`COLORS`
 ``correct`` (a positive), ``wrong`` (not a positive and not ignored) or ``junk`` (ignored by the protocol).
 Without ground truth results get no frame (background colour). Queries are framed in ``query`` blue. Images
-keep their aspect ratio, centred in the tile.
+keep their aspect ratio, centred in the tile. The caption band ``[y - caption, y)`` above a cell holds its name
+and, on a second line, its rank and score (one line when the band is under 18 pixels), cut in the middle to the
+cell's width, as measured by the renderer.
+
+Score heat maps show the scores scaled per row by default (:func:`scaled_scores`), so that the images of a
+query's scene stand out beside its self-match; ``scale="log"`` and ``scale="linear"`` show them otherwise.
 """
 
 from __future__ import annotations
@@ -79,13 +84,35 @@ def _check_dpi(dpi):
     return float(dpi)
 
 
+MISSING_MATPLOTLIB = 'jasmk\'s pictures need matplotlib: pip install "jasmk[show]"'
+
+
+def _matplotlib():
+    """``(Figure, FigureCanvasAgg)``, the one place matplotlib is imported. Without matplotlib: a
+    ``ModuleNotFoundError`` (an ``ImportError``) saying how to install it, :data:`MISSING_MATPLOTLIB`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{MISSING_MATPLOTLIB} ({exc})", name=getattr(exc, "name", None)) from exc
+    return Figure, FigureCanvasAgg
+
+
+def _pil_image():
+    """``PIL.Image`` (Pillow comes with matplotlib), or an ``ImportError`` saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{MISSING_MATPLOTLIB} (and Pillow, which it depends on) ({exc})",
+                                  name=getattr(exc, "name", None)) from exc
+    return Image
+
+
 def _figure(width_px, height_px, dpi):
     """A matplotlib Figure on an Agg canvas (no pyplot, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
+    figure, canvas = _matplotlib()
+    fig = figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    canvas(fig)
     return fig
 
 
@@ -103,7 +130,7 @@ def load_image(src, *, where: str = "image") -> np.ndarray:
         path = os.fspath(src)
         if not os.path.isfile(path):
             raise ValueError(f"{where}: no such image file: {path!r}")
-        from PIL import Image
+        Image = _pil_image()
 
         try:
             opener = gzip.open if path.endswith(".gz") else open
@@ -140,7 +167,7 @@ def load_image(src, *, where: str = "image") -> np.ndarray:
 
 def _fit(img: np.ndarray, tile: int) -> np.ndarray:
     """``img`` scaled (aspect kept) and centred on a ``[tile, tile, 3]`` background."""
-    from PIL import Image
+    Image = _pil_image()
 
     h, w = img.shape[:2]
     scale = tile / max(h, w)
@@ -195,19 +222,98 @@ def _check_ranks(ranks, n_db: int) -> np.ndarray:
 def _names(names, n, what):
     if names is None:
         return None
-    names = [str(x) for x in names]
+    names = [_one_line(x) for x in names]
     if len(names) != n:
         raise ValueError(f"{what} must list {n} names, got {len(names)}")
     return names
 
 
+def _one_line(text) -> str:
+    return "".join(" " if ch.isspace() else ch for ch in str(text))
+
+
 def _short(text: str, n_chars: int) -> str:
-    return text if len(text) <= n_chars else "\u2026" + text[-max(1, n_chars - 1):]
+    """``text`` cut to at most ``n_chars`` characters by an ellipsis in the middle: the start (a scene label, say)
+    keeps two thirds of the room, the end (the extension) the rest: ``scene_07_view_03.jpg`` -> ``scene_07…jpg``."""
+    if len(text) <= n_chars:
+        return text
+    if n_chars <= 1:
+        return "\u2026" if n_chars == 1 else ""
+    tail = (n_chars - 1) // 3
+    return text[:n_chars - 1 - tail] + "\u2026" + (text[len(text) - tail:] if tail else "")
+
+
+def _fit_width(text: str, max_px: float, width) -> str:
+    """The longest :func:`_short` cut of ``text`` whose ``width(...)`` in pixels is at most ``max_px`` (``""``
+    when not even the ellipsis fits)."""
+    if not text or width(text) <= max_px:
+        return text
+    lo, hi = 0, len(text) - 1  # _short(text, 0) == "" fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if width(_short(text, mid)) <= max_px:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _short(text, lo)
+
+
+class _Texts:
+    """Single-line texts on an axes whose data units are pixels (y down), each kept inside a box: the font is
+    sized to the box height and the text cut in the middle (:func:`_short`) to the box width, both measured with
+    the figure's renderer."""
+
+    PROBE = "\u00c5\u00c9gjpq|()"  # tall and deep glyphs: a line of file name text is no higher than this
+
+    def __init__(self, ax, dpi):
+        self.ax, self.dpi = ax, dpi
+        self.renderer = ax.figure.canvas.get_renderer()
+
+    def text(self, x, y, s, **kw):
+        return self.ax.text(x, y, s, parse_math=False, usetex=False, **kw)
+
+    def font_px(self, height_px: float) -> float:
+        """The font size in pixels whose tallest line (:attr:`PROBE`) is ``height_px`` high."""
+        probe = self.text(0, 0, self.PROBE, fontsize=10 * 72 / self.dpi)
+        h = probe.get_window_extent(self.renderer).height
+        probe.remove()
+        return 10 * max(height_px, 0.0) / max(h, 1e-9)
+
+    def put(self, x, y, box_w, box_h, prefix, body, font_px, *, shorter=(), ha="left", gid=None):
+        """``prefix + body`` in the box ``[x, x + box_w] x [y - box_h / 2, y + box_h / 2]`` (``ha="center"``: ``x``
+        is the middle); ``body`` is cut in the middle to fit. When that cannot be done (not even the ellipsis fits
+        after the prefix) or a ``body`` without prefix does not fit whole and ``shorter`` texts are given, the
+        first of ``shorter`` that fits whole is drawn, else the last one (or the prefix) cut: numbers are not cut
+        while a shorter form fits. The Text, or None when nothing fits."""
+        t = self.text(x, y, "", fontsize=font_px * 72 / self.dpi, va="center", ha=ha, clip_on=True, gid=gid)
+        for _ in range(4):
+            prop = t.get_fontproperties()
+
+            def width(s, prop=prop):
+                return self.renderer.get_text_width_height_descent(s, prop, ismath=False)[0] if s else 0.0
+
+            s = None
+            if prefix and width(prefix + "\u2026") <= box_w:
+                s = prefix + _fit_width(body, box_w, lambda b: width(prefix + b))
+            elif not prefix and (not shorter or width(body) <= box_w):
+                s = _fit_width(body, box_w, width)
+            if s is None:
+                s = next((c for c in shorter if width(c) <= box_w), None)
+                s = s or _fit_width(shorter[-1] if shorter else prefix.rstrip(), box_w, width)
+            if not s:
+                break
+            t.set_text(s)
+            ext = t.get_window_extent(self.renderer)
+            if ext.height <= box_h and ext.width <= box_w:
+                return t
+            t.set_fontsize(t.get_fontsize() * 0.97 * min(box_h / ext.height, 1.0))  # a glyph taller than the probe
+        t.remove()
+        return None
 
 
 def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "medium", scores=None, topk: int = 5,
                  rows=None, query_names=None, db_names=None, tile: int = 128, frame: int = 6, gap: int = 6,
-                 query_gap: int = 18, caption: int = 16, dpi: float = 100, title: str | None = None) -> str:
+                 query_gap: int = 18, caption: int = 28, dpi: float = 100, title: str | None = None) -> str:
     """Write a PNG of queries (left column) with their top-``topk`` results to the right.
 
     Args:
@@ -222,14 +328,31 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
         topk: results shown per query (at most ``k``).
         rows: optional query rows to show (default: all), in this order.
         query_names, db_names: optional captions (one per query row / database image).
-        tile, frame, gap, query_gap, caption: the pixel layout (module docstring).
+        tile, frame, gap, query_gap, caption: the pixel layout (module docstring). A ``caption`` band of at least
+            18 pixels holds two lines above each image, its name and below it the rank and score (``#2  0.0123``);
+            a lower band holds one line, ``#2 0.0123 name``. Names too wide for the cell are cut in the middle
+            (``scene_07_vi…jpg``: the start and the extension stay).
         dpi: only sets the caption font size in points; the picture is exactly the pixel size of the layout.
         title: optional text in the top gap (``gap`` is raised to fit it).
 
     Returns:
         ``out``.
     """
+    _matplotlib()
     out = check_out_path(out)
+    fig = _grid_figure(queries, database, ranks, gnd=gnd, protocol=protocol, scores=scores, topk=topk, rows=rows,
+                       query_names=query_names, db_names=db_names, tile=tile, frame=frame, gap=gap,
+                       query_gap=query_gap, caption=caption, dpi=dpi, title=title)
+    return _save_png(fig, out, dpi=fig.dpi)
+
+
+MIN_FONT_PX = 7.0  # smaller caption text is not readable: the caption band then holds one line
+
+
+def _grid_figure(queries, database, ranks, *, gnd, protocol, scores, topk, rows, query_names, db_names, tile, frame,
+                 gap, query_gap, caption, dpi, title):
+    """The Figure (Agg canvas) that :func:`results_grid` saves. Caption texts have the gid
+    ``"caption <shown row> <column> <line>"`` (column 0 is the query), the title ``"title"``."""
     if not isinstance(database, (list, tuple)) or not database:
         raise ValueError("database must be a non-empty list of image paths or arrays")
     if not isinstance(queries, (list, tuple)) or not queries:
@@ -255,6 +378,7 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
             raise ValueError(f"rows must be a non-empty list of query rows in [0, {r.shape[0]})")
     query_names = _names(query_names, len(queries), "query_names")
     db_names = _names(db_names, n_db, "db_names")
+    title = _one_line(title) if title else None
     if title and gap < caption:
         gap = caption
     k = min(topk, r.shape[1])
@@ -278,13 +402,13 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
             cache[key] = _fit(load_image(src, where=where), tile)
         return cache[key]
 
-    texts = []
+    captions = []  # (shown row, column, x, caption band top, rank and score, shorter forms of it, name)
     for i, q in enumerate(rows):
         for c in range(k + 1):
             x, y = x0(c), y0(i)
             if c == 0:
                 img, color = fitted(queries[q], f"queries[{q}]"), COLORS["query"]
-                prefix, name = "", query_names[q] if query_names else f"query {q}"
+                rank, alts, name = "", (), query_names[q] if query_names else f"query {q}"
             else:
                 d = int(r[q, c - 1])
                 if d < 0:
@@ -292,12 +416,14 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
                 img = fitted(database[d], f"database[{d}]")
                 mark = "" if marks is None else marks[q, c - 1]
                 color = COLORS[mark] if mark else BACKGROUND
-                prefix = f"#{c} " + (f"{scores[q, c - 1]:.3g} " if scores is not None else "")
+                score = "" if scores is None else f"{scores[q, c - 1]:.3g}"
+                rank = f"#{c}  {score}" if score else f"#{c}"
+                alts = (score, f"#{c}") if score else ()
                 name = db_names[d] if db_names else f"id {d}"
             canvas[y:y + cell, x:x + cell] = color
             canvas[y + frame:y + frame + tile, x + frame:x + frame + tile] = img
             if caption:
-                texts.append((x, y - caption / 2, prefix, name))
+                captions.append((i, c, x, y - caption, rank, alts, name))
 
     fig = _figure(width, height, dpi)
     ax = fig.add_axes((0, 0, 1, 1))
@@ -305,15 +431,28 @@ def results_grid(queries, database, ranks, out, *, gnd=None, protocol: str = "me
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
-    font_px = max(1.0, 0.7 * caption)
-    fontsize = font_px * 72 / dpi
-    n_chars = max(4, int(cell / (0.55 * font_px)))  # DejaVu Sans: about 0.55 em per character
-    for x, y, prefix, name in texts:  # long names lose their start; the rank and score stay
-        ax.text(x, y, prefix + _short(name, max(4, n_chars - len(prefix))), fontsize=fontsize, va="center",
-                ha="left", clip_on=True)
+    texts = _Texts(ax, dpi)
+    box_w = max(cell - 2, 1)  # a pixel of air on either side of the cell
+    font_px = 0.0
+    if caption:
+        two_px = min(0.8 * caption / 2, texts.font_px(caption / 2 - 1))
+        two = two_px >= MIN_FONT_PX
+        font_px = two_px if two else min(0.7 * caption, texts.font_px(caption - 1))
+        for i, c, x, top, rank, alts, name in captions if font_px >= 1 else ():
+            if two:  # the name, and below it the rank and score
+                texts.put(x + 1, top + caption / 4, box_w, caption / 2, "", name, font_px, gid=f"caption {i} {c} 0")
+                if rank:
+                    texts.put(x + 1, top + 3 * caption / 4, box_w, caption / 2, "", rank, font_px, shorter=alts,
+                              gid=f"caption {i} {c} 1")
+            else:  # long names lose their middle; the rank and score stay
+                one = " ".join(rank.split())
+                texts.put(x + 1, top + caption / 2, box_w, caption, one + " " if one else "", name, font_px,
+                          shorter=(one, *alts) if one else (), gid=f"caption {i} {c} 0")
     if title:
-        ax.text(width / 2, gap / 2, title, fontsize=fontsize, va="center", ha="center")
-    return _save_png(fig, out, dpi=dpi)
+        title_px = min(font_px or 0.7 * gap, texts.font_px(gap - 1))
+        if title_px >= 1:
+            texts.put(width / 2, gap / 2, width - 2, gap, "", title, title_px, ha="center", gid="title")
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,25 +473,11 @@ def block_max(scores, max_cells: int):
     return padded.reshape(nr, fr, nc, fc).max(axis=(1, 3)), (fr, fc)
 
 
-def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int = 400, names_max: int = 40,
-                  title: str | None = None, label: str = "score", cmap: str = "viridis", vmin=None, vmax=None,
-                  size=(8.0, 6.5), dpi: float = 100) -> str:
-    """Write a PNG heat map of a ``[n_query, n_db]`` score matrix, with a colorbar.
+SCALES = ("row", "log", "linear")
+LOG_DECADES = 4  # scale="log" shows at most this many decades below the largest score
 
-    Args:
-        scores: the matrix (``jasmk.score_matrix``); finite values.
-        out: the ``.png`` path (written atomically; an existing file is replaced only if it is a PNG).
-        row_names, col_names: optional names put on the axes when an axis has at most ``names_max`` entries
-            (and is not downsampled).
-        max_cells: an axis longer than this is reduced by :func:`block_max` (a strong score stays visible);
-            the axes keep the original indices.
-        title, label, cmap, vmin, vmax: title, colorbar label, colormap and its limits (default: data range).
-        size, dpi: figure size in inches and resolution: the PNG is ``size * dpi`` pixels.
 
-    Returns:
-        ``out``.
-    """
-    out = check_out_path(out)
+def _check_scores(scores) -> np.ndarray:
     s = np.asarray(scores)
     if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 1:
         raise ValueError(f"scores must be a non-empty [n_query, n_db] matrix, got shape {s.shape}")
@@ -361,6 +486,96 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
     s = s.astype(np.float64)
     if not np.isfinite(s).all():
         raise ValueError("scores contain NaN or inf")
+    return s
+
+
+def _self_match(shape) -> bool:
+    """Whether the diagonal of a score matrix of ``shape`` is taken as the self-matches (square, n > 1)."""
+    return shape[0] == shape[1] > 1
+
+
+def scaled_scores(scores, scale: str = "row") -> np.ndarray:
+    """The ``[n_query, n_db]`` float64 values that :func:`score_heatmap` draws for ``scores`` under ``scale``.
+
+    - ``"row"``: each row divided by its largest score other than the self-match, and clipped to ``[0, 1]``:
+      a query's best other image is 1, the self-match (above it) is clipped to 1 and a score a hundred times
+      weaker than the best is 0.01. A square matrix (``n > 1``, as ``jasmk score-matrix`` writes for the
+      database against itself) has its diagonal taken as the self-matches and left out of the row maximum;
+      if a square matrix's queries are not the database images, a row's diagonal entry is merely clipped to 1
+      when it beats the rest. Other matrices are divided by the row maximum. A row whose maximum is ``<= 0``
+      is 0 throughout, negative scores are 0. Rows are not comparable: a row of noise has its best at 1 too
+      (``"log"`` compares absolute scores).
+    - ``"log"``: ``log10(max(score, floor))`` with ``floor`` the smallest positive score, but at least
+      ``10 ** -LOG_DECADES`` times the largest (:data:`LOG_DECADES` decades); a matrix without a positive
+      score is 0 throughout.
+    - ``"linear"``: the scores as they are.
+
+    Raises ValueError for an unknown ``scale``, a matrix that is not 2-D real, or NaN / inf scores.
+    """
+    if not isinstance(scale, str) or scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES))}, got {scale!r}")
+    s = _check_scores(scores)
+    if scale == "linear":
+        return s
+    if scale == "log":
+        positive = s[s > 0]
+        if not positive.size:
+            return np.zeros_like(s)
+        floor = max(float(positive.min()), float(positive.max()) * 10.0 ** -LOG_DECADES)
+        return np.log10(np.maximum(s, floor))
+    others = s
+    if _self_match(s.shape):
+        others = s.copy()
+        np.fill_diagonal(others, -np.inf)
+    top = others.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore"):
+        out = np.where(top > 0, s / np.where(top > 0, top, 1.0), 0.0)
+    return np.clip(out, 0.0, 1.0)
+
+
+def scale_label(scale: str, shape) -> str:
+    """The colorbar label of :func:`scaled_scores` values under ``scale`` for a matrix of ``shape``."""
+    if scale == "row":
+        return "score / row max (self excluded)" if _self_match(shape) else "score / row max"
+    return "log10 score" if scale == "log" else "score"
+
+
+def score_heatmap(scores, out, *, scale: str = "row", row_names=None, col_names=None, max_cells: int = 400,
+                  names_max: int = 40, title: str | None = None, label: str | None = None, cmap: str = "viridis",
+                  vmin=None, vmax=None, size=(8.0, 6.5), dpi: float = 100) -> str:
+    """Write a PNG heat map of a ``[n_query, n_db]`` score matrix, with a colorbar.
+
+    Args:
+        scores: the matrix (``jasmk.score_matrix``); finite values.
+        out: the ``.png`` path (written atomically; an existing file is replaced only if it is a PNG).
+        scale: what the colours show (:func:`scaled_scores`): ``"row"`` (default) each score over its row's
+            largest score other than the self-match (the diagonal of a square matrix), clipped to ``[0, 1]``,
+            so that same-scene images stand out beside self-matches far stronger than they are; ``"log"``
+            ``log10`` of the score (floored, at most :data:`LOG_DECADES` decades); ``"linear"`` the score.
+        row_names, col_names: optional names put on the axes when an axis has at most ``names_max`` entries
+            (and is not downsampled).
+        max_cells: an axis longer than this is reduced by :func:`block_max` of the scaled values (a strong score
+            stays visible); the axes keep the original indices.
+        title, label, cmap, vmin, vmax: title, colorbar label (default :func:`scale_label`), colormap and its
+            limits on the scaled values (default: ``[0, 1]`` for ``"row"``, else the data range).
+        size, dpi: figure size in inches and resolution: the PNG is ``size * dpi`` pixels.
+
+    Returns:
+        ``out``.
+    """
+    _matplotlib()
+    out = check_out_path(out)
+    fig = _heatmap_figure(scores, scale=scale, row_names=row_names, col_names=col_names, max_cells=max_cells,
+                          names_max=names_max, title=title, label=label, cmap=cmap, vmin=vmin, vmax=vmax, size=size,
+                          dpi=dpi)
+    return _save_png(fig, out, dpi=fig.dpi)
+
+
+def _heatmap_figure(scores, *, scale, row_names, col_names, max_cells, names_max, title, label, cmap, vmin, vmax,
+                    size, dpi):
+    """The Figure (Agg canvas) that :func:`score_heatmap` saves; its first axes' image holds the drawn values."""
+    s = _check_scores(scores)
+    shown_values = scaled_scores(s, scale)
     names_max = _check_int(names_max, "names_max", 0)
     dpi = _check_dpi(dpi)
     try:
@@ -371,9 +586,12 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
         raise ValueError(f"size must be positive (width, height) in inches, got {size!r}")
     row_names = _names(row_names, s.shape[0], "row_names")
     col_names = _names(col_names, s.shape[1], "col_names")
-    reduced, (fr, fc) = block_max(s, max_cells)
+    reduced, (fr, fc) = block_max(shown_values, max_cells)  # after the scaling: a strong score stays visible
     if fr > 1 or fc > 1:
         log.debug("score matrix %s shown as %s block maxima (%d x %d blocks)", s.shape, reduced.shape, fr, fc)
+    if scale == "row":
+        vmin = 0.0 if vmin is None else vmin
+        vmax = 1.0 if vmax is None else vmax
 
     fig = _figure(w_in * dpi, h_in * dpi, dpi)
     ax = fig.add_subplot(1, 1, 1)
@@ -382,7 +600,7 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
                    extent=(-0.5, ext_c - 0.5, ext_r - 0.5, -0.5))
     ax.set_xlim(-0.5, s.shape[1] - 0.5)
     ax.set_ylim(s.shape[0] - 0.5, -0.5)
-    fig.colorbar(im, ax=ax, label=label)
+    fig.colorbar(im, ax=ax, label=scale_label(scale, s.shape) if label is None else label)
     shown = "" if fr == 1 and fc == 1 else f" (max over {fr}x{fc} blocks)"
     ax.set_xlabel("database image")
     ax.set_ylabel("query image")
@@ -392,7 +610,9 @@ def score_heatmap(scores, out, *, row_names=None, col_names=None, max_cells: int
         ax.set_yticks(range(s.shape[0]), [_short(n, 24) for n in row_names], fontsize=7)
     ax.set_title((title or f"scores {s.shape[0]} x {s.shape[1]}") + shown, fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, out, dpi=dpi)
+    return fig
 
-__all__ = ["BACKGROUND", "COLORS", "TILE_BACKGROUND", "block_max", "check_out_path", "load_image", "result_marks",
-           "results_grid", "score_heatmap"]
+
+__all__ = ["BACKGROUND", "COLORS", "LOG_DECADES", "MISSING_MATPLOTLIB", "SCALES", "TILE_BACKGROUND", "block_max",
+           "check_out_path", "load_image", "result_marks", "results_grid", "scale_label", "scaled_scores",
+           "score_heatmap"]

@@ -4,6 +4,7 @@ the ground truth (frame colours) and the rankings (which image sits in which cel
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -232,6 +233,212 @@ def test_heatmap_size_and_hot_cell_survives_downsampling(tmp_path):
     assert not (tmp_path / "nan.png").exists()
 
 
+def scene_matrix(n=9, per_scene=3, self_score=0.3, same=0.01, other=1e-4):
+    """A square score matrix: self-matches ``self_score``, same scene ``same``, other scenes ``other``."""
+    scene = np.arange(n) // per_scene
+    s = np.where(scene[:, None] == scene[None], same, other)
+    np.fill_diagonal(s, self_score)
+    return s, scene[:, None] == scene[None]
+
+
+HEATMAP_KW = dict(row_names=None, col_names=None, max_cells=400, names_max=40, title=None, label=None,
+                  cmap="viridis", vmin=None, vmax=None, size=(6, 4), dpi=50)
+
+
+def drawn(s, scale, **kw):
+    """The values and the [0, 1] colour positions of the heat map image that score_heatmap would save."""
+    fig = show._heatmap_figure(s, scale=scale, **{**HEATMAP_KW, **kw})
+    im = fig.axes[0].images[0]
+    return np.asarray(im.get_array(), np.float64), np.asarray(im.norm(im.get_array()), np.float64), fig
+
+
+def test_row_scale_shows_same_scene_scores_beside_self_matches():
+    s, same = scene_matrix()
+    off = same & ~np.eye(len(s), dtype=bool)
+    row = show.scaled_scores(s)  # "row" is the default
+    assert row.shape == s.shape and row.dtype == np.float64
+    np.testing.assert_allclose(row[off], 1.0)  # a query's best other image
+    np.testing.assert_allclose(row[~same], 0.01)  # a hundred times weaker
+    np.testing.assert_allclose(np.diag(row), 1.0)  # the self-match, clipped
+    # what is drawn: the same values at the same colour positions (limits [0, 1])
+    values, colour, fig = drawn(s, "row")
+    np.testing.assert_allclose(values, row)
+    np.testing.assert_allclose(colour[off], 1.0)
+    np.testing.assert_allclose(colour[~same], 0.01, atol=1e-12)
+    assert fig.axes[1].get_ylabel() == "score / row max (self excluded)"
+    # linear (the old picture): same-scene scores sit at 3 % of the colour range, beside 0 for other scenes
+    values, colour, fig = drawn(s, "linear")
+    np.testing.assert_array_equal(values, s)
+    np.testing.assert_allclose(colour[off], (0.01 - 1e-4) / (0.3 - 1e-4))
+    assert abs(colour[off][0] - 0.033) < 1e-3 and fig.axes[1].get_ylabel() == "score"
+    # an explicit label and colour limits win
+    _, colour, fig = drawn(s, "row", label="mine", vmax=2.0)
+    np.testing.assert_allclose(colour[off], 0.5)
+    assert fig.axes[1].get_ylabel() == "mine"
+
+
+def test_log_scale_is_monotone_and_floored():
+    rng = np.random.default_rng(2)
+    s, same = scene_matrix()
+    log10 = show.scaled_scores(s, "log")
+    np.testing.assert_allclose(log10[same & ~np.eye(9, dtype=bool)], -2.0)
+    np.testing.assert_allclose(log10[~same], -4.0)
+    np.testing.assert_allclose(np.diag(log10), np.log10(0.3))
+    values, _, fig = drawn(s, "log")
+    np.testing.assert_allclose(values, log10)
+    assert fig.axes[1].get_ylabel() == "log10 score"
+    # monotone in the score; zero and negative scores sit at the floor, at most LOG_DECADES below the top
+    r = np.concatenate([rng.random(30) * 10.0 ** rng.integers(-9, 1, 30), [0.0, -1.0, 1e-12]])[None]
+    out = show.scaled_scores(r, "log")[0]
+    order = np.argsort(r[0], kind="stable")
+    assert (np.diff(out[order]) >= 0).all() and np.isfinite(out).all()
+    assert out.min() >= np.log10(r.max()) - show.LOG_DECADES - 1e-9
+    assert out[-3] == out[-2] == out.min()
+    small = show.scaled_scores([[1e-3, 2e-3, 0.0]], "log")[0]  # within LOG_DECADES: the smallest positive is the floor
+    np.testing.assert_allclose(small, [-3.0, np.log10(2e-3), -3.0])
+    np.testing.assert_array_equal(show.scaled_scores(np.zeros((2, 3)), "log"), 0.0)
+
+
+def test_row_scale_edge_cases_and_bad_scale():
+    # not square: each row over its own maximum (no self-match is assumed)
+    r = show.scaled_scores([[0.2, 0.1, 0.05, 0.0], [0.0, 0.0, 0.0, -1.0], [-1.0, 2.0, 4.0, 1.0]])
+    np.testing.assert_allclose(r, [[1.0, 0.5, 0.25, 0], [0, 0, 0, 0], [0.0, 0.5, 1.0, 0.25]])  # max <= 0: 0
+    assert show.scale_label("row", (3, 4)) == "score / row max"
+    # square: a row whose only positive score is the self-match stays 0, self-match included
+    np.testing.assert_array_equal(show.scaled_scores(np.diag([0.3, 0.2])), 0.0)
+    np.testing.assert_array_equal(show.scaled_scores([[0.5]]), [[1.0]])  # 1 x 1: no self-match to leave out
+    np.testing.assert_array_equal(show.scaled_scores([[1, 3], [2, 0]], "linear"), [[1, 3], [2, 0]])
+    for bad in ("Row", "lin", None, "", 1):
+        with pytest.raises(ValueError, match="'row', 'log', 'linear'"):
+            show.scaled_scores(np.eye(2), bad)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        show.scaled_scores([[1.0, np.inf]], "linear")
+
+
+def test_row_scale_keeps_a_strong_cell_through_block_maxima(tmp_path):
+    from matplotlib import colormaps
+
+    n, hot = 1000, (700, 123)
+    s = np.zeros((n, n))
+    np.fill_diagonal(s, 0.3)
+    s[hot] = 0.01  # the only score of query 700 besides its self-match
+    values, colour, _ = drawn(s, "row", max_cells=100)
+    assert values.shape == (100, 100)
+    assert colour[70, 12] == 1.0 and colour[70, 70] == 1.0  # the hot cell's block, and its row's self-match
+    assert colour.sum() == 2.0  # rows with nothing but a self-match stay 0, diagonal included
+    _, colour, _ = drawn(s, "linear", max_cells=100)
+    assert colour[70, 12] < 0.05  # drowned by the self-matches
+    # end to end: the PNG shows the hot cell where it is in the matrix
+    out = show.score_heatmap(s, tmp_path / "hm.png", size=(6, 5), dpi=80, max_cells=100)
+    assert out == str(tmp_path / "hm.png")
+    pic = read_rgb(out)
+    top = np.rint(np.array(colormaps["viridis"](1.0)[:3]) * 255)
+    low = np.rint(np.array(colormaps["viridis"](0.0)[:3]) * 255)
+    is_top, is_low = (np.abs(pic - top).max(axis=2) <= 3), (np.abs(pic - low).max(axis=2) <= 3)
+    ys = np.flatnonzero(is_low.sum(axis=1) > is_low.sum(axis=1).max() / 2)  # the matrix, not the colorbar's end
+    xs = np.flatnonzero(is_low.sum(axis=0) > is_low.sum(axis=0).max() / 2)
+    area = is_top[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = area.shape
+    assert h > 250 and w > 250
+    assert area[int(0.705 * h), int(0.125 * w)] and area[int(0.705 * h), int(0.705 * w)]
+    assert not area[int(0.105 * h), int(0.105 * w)]  # a self-match without other scores
+    assert area.mean() < 0.001
+    with pytest.raises(ValueError, match="scale must be one of 'row', 'log', 'linear'"):
+        show.score_heatmap(s, tmp_path / "bad.png", scale="sqrt")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_short_cuts_the_middle():
+    name = "scene_07_view_03.jpg"
+    assert show._short(name, 20) == name and show._short(name, 12) == "scene_07\u2026jpg"
+    for n in range(0, 21):
+        cut = show._short(name, n)
+        assert len(cut) <= n and (cut == name or n < 20)
+        if n >= 5:
+            assert cut.startswith(name[:3]) and cut[-1] == "g"
+    assert show._fit_width(name, 10, len) == "scene_\u2026jpg" and show._fit_width(name, 0.5, len) == ""
+
+
+GRID_KW = dict(gnd=None, protocol="medium", rows=None, query_names=None, tile=128, frame=6, gap=6, query_gap=18,
+               caption=28, dpi=100, title=None, topk=5)
+
+
+@pytest.mark.parametrize("layout", [{}, dict(tile=TILE, frame=FRAME, gap=GAP, query_gap=QGAP, caption=CAP),
+                                    dict(dpi=200, caption=20, title="a long title " * 30),
+                                    dict(tile=64, caption=40, dpi=72)])
+def test_results_grid_captions_fit_their_cells(toy, layout):
+    queries, db, _, ranks, _ = toy
+    kw = {**GRID_KW, **layout}
+    names = [f"scene_{i // 3:02d}_view_{i % 3:02d}.jpg" for i in range(len(db))]
+    names[5] = "a_very_long_scene_label_for_the_cathedral_scene_11_view_02.jpeg"
+    names[9] = "$x^2$ [not math] \u00c5ngstr\u00f6m\nview.png"
+    scores = np.array([[0.312345, 0.0123456, 1.2345e-4, -1.5e-5, 12345.678]] * 3)
+    fig = show._grid_figure(queries, db, ranks, scores=scores, db_names=names, **kw)
+    renderer = fig.canvas.get_renderer()
+    fw, fh = fig.canvas.get_width_height()
+    t, cap, g = kw["tile"], kw["caption"], kw["gap"]
+    if kw["title"] and g < cap:
+        g = cap
+    cell = t + 2 * kw["frame"]
+    assert (fw, fh) == (g + 6 * cell + 5 * g + kw["query_gap"] + g, g + 3 * (cap + cell + g))
+    texts = {x.get_gid(): x for x in fig.axes[0].texts}
+    two = cap >= 18
+    shown = [(i, c) for i in range(3) for c in range(6) if c == 0 or ranks[i, c - 1] >= 0]
+    want = {f"caption {i} {c} {line}" for i, c in shown for line in ((0, 1) if two and c else (0,))}
+    assert set(texts) == want | ({"title"} if kw["title"] else set())
+    for gid, text in texts.items():
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fw and 0 <= box.y0 and box.y1 <= fh, (gid, box)
+        if gid == "title":
+            assert text.get_text().startswith("a long title") and fh - box.y0 <= g
+            continue
+        i, c, line = (int(v) for v in gid.split()[1:])
+        x = g + c * (cell + g) + (kw["query_gap"] if c else 0)
+        y = g + i * (cap + cell + g) + cap  # the cell's top; its caption band is [y - cap, y)
+        top, bottom = (y - cap, y - cap / 2) if two and line == 0 else (y - cap / 2, y) if two else (y - cap, y)
+        assert x <= box.x0 and box.x1 <= x + cell, (gid, text.get_text(), box, x, cell)  # inside its column
+        assert fh - top >= box.y1 and box.y0 >= fh - bottom, (gid, text.get_text(), box, top, bottom)
+        assert text.get_fontsize() * kw["dpi"] / 72 >= (show.MIN_FONT_PX if two else 1), gid
+        s = text.get_text()
+        assert "\n" not in s and s.strip()
+        if c == 0:
+            assert s == f"query {i}"  # all rows, in order
+        elif two and line == 1:  # rank and score, or a shorter form of it: numbers are not cut
+            score = f"{scores[i, c - 1]:.3g}"
+            assert s in (f"#{c}  {score}", score, f"#{c}") and (s == f"#{c}  {score}" or cell < 100), s
+        elif not two and not s.startswith(f"#{c} {scores[i, c - 1]:.3g} "):  # too narrow: rank and score only
+            score = f"{scores[i, c - 1]:.3g}"
+            assert s in (f"#{c} {score}", score, f"#{c}") and cell < 100, s
+        else:
+            name = names[ranks[i, c - 1]].replace("\n", " ")
+            body = s if two else s.split(" ", 2)[-1]
+            assert body == name or ("\u2026" in body and name.startswith(body.split("\u2026")[0])
+                                    and name.endswith(body.split("\u2026")[1]))
+            assert len(body.split("\u2026")[0]) >= (3 if cell >= 100 else 1)
+    if layout == {}:  # the default layout shows scene_00_view_01.jpg, and its score, whole
+        assert texts["caption 0 1 0"].get_text() == "scene_00_view_00.jpg"
+        assert texts["caption 0 1 1"].get_text() == "#1  0.312"
+        assert texts["caption 0 5 1"].get_text() == "#5  1.23e+04"
+        assert texts["caption 0 2 0"].get_text().startswith("a_very_long_")
+        assert texts["caption 0 2 0"].get_text().endswith(".jpeg")
+
+
+@pytest.mark.parametrize("func", ["grid", "heatmap"])
+def test_pictures_without_matplotlib_say_how_to_install_it(tmp_path, monkeypatch, toy, func):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now fails
+    queries, db, _, ranks, _ = toy
+    out = tmp_path / "pic.png"
+    with pytest.raises(ImportError, match=re.escape('pip install "jasmk[show]"')) as exc:
+        if func == "grid":
+            show.results_grid(queries, db, ranks, out)
+        else:
+            show.score_heatmap(np.eye(3), out)
+    assert isinstance(exc.value, ModuleNotFoundError)  # what the plain import raised: old excepts still work
+    assert str(exc.value).startswith(show.MISSING_MATPLOTLIB)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_import_jasmk_does_not_import_matplotlib():
     code = ("import sys, jasmk, jasmk.show, jasmk.cli; "
@@ -284,7 +491,7 @@ def test_cli_show_grid_and_heatmap(cli_files):
     res = np.load(d / "res.npz")
     pic = read_rgb(grid_png)
     # the CLI uses the default layout
-    t, f, g, qg, cap = 128, 6, 6, 18, 16
+    t, f, g, qg, cap = 128, 6, 6, 18, 28  # caption: two lines (name, rank and score)
     cell = t + 2 * f
     assert pic.shape[:2] == (g + 5 * (cap + cell + g), g + 5 * cell + 4 * g + qg + g)
     for q in range(5):
