@@ -1,6 +1,6 @@
 """End-to-end demo on data it makes itself: scenes seen by several images, retrieval and MASt3R-style pairs.
 
-    python experiments/demo_synthetic.py [--images 60] [--per-image 300] [--dim 64] [--codebook 1024] [--verbose]
+    python experiments/demo_synthetic.py [--images 60] [--per-image 300] [--dim 64] [--codebook auto] [--verbose]
 """
 
 import argparse
@@ -45,7 +45,8 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--scenes", type=int, default=12)
     ap.add_argument("--noise", type=float, default=0.6)
-    ap.add_argument("--codebook", default="1k")
+    ap.add_argument("--codebook", default="auto", help="visual words: a size (1024, '1k') or 'auto' (as many as the "
+                    "training descriptors support, at least 39 each, at most 1024)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print jasmk's info messages on stderr")
     args = ap.parse_args()
@@ -59,7 +60,10 @@ def main():
     print(f"data: {args.images} images x {args.per_image} descriptors x {args.dim}-d, {args.scenes} scenes")
 
     t = time.perf_counter()
-    cb = jasmk.train_codebook(train, size=args.codebook)
+    size = args.codebook
+    if size == "auto":  # k-means wants >= 39 descriptors per word: a power of two the training data supports
+        size = min(1024, 1 << max(4, (len(train) // jasmk.core.codebook.MIN_PER_WORD).bit_length() - 1))
+    cb = jasmk.train_codebook(train, size=size)
     print(f"codebook: {cb.size} words in {time.perf_counter() - t:.2f}s")
     t = time.perf_counter()
     index = jasmk.build_index(feats, ids, codebook=cb, binary=True, multiple_assignment=1)

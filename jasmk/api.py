@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
+import os
 import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from .core import aggregate as agg_mod
 from .core import engine as engine_mod
 from .core import ivf as ivf_mod
 from .core import memory, runtime, validate
+from .core import progress as progress_mod
 from .core import score as score_mod
 from .core.codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
+from .storage import asmk_format, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,36 @@ class QueryResult(typing.NamedTuple):
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm progress bar on stderr (a no-op when disabled)."""
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False)
+    """Progress over ``total`` images on stderr (a no-op when disabled): a tqdm bar on a terminal or in a
+    notebook, whole lines in a log file (:func:`jasmk.core.progress.bar`)."""
+    return progress_mod.bar(total, desc, enabled=enabled)
 
 
 def as_codebook(codebook) -> Codebook:
+    """A :class:`Codebook` from a codebook, ``[K, D]`` centroids, or the path of a saved one: a jasmk codebook
+    checkpoint (:func:`jasmk.save_codebook`), the codebook of a jasmk index checkpoint, or asmk's codebook
+    ``.pkl`` (MASt3R's ``*_codebook.pkl``).
+
+    Raises:
+        ValueError: None, a path that holds no codebook, or centroids that are not ``[K, D]`` finite floats.
+    """
     if isinstance(codebook, Codebook):
         return codebook
     if codebook is None:
         raise ValueError("a codebook is required, got None: pass codebook=jasmk.train_codebook(...) or a [K, D] "
                          "array (build_index trains one when codebook= is left out)")
-    if isinstance(codebook, str):
-        raise ValueError(f"codebook must be a Codebook or [K, D] centroids (or 'auto' for build_index), "
-                         f"got {codebook!r}")
+    if isinstance(codebook, (str, os.PathLike)):
+        path = os.fspath(codebook)
+        if not os.path.exists(path):
+            raise ValueError(f"codebook must be a Codebook, [K, D] centroids or the path of a saved codebook, got "
+                             f"{path!r}, which does not exist (a codebook of a given size: "
+                             "jasmk.train_codebook(x, size=...))")
+        if os.path.isdir(path) and checkpoint.checkpoint_kind(path) == "index":
+            index = checkpoint.load_index(path)
+            return Codebook(np.asarray(index.centroids), index.codebook_size_param)
+        if os.path.isfile(path) and asmk_format.is_pickle(path):
+            return asmk_format.load_asmk_codebook(path)
+        return checkpoint.load_codebook(path)
     return Codebook.from_centroids(codebook)
 
 
@@ -154,7 +172,7 @@ def _train_auto_codebook(x: np.ndarray, *, sample: int, seed: int) -> Codebook:
 
 def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bool = False,
                 multiple_assignment: int = 1, quantizer: str = "auto", distractors: ivf_mod.Index | None = None,
-                word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE) -> ivf_mod.Index:
+                word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE, names=None) -> ivf_mod.Index:
     """Build an inverted file from local descriptors.
 
     ``jasmk.build_index(feats, ids)`` is the short form: without ``codebook=`` (``"auto"``; with
@@ -170,8 +188,9 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
     Args:
         feats: ``[N, D] float32`` descriptors of all database images.
         ids: ``[N] int`` image id of each descriptor, grouped in ascending order (``0..n-1`` typically).
-        codebook: a :class:`~jasmk.codebook.Codebook` or ``[K, D]`` centroids; ``"auto"`` (the default): train
-            one (see above). None is an error (a codebook variable never set, most likely).
+        codebook: a :class:`~jasmk.codebook.Codebook`, ``[K, D]`` centroids, or the path of a saved codebook (a
+            jasmk codebook or index checkpoint, or asmk's codebook ``.pkl``; see :func:`as_codebook`); ``"auto"``
+            (the default): train one (see above). None is an error (a codebook variable never set, most likely).
         binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
         use_idf: weight words by ``log(n_images / count)**2``.
         multiple_assignment: words per descriptor when indexing.
@@ -182,6 +201,8 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
         seed: seed of the codebook's sample and of its k-means (only without ``codebook=``).
         codebook_sample: most descriptors the codebook is trained on (only without ``codebook=``).
+        names: optional image names (str), one per image in ascending id order (hloc's image names, say): kept in
+            the index (``index.names``) and its checkpoints; pairs files and results are written with them.
 
     Returns:
         The :class:`~jasmk.ivf.Index`.
@@ -189,7 +210,7 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
     Raises:
         ValueError: bad input; without ``codebook=``, too few descriptors to train one.
     """
-    auto = isinstance(codebook, str) and codebook == "auto"
+    auto = isinstance(codebook, str) and codebook == "auto" and not os.path.exists(codebook)
     if auto and distractors is not None:
         codebook = Codebook(distractors.centroids, distractors.codebook_size_param)
     elif auto:
@@ -209,7 +230,7 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
     else:
         index = ivf_mod.empty(cb.centroids, binary=binary, use_idf=use_idf, codebook_size_param=cb.size_param)
     return add_images(index, feats, ids, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                      word_ids=word_ids)
+                      word_ids=word_ids, names=names)
 
 
 def empty_index(codebook, *, binary: bool = True, use_idf: bool = False) -> ivf_mod.Index:
@@ -220,12 +241,13 @@ def empty_index(codebook, *, binary: bool = True, use_idf: bool = False) -> ivf_
 
 
 def add_images(index: ivf_mod.Index, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "auto",
-               word_ids=None) -> ivf_mod.Index:
-    """Return ``index`` with more images added (their ids must be larger than those already there)."""
+               word_ids=None, names=None) -> ivf_mod.Index:
+    """Return ``index`` with more images added (their ids must be larger than those already there); ``names``:
+    one per new image in ascending id order, for an index that names its images (see :func:`build_index`)."""
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), feats, ids,
                            binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
                            word_ids=word_ids, sort=False)
-    return ivf_mod.add(index, agg)
+    return ivf_mod.add(index, agg, names=names)
 
 
 def reserve(index: ivf_mod.Index, *, images: int, postings: int | None = None, query_rows: int | None = None,

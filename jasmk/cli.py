@@ -1,9 +1,5 @@
-"""``jasmk`` command line: codebook / index / query / score-matrix / pairs on .npy/.npz feature files.
-
-Feature files: ``.npz`` with ``feats`` ``[N, D]`` and ``ids`` ``[N]`` (grouped, ascending), or a plain ``.npy``
-``[N, D]`` for codebook training. Codebooks and indexes are Orbax checkpoint directories (an asmk codebook
-``.pkl`` is accepted as ``--codebook`` too). ``show`` draws PNGs of query results and score matrices.
-"""
+"""The ``jasmk`` command line: codebook, index, add, query, score-matrix, pairs, info and show, on hloc's
+``features.h5`` or ``.npy`` / ``.npz`` feature files (see :data:`DESCRIPTION`)."""
 
 from __future__ import annotations
 
@@ -13,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import typing
 import warnings
 import zipfile
 
@@ -21,10 +18,10 @@ import numpy as np
 
 import jasmk
 
+from . import api, logs, pairs, show
 from . import evaluation as jeval
-from . import logs, pairs, show
 from .logs import configure_logging as _configure_logging
-from .storage import atomic, checkpoint, paths, safepickle
+from .storage import asmk_format, atomic, checkpoint, hloc, paths, safepickle
 
 log = logging.getLogger("jasmk")
 
@@ -110,22 +107,58 @@ def _load_arrays(path, keys=None):
         raise CliError(f"cannot read {path}: {exc}") from None
 
 
-def _load_feats(path, *, need_ids: bool):
-    data, files = _load_arrays(path, keys=("feats", "ids"))
+# ---------------------------------------------------------------------------------------------------------
+# inputs: .npz / .npy feature files and hloc's features.h5
+
+
+class Features(typing.NamedTuple):
+    """Descriptors read from an input file: ``feats [N, D]``, ``ids [N]`` (None for a plain ``.npy``) and the
+    image names (hloc's, or an ``.npz``'s ``names``; None without)."""
+
+    feats: np.ndarray
+    ids: np.ndarray | None
+    names: list | None
+
+
+def _read_features(path, *, need_ids: bool, prefix=None, image_list=None, first_id: int = 0) -> Features:
+    """Features from ``path``: hloc's ``features.h5`` (images chosen by ``prefix`` / ``image_list``, numbered from
+    ``first_id``), an ``.npz`` with ``feats``, ``ids`` and optionally ``names``, or a plain ``.npy``."""
+    if path and os.path.isfile(path) and hloc.is_hdf5(path):
+        names = hloc.read_image_list(image_list) if image_list else None
+        got = hloc.read_features(path, prefix=prefix, names=names, first_id=first_id)
+        return Features(got.feats, got.ids, got.names)
+    if prefix is not None or image_list is not None:
+        raise CliError(f"--prefix / --list select images of an hloc features.h5; {path} is not one")
+    data, files = _load_arrays(path, keys=("feats", "ids", "names"))
     if files is None:
         if need_ids:
-            raise CliError(f"{path} is a plain array: give an .npz with 'feats' and 'ids'")
-        return data, None
+            raise CliError(f"{path} is a plain array: give an .npz with 'feats' and 'ids' (or hloc's features.h5)")
+        return Features(data, None, None)
     keys = set(files)
     if "feats" not in keys or (need_ids and "ids" not in keys):
         raise CliError(f"{path} must hold 'feats'{' and ids' if need_ids else ''} arrays, it has {sorted(keys)}")
-    return data["feats"], data.get("ids")
+    names = None
+    if "names" in data:
+        raw = np.asarray(data["names"])
+        if raw.dtype.kind != "U" or raw.ndim != 1:
+            raise CliError(f"{path}: 'names' must be a 1-D array of strings (one per image), got {raw.dtype} "
+                           f"{raw.shape}")
+        names = raw.tolist()
+    return Features(data["feats"], data.get("ids"), names)
 
 
 def _load_codebook(path):
-    if path.endswith(".pkl"):
-        return checkpoint.load_asmk_codebook(path)  # restricted unpickler: never runs code
-    return checkpoint.load_codebook(path)
+    if not path:
+        raise CliError("--codebook is empty")
+    if not os.path.exists(path):
+        raise CliError(f"no such codebook: {path}")
+    return api.as_codebook(path)  # a codebook or index checkpoint, or asmk's codebook .pkl (never unpickled blindly)
+
+
+def _load_index(path):
+    if not os.path.exists(path):
+        raise CliError(f"no such index: {path}")
+    return checkpoint.load_index(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,22 +220,46 @@ def _check_out_file(out, *, inputs, suffixes, what, flag="--out"):
 # ---------------------------------------------------------------------------------------------------------
 # commands
 
+say = logging.getLogger("jasmk.cli")  # the one line a successful command prints (--quiet silences it)
+
+
+def _index_summary(index) -> str:
+    kind = "ASMK*" if index.binary else "ASMK"
+    named = ", named" if index.names is not None else ""
+    return (f"{index.n_images} images, {index.n_entries} postings, {index.n_words} words, {kind}"
+            f"{', idf' if index.use_idf else ''}{named}")
+
 
 def _cmd_codebook(args):
     _check_out_checkpoint(args.out, kind="codebook", inputs=[args.feats])
-    feats, _ = _load_feats(args.feats, need_ids=False)
-    cb = jasmk.train_codebook(feats, size=args.size, niter=args.niter, seed=args.seed)
+    got = _read_features(args.feats, need_ids=False, prefix=args.prefix, image_list=args.list)
+    cb = jasmk.train_codebook(got.feats, size=args.size, niter=args.niter, seed=args.seed, progress=not args.quiet)
     checkpoint.save_codebook(args.out, cb)
-    log.info("codebook of %d words saved to %s", cb.size, args.out)
+    say.info("wrote %s (codebook: %d words, %d-d, trained on %d descriptors)", args.out, cb.size, cb.dim,
+             len(got.feats))
 
 
 def _cmd_index(args):
     _check_out_checkpoint(args.out, kind="index", inputs=[args.feats, args.codebook])
-    feats, ids = _load_feats(args.feats, need_ids=True)
-    index = jasmk.build_index(feats, ids, codebook=_load_codebook(args.codebook), binary=args.binary,
-                              use_idf=args.use_idf, multiple_assignment=args.ma)
+    codebook = _load_codebook(args.codebook)
+    got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list)
+    index = jasmk.build_index(got.feats, got.ids, codebook=codebook, binary=args.binary, use_idf=args.use_idf,
+                              multiple_assignment=args.ma, names=got.names)
     checkpoint.save_index(args.out, index)
-    log.info("index of %d images (%d entries) saved to %s", index.n_images, index.n_entries, args.out)
+    say.info("wrote %s (index: %s)", args.out, _index_summary(index))
+
+
+def _cmd_add(args):
+    out = args.out or args.index
+    if not _same_path(out, args.index):
+        _check_out_checkpoint(out, kind="index", inputs=[args.index, args.feats])
+    index = _load_index(args.index)
+    before = index.n_images
+    got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list,
+                         first_id=index.next_name - index.imid_offset)
+    index = jasmk.add_images(index, got.feats, got.ids, multiple_assignment=args.ma, names=got.names)
+    checkpoint.save_index(out, index)  # over the index itself: an incremental save of what changed
+    say.info("wrote %s (index: %s; %d added)", out, _index_summary(index), index.n_images - before)
 
 
 def _query_kwargs(args):
@@ -210,52 +267,216 @@ def _query_kwargs(args):
                 progress=not args.quiet)
 
 
+def _names_arrays(index, got: Features) -> dict:
+    """The name arrays written next to results: query names and the database's ids and names."""
+    out = {}
+    if got.names is not None:
+        out["query_names"] = np.asarray(got.names, dtype=str)
+    if index.names is not None:
+        out["db_ids"] = index.image_ids
+        out["db_names"] = np.asarray(index.names.tolist(), dtype=str)
+    return out
+
+
 def _cmd_query(args):
     _check_out_file(args.out, inputs=[args.index, args.qfeats], suffixes=(".npz",),
                     what="a .npz archive (ids, ranks, scores)")
-    index = checkpoint.load_index(args.index)
-    feats, ids = _load_feats(args.qfeats, need_ids=True)
-    res = jasmk.query(index, feats, ids, topk=args.topk, **_query_kwargs(args))
-    atomic.write_bytes_with(args.out, lambda f: np.savez(f, ids=res.ids, ranks=res.ranks, scores=res.scores))
-    log.info("ranks of %d queries saved to %s", len(res.ids), args.out)
+    index = _load_index(args.index)
+    got = _read_features(args.qfeats, need_ids=True, prefix=args.prefix, image_list=args.list)
+    res = jasmk.query(index, got.feats, got.ids, topk=args.topk, **_query_kwargs(args))
+    arrays = dict(ids=res.ids, ranks=res.ranks, scores=res.scores, **_names_arrays(index, got))
+    atomic.write_bytes_with(args.out, lambda f: np.savez(f, **arrays))
+    say.info("wrote %s (ranks of %d queries, top %d of %d images)", args.out, len(res.ids), res.ranks.shape[1],
+             index.n_images)
 
 
 def _cmd_score_matrix(args):
-    _check_out_file(args.out, inputs=[args.index, args.qfeats], suffixes=(".npy",), what="a .npy array")
-    index = checkpoint.load_index(args.index)
-    feats, ids = _load_feats(args.qfeats, need_ids=True)
-    scores = jasmk.score_matrix(index, feats, ids, **_query_kwargs(args))
-    atomic.write_bytes_with(args.out, lambda f: np.save(f, scores))
-    log.info("score matrix %s saved to %s", scores.shape, args.out)
+    _check_out_file(args.out, inputs=[args.index, args.qfeats], suffixes=(".npy", ".npz"),
+                    what="a .npy array, or an .npz with the scores and the row and column ids (and names)")
+    index = _load_index(args.index)
+    got = _read_features(args.qfeats, need_ids=True, prefix=args.prefix, image_list=args.list)
+    scores = jasmk.score_matrix(index, got.feats, got.ids, **_query_kwargs(args))
+    if args.out.lower().endswith(".npz"):
+        arrays = {"scores": scores, "query_ids": np.unique(np.asarray(got.ids, np.int64)),
+                  "db_ids": index.image_ids, **_names_arrays(index, got)}
+        atomic.write_bytes_with(args.out, lambda f: np.savez(f, **arrays))
+    else:
+        atomic.write_bytes_with(args.out, lambda f: np.save(f, scores))
+    say.info("wrote %s (scores of %d queries x %d images)", args.out, *scores.shape)
+
+
+def _read_names_file(path, n, what):
+    if path is None:
+        return None
+    names = hloc.read_image_list(path)
+    if len(names) != n:
+        raise CliError(f"{path} lists {len(names)} {what} names, expected {n} (one per line)")
+    return names
+
+
+def _pairs_from_results(args):
+    """``(pairs, what)`` of top-k query → database pairs from a score matrix (.npy / .npz) or query results."""
+    data, files = _load_arrays(args.scores)
+    if files is None:
+        scores = np.asarray(data)
+        if scores.ndim != 2:
+            raise CliError(f"{args.scores} must be an [n_query, n_db] score matrix, got shape {scores.shape}")
+        data = {"scores": scores}
+    if "ranks" in data:  # jasmk query's results: ranks are database ids, best first
+        ranks = np.asarray(data["ranks"])
+        qids = np.asarray(data.get("ids", np.arange(len(ranks))))
+        n_db = None
+    elif "scores" in data:
+        scores = np.asarray(data["scores"])
+        qids = np.asarray(data.get("query_ids", np.arange(scores.shape[0])))
+        n_db = scores.shape[1]
+    else:
+        raise CliError(f"{args.scores} holds neither 'scores' nor 'ranks' (it has {sorted(files)})")
+    db_ids = np.asarray(data["db_ids"]) if "db_ids" in data else None
+    shared = hloc.read_image_list(args.names) if args.names else None  # line i names image id i
+    qnames = data["query_names"].tolist() if "query_names" in data else (
+        _read_names_file(args.query_names, len(qids), "query") if args.query_names else None)
+    dnames = data["db_names"].tolist() if "db_names" in data else (
+        hloc.read_image_list(args.db_names) if args.db_names else shared)
+    if qnames is None and shared is not None:  # the queries are images of the same collection
+        if qids.size and (qids.min() < 0 or qids.max() >= len(shared)):
+            raise CliError(f"query ids reach {int(qids.max())} but {args.names} lists {len(shared)} names: give "
+                           "--query-names")
+        qnames = [shared[int(i)] for i in qids]
+    if qnames is None:
+        qnames = [str(int(i)) for i in qids]
+    if n_db is not None and dnames is not None and len(dnames) != n_db:
+        raise CliError(f"{len(dnames)} database names for a score matrix of {n_db} columns")
+    if n_db is not None:  # a score matrix
+        if dnames is None:
+            dnames = [str(int(i)) for i in (db_ids if db_ids is not None else np.arange(n_db))]
+        return pairs.topk_pairs(scores, args.topk, query_names=qnames, db_names=dnames)
+    # ranks: map database ids to names through db_ids (or the names file's line = id)
+    out = []
+    for qname, row in zip(qnames, ranks):
+        if dnames is None:
+            names = [str(int(j)) for j in row]
+        elif db_ids is not None:
+            names = [dnames[int(j)] for j in np.searchsorted(db_ids, row)]
+        else:
+            if row.size and (row.min() < 0 or row.max() >= len(dnames)):
+                raise CliError(f"the results rank database id {int(row.max())} but the names list {len(dnames)}")
+            names = [dnames[int(j)] for j in row]
+        out.extend((qname, n) for n in [n for n in names if n != qname][:args.topk])
+    return out
 
 
 def _cmd_pairs(args):
-    source = args.scores if args.scores is not None else args.index
     if (args.scores is None) == (args.index is None):
-        raise CliError("give either a score matrix (SCORES) or --index with --feats, not both")
-    if args.index is not None and args.feats is None:
-        raise CliError("--index needs --feats: the .npz with 'feats' and 'ids' of the indexed images")
-    _check_out_file(args.out, inputs=[source, args.names, args.feats], suffixes=(".txt", ".npy"),
+        raise CliError("give either a score matrix or query results (SCORES), or --index, not both")
+    source = args.scores if args.scores is not None else args.index
+    if args.index is not None and (args.feats is None) == (args.queries is None):
+        raise CliError("--index needs --queries (query -> database pairs with --topk) or --feats (the indexed "
+                       "images, for the MASt3R-SfM scene graph)")
+    _check_out_file(args.out, inputs=[source, args.names, args.feats, args.queries, args.query_names,
+                                      args.db_names], suffixes=(".txt", ".npy"),
                     what="a .txt list of pairs or a .npy [P, 2] array")
+    topk_mode = args.topk is not None or args.queries is not None
+    if topk_mode:
+        if args.topk is None:
+            raise CliError("--queries needs --topk K: the database images to pair with each query")
+        if args.out.lower().endswith(".npy"):
+            raise CliError("query -> database pairs are written as a text pairs file (.txt), hloc's format")
+        if args.queries is not None:
+            index = _load_index(args.index)
+            got = _read_features(args.queries, need_ids=True, prefix=args.prefix, image_list=args.list)
+            qnames = got.names if got.names is not None else [str(int(i)) for i in np.unique(got.ids)]
+            result = pairs.query_pairs(index, got.feats, got.ids, args.topk, query_names=qnames,
+                                       multiple_assignment=args.ma, alpha=args.alpha,
+                                       similarity_threshold=args.threshold, progress=not args.quiet)
+        else:
+            result = _pairs_from_results(args)
+        hloc.write_pairs(args.out, result)
+        say.info("wrote %s (%d pairs, %d queries x top %d)", args.out, len(result), len({q for q, _ in result}),
+                 args.topk)
+        return
     na, k = pairs.parse_scene_graph(args.scene_graph)
     names = None
     if args.names:
         with open(args.names) as handle:
             names = [line.strip() for line in handle if line.strip()]
     if args.scores is not None:
-        scores, files = _load_arrays(args.scores, keys=())
+        scores, files = _load_arrays(args.scores, keys=("scores",))
         if files is not None:
-            raise CliError(f"{args.scores} must be a .npy score matrix, not an .npz")
+            if "scores" not in scores:
+                raise CliError(f"{args.scores} holds no 'scores' (query results: give --topk K for pairs)")
+            scores = scores["scores"]
+        if scores.ndim == 2 and scores.shape[0] != scores.shape[1]:
+            raise CliError(f"the score matrix is {scores.shape[0]} x {scores.shape[1]}, not square: give --topk K "
+                           "for query -> database pairs (the MASt3R-SfM scene graph needs one image set on both "
+                           "sides)")
         p, keys = pairs.retrieval_pairs(scores, na=na, k=k, seed=args.seed)
     else:  # straight from the index: no n x n matrix (O(n (Na + k)) memory)
-        index = checkpoint.load_index(args.index)
-        feats, ids = _load_feats(args.feats, need_ids=True)
-        rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param), feats, ids,
-                                      binary=index.binary, multiple_assignment=args.ma)
+        index = _load_index(args.index)
+        got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list)
+        rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param), got.feats,
+                                      got.ids, binary=index.binary, multiple_assignment=args.ma)
         p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=args.alpha,
                                                    similarity_threshold=args.threshold, progress=not args.quiet)
+        if names is None and index.names is not None:
+            names = index.names.tolist()
     pairs.save_pairs(args.out, p, names=names)  # atomic itself (jasmk.storage.atomic); the path was checked above
-    log.info("%d pairs (%d key images) saved to %s", len(p), len(keys), args.out)
+    say.info("wrote %s (%d pairs, %d key images)", args.out, len(p), len(keys))
+
+
+def _info(path) -> dict:
+    """What the file or checkpoint at ``path`` holds, as an ordered dict of plain values."""
+    if not os.path.exists(path):
+        raise CliError(f"no such file or folder: {path}")
+    if os.path.isdir(path):
+        kind = checkpoint.checkpoint_kind(path)
+        if kind == "index":
+            index = checkpoint.load_index(path)
+            stats = index.stats()
+            out = {"kind": "index", "path": path, "images": index.n_images, "postings": index.n_entries,
+                   "segments": len(index.segments), "words": index.n_words, "dim": index.dim,
+                   "codebook size": index.codebook_size_param,
+                   "kernel": ("ASMK* (binary)" if index.binary else "ASMK (real)"), "idf": index.use_idf,
+                   "postings per image": round(float(stats["vectors_per_image"]), 2),
+                   "empty words": stats["empty_vw"], "longest posting list": stats["max_entries_per_vw"]}
+            if index.n_images:
+                ids = index.image_ids
+                out["ids"] = f"{int(ids[0])}..{int(ids[-1])}" + (" (with gaps)" if index.ids is not None else "")
+                out["next free id"] = index.next_name - index.imid_offset
+            if index.imid_offset:
+                out["distractors"] = index.imid_offset
+            if index.names is not None:
+                names = index.names.tolist()
+                out["names"] = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+            return out
+        if kind == "codebook":
+            cb = checkpoint.load_codebook(path)
+            return {"kind": "codebook", "path": path, "words": cb.size, "dim": cb.dim, "size parameter": cb.size_param}
+        if kind is not None:
+            return {"kind": kind, "path": path}
+        raise CliError(f"{path} is a folder that holds no jasmk checkpoint")
+    if asmk_format.is_pickle(path):
+        cb = asmk_format.load_asmk_codebook(path)
+        return {"kind": "asmk codebook (.pkl)", "path": path, "words": cb.size, "dim": cb.dim}
+    if hloc.is_hdf5(path):
+        names = hloc.list_names(path)
+        got = hloc.read_features(path)
+        return {"kind": "hloc features (.h5)", "path": path, "images": len(got.names), "descriptors": len(got.feats),
+                "dim": int(got.feats.shape[1]), "without descriptors": len(got.skipped),
+                "names": ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")}
+    data, files = _load_arrays(path)
+    if files is None:
+        return {"kind": ".npy array", "path": path, "shape": list(data.shape), "dtype": str(data.dtype)}
+    return {"kind": ".npz archive", "path": path, **{k: f"{v.dtype} {list(v.shape)}" for k, v in data.items()}}
+
+
+def _cmd_info(args):
+    info = _info(args.path)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=1, default=str) + "\n")
+    else:
+        width = max(len(k) for k in info)
+        sys.stdout.write("".join(f"{k + ':':<{width + 1}} {v}\n" for k, v in info.items()))
 
 
 def _read_list(path, what):
@@ -301,6 +522,8 @@ def _cmd_show(args):
     if args.grid and args.heatmap and _same_path(args.grid, args.heatmap):
         raise CliError("--grid and --heatmap name the same file")
     data, files = _load_arrays(args.results)
+    if files is not None and "ranks" not in data and "scores" in data:  # jasmk score-matrix's .npz
+        data, files = np.asarray(data["scores"]), None
     if files is None:
         scores = np.asarray(data)
         if scores.ndim != 2:
@@ -325,9 +548,9 @@ def _cmd_show(args):
             raise CliError(f"{args.images} lists {len(images)} images but the score matrix has {scores.shape[1]} "
                            "database columns")
         names = [os.path.basename(p) for p in images] if images else None
-        show.score_heatmap(scores, args.heatmap, col_names=names,
+        show.score_heatmap(scores, args.heatmap, scale=args.scale, col_names=names,
                            row_names=names if names and scores.shape[0] == len(names) else None)
-        log.info("score heat map saved to %s", args.heatmap)
+        say.info("wrote %s (heat map of %d x %d scores, %s scale)", args.heatmap, *scores.shape, args.scale)
     if args.grid:
         if not args.images:
             raise CliError("--grid needs --images (one database image path per line, in database id order)")
@@ -353,61 +576,136 @@ def _cmd_show(args):
                           topk=args.topk, rows=list(range(min(args.max_queries, len(ranks)))),
                           query_names=[os.path.basename(p) for p in queries],
                           db_names=[os.path.basename(p) for p in images])
-        log.info("results of %d queries saved to %s", min(args.max_queries, len(ranks)), args.grid)
+        say.info("wrote %s (results of %d queries)", args.grid, min(args.max_queries, len(ranks)))
+
+
+DESCRIPTION = """\
+ASMK image retrieval: train a codebook, build and grow an index, query it, make image pairs.
+
+Feature files: hloc's features.h5 (descriptors [D, N] per image group; --prefix or --list pick the images),
+an .npz with 'feats' [N, D], 'ids' [N] (grouped, ascending) and optionally 'names', or a plain .npy [N, D]
+for codebook training. Codebooks and indexes are checkpoint folders; an asmk codebook .pkl is accepted as
+--codebook too. 'jasmk COMMAND --help' shows each command's options and defaults.
+"""
+
+EPILOG = """\
+examples:
+  jasmk codebook train.npy --size 1024 --out cb
+  jasmk index features.h5 --prefix db/ --codebook cb --out idx
+  jasmk pairs --index idx --queries features.h5 --prefix query/ --topk 20 --out pairs.txt
+  jasmk query idx queries.npz --topk 100 --out results.npz
+  jasmk info idx
+"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default in its help (where it has one worth saying)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default:" in text or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _selection(p, *, query: bool = False):
+    side = "query" if query else "db"
+    p.add_argument("--prefix", f"--{side}-prefix", dest="prefix", default=None, metavar="PREFIX",
+                   help="features.h5 only: the images whose name starts with PREFIX (hloc's "
+                        f"--{side}_prefix; default: all)")
+    p.add_argument("--list", f"--{side}-list", dest="list", default=None, metavar="TXT",
+                   help=f"features.h5 only: the images named in this text file, one per line (hloc's --{side}_list)")
+
+
+def _query_options(p, *, ma_help="words per query descriptor (multiple assignment)"):
+    p.add_argument("--ma", type=int, default=5, help=ma_help)
+    p.add_argument("--alpha", type=float, default=3.0, help="selectivity exponent of the match kernel")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="similarity threshold tau: word matches scoring at most this count for nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jasmk", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jasmk", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"jasmk {jasmk.__version__}")
     talk = ap.add_mutually_exclusive_group()
-    talk.add_argument("--quiet", action="store_true", help="no progress bars")
+    talk.add_argument("--quiet", action="store_true", help="print nothing on success: no progress, no summary line")
     talk.add_argument("--verbose", action="store_true", help="also print jasmk's info messages (on stderr)")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("codebook", help="train a codebook (faiss k-means)")
-    p.add_argument("feats", help=".npy [N, D] or .npz with 'feats'")
-    p.add_argument("--size", required=True, help="number of words: 1024, '64k', ...")
-    p.add_argument("--niter", type=int, default=10)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", required=True, help="checkpoint directory")
-    p.set_defaults(func=_cmd_codebook)
-
-    p = sub.add_parser("index", help="build an inverted file")
-    p.add_argument("feats", help=".npz with 'feats' [N, D] and 'ids' [N]")
-    p.add_argument("--codebook", required=True, help="codebook checkpoint directory or asmk codebook .pkl")
-    p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=True, help="ASMK* (default) or ASMK")
-    p.add_argument("--use-idf", action="store_true")
-    p.add_argument("--ma", type=int, default=1, help="multiple assignment when indexing")
-    p.add_argument("--out", required=True, help="index checkpoint directory")
-    p.set_defaults(func=_cmd_index)
-
-    for name, func, help_ in (("query", _cmd_query, "rank database images for each query image"),
-                              ("score-matrix", _cmd_score_matrix, "dense [n_query, n_db] score matrix")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("index", help="index checkpoint directory")
-        p.add_argument("qfeats", help=".npz with 'feats' and 'ids' of the query images")
-        p.add_argument("--ma", type=int, default=5, help="multiple assignment for queries")
-        p.add_argument("--alpha", type=float, default=3.0)
-        p.add_argument("--threshold", type=float, default=0.0)
-        if name == "query":
-            p.add_argument("--topk", type=int, default=None)
-        p.add_argument("--out", required=True, help=".npz (query: ids, ranks, scores) or .npy (score-matrix)")
+    def command(name, func, help_, description=None):
+        p = sub.add_parser(name, help=help_, description=description or help_, formatter_class=_Help)
         p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("pairs", help="MASt3R-SfM image pairs from a score matrix, or straight from an index")
-    p.add_argument("scores", nargs="?", default=None, help=".npy [n, n] score matrix (or use --index/--feats)")
-    p.add_argument("--index", default=None, help="index checkpoint: pairs without the n x n matrix")
-    p.add_argument("--feats", default=None, help="with --index: .npz with 'feats' and 'ids' of the indexed images")
-    p.add_argument("--ma", type=int, default=5, help="with --index: multiple assignment of the query side")
-    p.add_argument("--alpha", type=float, default=3.0)
-    p.add_argument("--threshold", type=float, default=0.0)
-    p.add_argument("--scene-graph", default="retrieval-20-10", help="retrieval-Na-k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--names", default=None, help="text file with one image name per line")
-    p.add_argument("--out", required=True, help=".txt ('i j' per line) or .npy [P, 2]")
-    p.set_defaults(func=_cmd_pairs)
+    p = command("codebook", _cmd_codebook, "train a codebook (k-means) on local descriptors")
+    p.add_argument("feats", help="features.h5, .npy [N, D] or .npz with 'feats'")
+    p.add_argument("--size", required=True, help="number of visual words: 1024, '64k', ...")
+    p.add_argument("--niter", type=int, default=10, help="k-means iterations")
+    p.add_argument("--seed", type=int, default=1234, help="k-means seed (faiss's; asmk's codebooks use 1234)")
+    _selection(p)
+    p.add_argument("--out", required=True, help="codebook checkpoint folder to write")
 
-    p = sub.add_parser("show", help="PNG pictures: queries with their top results, score matrix heat map")
+    p = command("index", _cmd_index, "build an index (inverted file) of database images")
+    p.add_argument("feats", help="features.h5, or .npz with 'feats' [N, D] and 'ids' [N] (and 'names')")
+    p.add_argument("--codebook", required=True, help="codebook checkpoint folder or asmk codebook .pkl")
+    p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=True,
+                   help="ASMK* (packed sign bits); --no-binary: ASMK (real vectors)")
+    p.add_argument("--use-idf", action="store_true", help="weight words by inverse document frequency")
+    p.add_argument("--ma", type=int, default=1, help="words per database descriptor (multiple assignment)")
+    _selection(p)
+    p.add_argument("--out", required=True, help="index checkpoint folder to write")
+
+    p = command("add", _cmd_add, "add images to an index (saved over it, writing only what changed)")
+    p.add_argument("index", help="index checkpoint folder")
+    p.add_argument("feats", help="features.h5 (numbered after the index's images), or .npz with 'feats' and 'ids' "
+                   "(larger than every id in the index)")
+    p.add_argument("--ma", type=int, default=1, help="words per database descriptor (multiple assignment)")
+    _selection(p)
+    p.add_argument("--out", default=None, help="index checkpoint folder to write (default: the index itself)")
+
+    p = command("query", _cmd_query, "rank database images for each query image")
+    p.add_argument("index", help="index checkpoint folder")
+    p.add_argument("qfeats", help="features.h5, or .npz with 'feats' and 'ids' of the query images")
+    _query_options(p)
+    p.add_argument("--topk", type=int, default=None, help="results per query (default: every database image)")
+    _selection(p, query=True)
+    p.add_argument("--out", required=True, help=".npz to write: ids, ranks, scores (and query_names, db_ids, "
+                   "db_names with named images)")
+
+    p = command("score-matrix", _cmd_score_matrix, "dense [n_query, n_db] score matrix")
+    p.add_argument("index", help="index checkpoint folder")
+    p.add_argument("qfeats", help="features.h5, or .npz with 'feats' and 'ids' of the query images")
+    _query_options(p)
+    _selection(p, query=True)
+    p.add_argument("--out", required=True, help=".npy (the matrix) or .npz (scores, query_ids, db_ids and names)")
+
+    p = command("pairs", _cmd_pairs, "image pairs: query -> database top-k (hloc) or the MASt3R-SfM scene graph",
+                description="Image pairs to match. With --topk K: each query's K best database images, as hloc's "
+                "'query_name db_name' lines (from --index with --queries, or from a score matrix or query results); "
+                "a database image of the query's own name is left out. Without --topk: the MASt3R-SfM "
+                "retrieval-Na-k scene graph of a square score matrix, or of --index with --feats.")
+    p.add_argument("scores", nargs="?", default=None,
+                   help=".npy / .npz score matrix (jasmk score-matrix) or .npz query results (jasmk query)")
+    p.add_argument("--index", default=None, help="index checkpoint folder (instead of SCORES)")
+    p.add_argument("--queries", default=None, help="with --index and --topk: query features (features.h5 or .npz); "
+                   "the database's own features give exhaustive-like pairs, self excluded")
+    p.add_argument("--feats", default=None, help="with --index, for the scene graph: features of the indexed images")
+    p.add_argument("--topk", type=int, default=None, help="database images per query (query -> database pairs)")
+    _query_options(p, ma_help="with --index: words per query descriptor (multiple assignment)")
+    _selection(p, query=True)
+    p.add_argument("--scene-graph", default="retrieval-20-10", help="retrieval-Na-k: Na key images, k neighbours")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scene graph's first key image")
+    p.add_argument("--names", default=None, help="text file naming image id i on line i (both sides)")
+    p.add_argument("--query-names", default=None, help="text file: one name per query row (--topk)")
+    p.add_argument("--db-names", default=None, help="text file: one name per database column (--topk)")
+    p.add_argument("--out", required=True, help=".txt pairs file, or .npy [P, 2] (scene graph only)")
+
+    p = command("info", _cmd_info, "what an index, codebook or features file holds")
+    p.add_argument("path", help="index or codebook checkpoint folder, asmk codebook .pkl, features.h5, .npy or .npz")
+    p.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
+
+    p = command("show", _cmd_show, "PNG pictures: queries with their top results, score matrix heat map")
     p.add_argument("results", help=".npz from 'jasmk query' (ids, ranks, scores) or .npy from 'jasmk score-matrix'")
     p.add_argument("--images", default=None, help="text file: one database image path per line, in id order "
                    "(relative paths are read from the file's folder)")
@@ -419,9 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="revisited protocol of the marking: green positive, red wrong, yellow junk")
     p.add_argument("--topk", type=int, default=5, help="results per query in the grid")
     p.add_argument("--max-queries", type=int, default=8, help="query rows in the grid (the first ones)")
-    p.add_argument("--grid", default=None, help="results grid .png (needs --images)")
-    p.add_argument("--heatmap", default=None, help="score matrix heat map .png (score matrix input only)")
-    p.set_defaults(func=_cmd_show)
+    p.add_argument("--scale", choices=("row", "log", "linear"), default="row",
+                   help="heat map colours: each row over its best other image, log10 of the score, or the raw score")
+    p.add_argument("--grid", default=None, help="results grid .png to write (needs --images)")
+    p.add_argument("--heatmap", default=None, help="score matrix heat map .png to write (score matrix input only)")
     return ap
 
 
@@ -444,9 +743,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(verbose=args.verbose)
+    say.setLevel(logging.WARNING if args.quiet else logging.INFO)
     _persistent_compilation_cache()
     try:
         args.func(args)
+    except ImportError as exc:  # an optional dependency: the message says which extra to install
+        log.debug("failed", exc_info=True)
+        parser.exit(2, f"jasmk: error: {exc}\n")
     except (CliError, ValueError, OSError) as exc:
         log.debug("failed", exc_info=True)
         parser.exit(2, f"jasmk: error: {exc}\n")

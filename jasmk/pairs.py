@@ -374,5 +374,76 @@ def load_pairs(path, *, names=None) -> np.ndarray:
                 raise ValueError(f"{path}:{line_no}: unknown image {line.strip()!r}") from None
     return np.asarray(rows, np.int64).reshape(-1, 2)
 
-__all__ = ["farthest_point_sampling", "load_pairs", "parse_scene_graph", "retrieval_pairs",
-    "retrieval_pairs_from_index", "save_pairs", "scene_graph_pairs"]
+def topk_pairs(scores, k: int, *, query_names, db_names, exclude_self: bool = True) -> list:
+    """Query → database pairs from a ``[n_query, n_db]`` score matrix: each query's ``k`` best database images
+    (hloc's ``pairs_from_retrieval``), best first, ties broken by the lower column.
+
+    Args:
+        scores: ``[n_query, n_db]`` scores (any float dtype; NaN ranks last).
+        k: pairs per query (fewer where the database holds fewer images).
+        query_names, db_names: a name per row and per column.
+        exclude_self: leave out a database image of the query's own name (a database queried with itself).
+
+    Returns:
+        ``[(query_name, db_name), ...]``, query after query.
+
+    Raises:
+        ValueError: a matrix that is not 2-D, name lists of the wrong length, or ``k < 1``.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or not np.issubdtype(scores.dtype, np.number):
+        raise ValueError(f"scores must be a numeric [n_query, n_db] matrix, got {scores.dtype} {scores.shape}")
+    k = _check_count(k, "k")
+    query_names, db_names = list(query_names), list(db_names)
+    if len(query_names) != scores.shape[0] or len(db_names) != scores.shape[1]:
+        raise ValueError(f"{len(query_names)} query names and {len(db_names)} database names for a score matrix of "
+                         f"shape {scores.shape}: one name per row and per column")
+    column = {name: j for j, name in enumerate(db_names)} if exclude_self else {}
+    out = []
+    for q, qname in enumerate(query_names):
+        row = np.nan_to_num(np.asarray(scores[q], np.float64), nan=-np.inf)
+        order = np.argsort(-row, kind="stable")
+        self_col = column.get(qname)
+        if self_col is not None:
+            order = order[order != self_col]
+        out.extend((qname, db_names[j]) for j in order[:k].tolist())
+    return out
+
+
+def query_pairs(index, qfeats, qids, k: int, *, query_names=None, exclude_self: bool = True, **query_kwargs) -> list:
+    """hloc's retrieval pairs straight from a named index: each query image's ``k`` best database images by
+    :func:`jasmk.query` (``query_kwargs``: its options), as ``(query_name, db_name)`` tuples, best first; a
+    database image of the query's own name is left out with ``exclude_self`` (a database queried with itself).
+
+    Args:
+        index: an index; its image names (built with ``names=``, or from hloc's ``features.h5``), or its ids as
+            text for an index without names.
+        qfeats, qids: ``[N, D]`` query descriptors and ``[N]`` their image ids (grouped ascending).
+        query_names: one name per query image, in ascending id order (default: the query ids as text).
+
+    Raises:
+        ValueError: query names not one per query image, or bad input to :func:`jasmk.query`.
+    """
+    k = _check_count(k, "k")
+    if query_names is None:
+        query_names = [str(int(i)) for i in np.unique(np.asarray(qids, np.int64))]
+    query_names = list(query_names)
+    db_ids = index.image_ids
+    db_names = index.names.tolist() if index.names is not None else [str(int(i)) for i in db_ids]
+    known = set(db_names)
+    own = any(n in known for n in query_names) if exclude_self else False
+    res = api_mod.query(index, qfeats, qids, topk=min(k + (1 if own else 0), index.n_images), **query_kwargs)
+    if len(query_names) != len(res.ids):
+        raise ValueError(f"{len(query_names)} query names for {len(res.ids)} query images: one name per image")
+    out = []
+    for qname, ranks in zip(query_names, res.ranks):
+        ranks = ranks[ranks >= db_ids[0]] if db_ids.size else ranks[:0]
+        picked = [db_names[int(j)] for j in np.searchsorted(db_ids, ranks).tolist()]
+        if exclude_self:
+            picked = [n for n in picked if n != qname]
+        out.extend((qname, n) for n in picked[:k])
+    return out
+
+
+__all__ = ["farthest_point_sampling", "load_pairs", "parse_scene_graph", "query_pairs", "retrieval_pairs",
+           "retrieval_pairs_from_index", "save_pairs", "scene_graph_pairs", "topk_pairs"]

@@ -140,7 +140,7 @@ def test_compat_ivf_cache_and_distractors_paths(tmp_path, small_data):
     _, _, r4, s4 = with_d.query_ivf(feats[q], ids[q] - 12)
     _, _, r5, s5 = ref_d.query_ivf(feats[q], ids[q] - 12)
     assert_same_ranking(r4, s4, r5, s5)
-    with pytest.raises(ValueError, match="not an asmk IVF"):
+    with pytest.raises(ValueError, match="not its IVF"):
         checkpoint.load_asmk_ivf({"type": "Codebook"}, jasmk.Codebook.from_centroids(centroids))
 
 

@@ -206,7 +206,7 @@ def test_cli_outputs_must_be_named_for_what_is_written_in_an_existing_folder(tmp
     checkpoint.save_index(tmp_path / "idx", jasmk.build_index(feats, ids, codebook=cents))
     idx, db = str(tmp_path / "idx"), str(tmp_path / "db.npz")
     assert ".npz" in run_cli(["query", idx, db, "--out", str(tmp_path / "results.txt")], capsys)
-    assert ".npy" in run_cli(["score-matrix", idx, db, "--out", str(tmp_path / "S.npz")], capsys)
+    assert ".npy" in run_cli(["score-matrix", idx, db, "--out", str(tmp_path / "S.txt")], capsys)
     missing = tmp_path / "no" / "such"
     assert "does not exist" in run_cli(["query", idx, db, "--out", str(missing / "r.npz")], capsys)
     assert "does not exist" in run_cli(["index", db, "--codebook", idx, "--out", str(missing / "idx")], capsys)

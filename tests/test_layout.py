@@ -12,7 +12,7 @@ LAYERS = {
     "jasmk.core": {"jasmk.core"},
     "jasmk.storage": {"jasmk.core", "jasmk.storage"},
     "jasmk.head": {"jasmk.core", "jasmk.storage", "jasmk.head"},
-    "jasmk.api": {"jasmk.core"},
+    "jasmk.api": {"jasmk.core", "jasmk.storage"},
     "jasmk.logs": set(),
     "jasmk.shard": {"jasmk.core", "jasmk.storage", "jasmk.api", "jasmk.shard"},
 }

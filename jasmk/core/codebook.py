@@ -28,9 +28,9 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import ivf, memory, validate
+from . import progress as progress_mod
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,21 @@ class Codebook:
                    size_param=c.shape[0] if size_param is None else size_param)
 
 
+MIN_PER_WORD = 39  # descriptors per word below which k-means is under-trained (faiss's threshold)
+
+
+def warn_few_descriptors(n: int, k: int) -> bool:
+    """Log a warning when ``n`` training descriptors are fewer than :data:`MIN_PER_WORD` per word for ``k``
+    words (k-means still runs; the words are noisier). Returns whether it warned."""
+    if n >= MIN_PER_WORD * k:
+        return False
+    fit = 1 << max(0, (n // MIN_PER_WORD).bit_length() - 1)
+    log.warning("training %d visual words on %d descriptors (%.1f per word): k-means wants at least %d per word, "
+                "so the words will be noisy; give at least %d descriptors, or use size=%d or fewer", k, n, n / k,
+                MIN_PER_WORD, MIN_PER_WORD * k, fit)
+    return True
+
+
 def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bool = False,
                    method: str = "auto", progress: bool = False) -> Codebook:
     """Cluster ``vecs`` (``[N, D] float32``) into ``size`` visual words with k-means.
@@ -146,9 +161,11 @@ def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bo
     if method not in ("auto", "faiss", "jax"):
         raise ValueError(f"k-means method must be 'auto', 'faiss' or 'jax', got {method!r}")
     if method == "jax" or (method == "auto" and not have_faiss()):
+        warn_few_descriptors(x.shape[0], k)
         log.info("training codebook with JAX k-means: %d words from %d x %d descriptors, %d iterations", k,
                  *x.shape, niter)
         return Codebook(centroids=kmeans_jax(x, k, niter=niter, seed=seed), size_param=size)
+    warn_few_descriptors(x.shape[0], k)
     faiss = _faiss("training a codebook")
     log.info("training codebook: %d words from %d x %d descriptors, %d iterations", k, *x.shape, niter)
 
@@ -157,6 +174,7 @@ def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bo
         clus.verbose = bool(verbose)
         clus.niter = int(iterations)
         clus.seed = int(seed)
+        clus.min_points_per_centroid = 1  # faiss's own "please provide at least ..." line: jasmk warned above
         if start is not None:  # faiss starts from given centroids; its subsample and splits are seeded alike
             faiss.copy_array_to_vector(start.ravel(), clus.centroids)
         clus.train(x, faiss.IndexFlatL2(x.shape[1]))
@@ -166,8 +184,10 @@ def train_codebook(vecs, *, size, niter: int = 10, seed: int = 1234, verbose: bo
         centroids = run(niter, None)
     else:
         centroids = None
-        for _ in tqdm(range(int(niter)), desc=f"k-means, {k} words", unit="iteration", leave=False):
-            centroids = run(1, centroids)
+        with progress_mod.bar(int(niter), f"k-means, {k} words", enabled=True, unit="iterations") as counter:
+            for _ in range(int(niter)):
+                centroids = run(1, centroids)
+                counter.update(1)
     return Codebook(centroids=np.ascontiguousarray(centroids, np.float32), size_param=size)
 
 
@@ -402,6 +422,6 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
     ids = jax.lax.map(one_chunk, padded.reshape(n_chunks, chunk_size, d))
     return ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]
 
-__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "METHODS", "TIE_EPS",
-           "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax",
-           "parse_size", "quantize", "quantize_jax", "train_codebook"]
+__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "METHODS", "MIN_PER_WORD",
+           "TIE_EPS", "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax",
+           "parse_size", "quantize", "quantize_jax", "train_codebook", "warn_few_descriptors"]

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import memory
 from .aggregate import PAD_IMAGE, Aggregated, aligned_empty, packed_width
+from .names import ImageNames
 from .validate import is_int
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,8 @@ def assign_slots(index, agg: Aggregated):
 
 
 _DATA = ["centroids", "counts", "idf", "segments", "image_slots"]
-_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "reservation", "ids", "dense_ids"]
+_META = ["imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "reservation", "ids", "dense_ids",
+         "names"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
@@ -386,6 +388,7 @@ class Index:
     reservation: "Reservation | None" = None
     ids: "IdMap | None" = None
     dense_ids: bool = False
+    names: "ImageNames | None" = None
     #: device copies made on demand (:func:`on_device`, the device idf): neither a PyTree leaf nor static metadata
     caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -671,14 +674,44 @@ def empty(centroids, *, binary: bool, use_idf: bool, codebook_size_param=None, d
     return dataclasses.replace(index, dense_ids=bool(dense_ids))
 
 
-def add(index: Index, agg: Aggregated) -> Index:
+def extend_names(index, names, n_new: int):
+    """The :class:`ImageNames` of ``index`` (an :class:`Index` or a sharded index) after an add of ``n_new``
+    images named ``names`` (None: unnamed), checked: a named index takes names for every add, an index of
+    unnamed images takes none, and each name is new.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    have = index.names
+    if names is None:
+        if have is not None:
+            raise ValueError(f"this index names its images: give names= for the {n_new} new images (one per "
+                             "image, in ascending id order)")
+        return None
+    if index.dense_ids:
+        raise ValueError("image names need jasmk's compact ids; an index in asmk's dense layout (jasmk.compat) "
+                         "keeps none")
+    names = list(names) if not isinstance(names, (str, bytes)) else names
+    if isinstance(names, (str, bytes)) or len(names) != n_new:
+        got = "a single string" if isinstance(names, (str, bytes)) else f"{len(names)} names"
+        raise ValueError(f"{got} for {n_new} new images: give one name per image, in ascending id order")
+    if have is None:
+        if int(index.n_images) > 0:
+            raise ValueError(f"this index holds {int(index.n_images)} images without names: names cannot start "
+                             "in the middle (build the index with names= from the start)")
+        return ImageNames.from_list(names)
+    return have.extended(names)
+
+
+def add(index: Index, agg: Aggregated, *, names=None) -> Index:
     """Return ``index`` with the aggregated images ``agg`` appended (asmk's ``IVF.add``), in amortized
     O(rows added) (O(index) with idf on, whose normalization changes everywhere).
 
     Image ids are names: the new images take the next internal slots whatever their ids, so gaps between ids
     cost nothing (except with ``dense_ids``, asmk's layout). Their names (ids plus ``index.imid_offset``) must be
     larger than every name already there: images are added in ascending id order and never twice. ``agg`` rows
-    must be grouped by image in ascending order (their order within an image does not matter).
+    must be grouped by image in ascending order (their order within an image does not matter). ``names``: one
+    name per new image, in ascending id order, for an index that names its images (see :func:`extend_names`).
     """
     width = index.width
     if agg.vecs.ndim != 2 or agg.vecs.shape[1] != width:
@@ -687,6 +720,7 @@ def add(index: Index, agg: Aggregated) -> Index:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = int(index.n_images)
     images, n_images, id_map = assign_slots(index, agg)
+    image_names = extend_names(index, names, n_images - old_n)
     k = index.n_words
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
@@ -712,7 +746,7 @@ def add(index: Index, agg: Aggregated) -> Index:
         segments = _compact(segments, k)
     log.debug("ivf add: %d rows, %d images, %d segments", new_words.shape[0], n_images, len(segments))
     return dataclasses.replace(index, counts=counts, idf=idf, segments=tuple(segments),
-                               image_slots=_scalar(n_images), ids=id_map)
+                               image_slots=_scalar(n_images), ids=id_map, names=image_names)
 
 
 def add_bytes(agg: Aggregated) -> int:
@@ -744,14 +778,14 @@ def with_distractors(index: Index) -> Index:
 
 def from_segments(centroids, counts, idf, segments, *, n_images: int, imid_offset: int, binary: bool,
                   use_idf: bool, dim: int, codebook_size_param=None, ids: IdMap | None = None,
-                  dense_ids: bool = False) -> Index:
+                  dense_ids: bool = False, names: ImageNames | None = None) -> Index:
     """An :class:`Index` of already built segments (tiling ``[0, n_images)`` in order) and its per-word arrays."""
     return Index(centroids=centroids, counts=counts, idf=idf, segments=tuple(segments), image_slots=_scalar(n_images),
                  imid_offset=int(imid_offset), binary=bool(binary), use_idf=bool(use_idf), dim=int(dim),
-                 codebook_size_param=codebook_size_param, ids=ids, dense_ids=bool(dense_ids))
+                 codebook_size_param=codebook_size_param, ids=ids, dense_ids=bool(dense_ids), names=names)
 
 
 __all__ = ["ENTRY_BLOCK", "HostSegment", "IdMap", "Index", "MAX_NAME", "MAX_SEGMENT_ENTRIES", "MAX_SEGMENT_IMAGES",
            "MERGE_RATIO", "Reservation", "Segment", "add", "add_bytes", "assign_slots", "capacity", "compact", "empty",
-           "entries", "from_postings", "from_segments", "host", "inverse_sqrt", "make_segment", "merge_segments",
-           "on_device", "public_ids", "renormalized", "reserve", "with_distractors"]
+           "entries", "extend_names", "from_postings", "from_segments", "host", "inverse_sqrt", "make_segment",
+           "merge_segments", "on_device", "public_ids", "renormalized", "reserve", "with_distractors"]

@@ -74,7 +74,8 @@ ENGINES = KERNELS  # the 0.1 name
 
 _DATA = ["centroids", "counts", "idf", "vecs", "words", "images", "offsets", "norm_factor", "scale", "gids",
          "shard_images", "image_slots"]
-_META = ["mesh", "axis", "imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "ids", "dense_ids"]
+_META = ["mesh", "axis", "imid_offset", "binary", "use_idf", "dim", "codebook_size_param", "ids", "dense_ids",
+         "names"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META)
@@ -97,8 +98,8 @@ class ShardedIndex:
         shard_images: ``[S] int32`` image slots of each shard.
         image_slots: ``[] int32`` global image slots (largest internal id + 1, replicated).
         mesh, axis: the mesh and the name of the axis the shards lie along.
-        imid_offset, binary, use_idf, dim, codebook_size_param, ids, dense_ids: as in :class:`jasmk.ivf.Index`
-            (``gids`` are internal slots; ``ids`` names them).
+        imid_offset, binary, use_idf, dim, codebook_size_param, ids, dense_ids, names: as in
+            :class:`jasmk.ivf.Index` (``gids`` are internal slots; ``ids`` names them).
     """
 
     centroids: jax.Array
@@ -122,6 +123,7 @@ class ShardedIndex:
     codebook_size_param: object = None
     ids: "ivf_mod.IdMap | None" = None
     dense_ids: bool = False
+    names: object = None
     #: the host bookkeeping (shard ranges, per-shard offsets and segments) and the host centroids: neither a PyTree
     #: leaf nor static metadata; a PyTree transform starts without them (see :func:`_host_info`)
     caches: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
@@ -306,7 +308,7 @@ def _gids(ranges, i_cap: int) -> np.ndarray:
 
 
 def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, dim, size_param, ids=None,
-              dense_ids=False) -> ShardedIndex:
+              dense_ids=False, names=None) -> ShardedIndex:
     """A :class:`ShardedIndex` over the host bookkeeping ``h``: each local shard's segment padded to the common
     capacities and sent to its device(s) only."""
     s = int(mesh.shape[axis])
@@ -346,7 +348,7 @@ def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, 
                        idf=_replicated(mesh, h.idf), image_slots=_replicated(mesh, np.int32(h.n_images)),
                        mesh=mesh, axis=axis, imid_offset=int(imid_offset), binary=bool(binary),
                        use_idf=bool(use_idf), dim=int(dim), codebook_size_param=size_param, ids=ids,
-                       dense_ids=bool(dense_ids), **arrays)
+                       dense_ids=bool(dense_ids), names=names, **arrays)
     out.caches["host"] = h
     out.caches["centroids"] = np.asarray(centroids, np.float32)
     log.debug("sharded index: %d images, postings per shard %s, capacity %d x %d", h.n_images, entries.tolist(),
@@ -357,7 +359,7 @@ def _assemble(h: _Host, *, centroids, mesh, axis, imid_offset, binary, use_idf, 
 def _fields(sidx: ShardedIndex) -> dict:
     return dict(centroids=sidx.caches["centroids"], mesh=sidx.mesh, axis=sidx.axis,
                 imid_offset=sidx.imid_offset, binary=sidx.binary, use_idf=sidx.use_idf, dim=sidx.dim,
-                size_param=sidx.codebook_size_param, ids=sidx.ids, dense_ids=sidx.dense_ids)
+                size_param=sidx.codebook_size_param, ids=sidx.ids, dense_ids=sidx.dense_ids, names=sidx.names)
 
 
 def empty(centroids, *, mesh, axis=None, binary: bool, use_idf: bool, codebook_size_param=None) -> ShardedIndex:
@@ -373,7 +375,7 @@ def empty(centroids, *, mesh, axis=None, binary: bool, use_idf: bool, codebook_s
                      dim=d, size_param=k if codebook_size_param is None else codebook_size_param)
 
 
-def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
+def add(sidx: ShardedIndex, agg: Aggregated, *, names=None) -> ShardedIndex:
     """Return ``sidx`` with the aggregated images ``agg`` appended (the semantics of :func:`jasmk.ivf.add`).
 
     The new image slots are split into contiguous id ranges by posting count over the shards (the emptiest
@@ -388,6 +390,7 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
         raise ValueError("nothing to add: no aggregated entries")
     old_n = h.n_images
     images, n_images, id_map = ivf_mod.assign_slots(sidx, agg)
+    image_names = ivf_mod.extend_names(sidx, names, n_images - old_n)
     new_words = np.asarray(agg.words, np.int32)
     new_vecs = np.asarray(agg.vecs)
     per_slot = np.bincount(images - old_n, minlength=n_images - old_n)
@@ -428,11 +431,11 @@ def add(sidx: ShardedIndex, agg: Aggregated) -> ShardedIndex:
                 ranges[si].append((a, b))
     new_h = _Host(n_images=n_images, ranges=ranges, offsets=offsets, counts=counts, idf=idf, segments=segments)
     log.debug("sharded add: %d rows, %d images, cuts %s", new_words.shape[0], n_images, cuts.tolist())
-    return _assemble(new_h, **{**_fields(sidx), "ids": id_map})
+    return _assemble(new_h, **{**_fields(sidx), "ids": id_map, "names": image_names})
 
 
 def _from_postings(centroids, vecs, words, images, *, norm_factor, idf, counts, n_images: int, mesh, axis,
-                   imid_offset, binary, use_idf, size_param, ids=None, dense_ids=False) -> ShardedIndex:
+                   imid_offset, binary, use_idf, size_param, ids=None, dense_ids=False, names=None) -> ShardedIndex:
     """A sharded index over global postings (host arrays; any order), split by posting count into ``S``
     contiguous image ranges, keeping the given normalization and idf."""
     centroids = np.asarray(centroids, np.float32)
@@ -462,7 +465,7 @@ def _from_postings(centroids, vecs, words, images, *, norm_factor, idf, counts, 
             else:
                 h.segments[si] = _empty_segment(width, binary, k)
     return _assemble(h, centroids=centroids, mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary,
-                     use_idf=use_idf, dim=d, size_param=size_param, ids=ids, dense_ids=dense_ids)
+                     use_idf=use_idf, dim=d, size_param=size_param, ids=ids, dense_ids=dense_ids, names=names)
 
 
 def shard_index(index: ivf_mod.Index, mesh, *, axis=None) -> ShardedIndex:
@@ -474,7 +477,7 @@ def shard_index(index: ivf_mod.Index, mesh, *, axis=None) -> ShardedIndex:
                           idf=np.asarray(index.idf, np.float32), counts=np.asarray(index.counts),
                           n_images=index.n_images, mesh=mesh, axis=axis, imid_offset=index.imid_offset,
                           binary=index.binary, use_idf=index.use_idf, size_param=index.codebook_size_param,
-                          ids=index.ids, dense_ids=index.dense_ids)
+                          ids=index.ids, dense_ids=index.dense_ids, names=index.names)
 
 
 def with_distractors(sidx: ShardedIndex) -> ShardedIndex:
@@ -490,7 +493,7 @@ def _codebook(sidx: ShardedIndex) -> Codebook:
 
 def build_sharded(feats, ids, *, codebook, mesh, axis=None, binary: bool = True, use_idf: bool = False,
                   multiple_assignment: int = 1, quantizer: str = "faiss", distractors=None,
-                  word_ids=None) -> ShardedIndex:
+                  word_ids=None, names=None) -> ShardedIndex:
     """:func:`jasmk.build_index` onto the mesh axis ``axis`` (default: the mesh's first axis).
 
     ``distractors``: a :class:`ShardedIndex` on the same mesh (or a single-device index, sharded first) whose
@@ -514,16 +517,16 @@ def build_sharded(feats, ids, *, codebook, mesh, axis=None, binary: bool = True,
         sidx = empty(cb.centroids, mesh=mesh, axis=axis, binary=binary, use_idf=use_idf,
                      codebook_size_param=cb.size_param)
     return add_images(sidx, feats, ids, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                      word_ids=word_ids)
+                      word_ids=word_ids, names=names)
 
 
 def add_images(sidx: ShardedIndex, feats, ids, *, multiple_assignment: int = 1, quantizer: str = "faiss",
-               word_ids=None) -> ShardedIndex:
+               word_ids=None, names=None) -> ShardedIndex:
     """:func:`jasmk.add_images` for a sharded index."""
     agg = api.aggregate_images(_codebook(sidx), feats, ids, binary=sidx.binary,
                                multiple_assignment=multiple_assignment, quantizer=quantizer, word_ids=word_ids,
                                sort=False)
-    return add(sidx, agg)
+    return add(sidx, agg, names=names)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -625,9 +628,9 @@ def _batch_inputs(sidx: ShardedIndex, batch):
 
 
 def _kernel_view(sidx: ShardedIndex) -> ShardedIndex:
-    """``sidx`` without its id map, for the jitted kernels (which score slots): an add that changes the map
-    changes no program."""
-    return sidx if sidx.ids is None else dataclasses.replace(sidx, ids=None)
+    """``sidx`` without its id map and names, for the jitted kernels (which score slots): an add that changes
+    them changes no program."""
+    return sidx if sidx.ids is None and sidx.names is None else dataclasses.replace(sidx, ids=None, names=None)
 
 
 def query_aggregated(sidx: ShardedIndex, agg: Aggregated, *, alpha: float = 3.0, similarity_threshold: float = 0.0,
@@ -738,7 +741,8 @@ def to_arrays(sidx: ShardedIndex):
     return shard_format.to_arrays(sidx.caches["centroids"], h.counts, h.idf, postings, ranges=h.ranges,
                                   n_images=h.n_images, imid_offset=sidx.imid_offset, binary=sidx.binary,
                                   use_idf=sidx.use_idf, dim=sidx.dim, codebook_size_param=sidx.codebook_size_param,
-                                  names=None if sidx.ids is None else sidx.ids.names, dense_ids=sidx.dense_ids)
+                                  names=None if sidx.ids is None else sidx.ids.names, dense_ids=sidx.dense_ids,
+                                  image_names=sidx.names)
 
 
 def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -> ShardedIndex:
@@ -769,7 +773,8 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
                                                        norm_factor=norm, n_words=k) if n else
                                   _empty_segment(width, binary, k))
         return _assemble(h, centroids=centroids, mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary,
-                         use_idf=use_idf, dim=dim, size_param=size_param, ids=data.ids, dense_ids=data.dense_ids)
+                         use_idf=use_idf, dim=dim, size_param=size_param, ids=data.ids, dense_ids=data.dense_ids,
+                         names=data.image_names)
     # another mesh size: global postings, split again
     g_vecs, g_words, g_images = [], [], []
     g_norm = np.zeros(n_images, np.float32)
@@ -782,7 +787,7 @@ def from_arrays(arrays, fields, *, mesh, axis=None, where: str = "the arrays") -
     return _from_postings(centroids, np.concatenate(g_vecs), np.concatenate(g_words), np.concatenate(g_images),
                           norm_factor=g_norm, idf=idf.astype(np.float32), counts=counts, n_images=n_images,
                           mesh=mesh, axis=axis, imid_offset=imid_offset, binary=binary, use_idf=use_idf,
-                          size_param=size_param, ids=data.ids, dense_ids=data.dense_ids)
+                          size_param=size_param, ids=data.ids, dense_ids=data.dense_ids, names=data.image_names)
 
 
 def save_sharded_index(path, sidx) -> str:

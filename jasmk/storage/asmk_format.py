@@ -5,6 +5,7 @@ a pickle runs) and written atomically. :mod:`jasmk.compat` (asmk's API) and the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 
 import numpy as np
@@ -37,6 +38,8 @@ def codebook_state(codebook: Codebook) -> dict:
 
 def codebook_from_state(state) -> Codebook:
     """A :class:`Codebook` from asmk's codebook pickle content."""
+    if isinstance(state, dict) and state.get("type") == "IVF":
+        raise ValueError("this is asmk's IVF pickle, not its codebook: load_asmk_ivf(path, codebook) reads it")
     if not isinstance(state, dict) or state.get("type") != "Codebook" or "state" not in state:
         raise ValueError("not an asmk codebook state dict (expected type 'Codebook')")
     centroids = state["state"].get("centroids")
@@ -47,10 +50,23 @@ def codebook_from_state(state) -> Codebook:
 
 
 
+def is_pickle(path) -> bool:
+    """Whether the file ``path`` starts like a pickle (protocol 2 or later, as asmk writes them)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
 def _state(path_or_state):
     """asmk's pickled state dict from a path (read with the restricted unpickler) or the dict itself."""
     if isinstance(path_or_state, dict):
         return path_or_state
+    if isinstance(path_or_state, (str, os.PathLike)) and os.path.isdir(path_or_state):
+        raise ValueError(f"cannot read pickle {os.fspath(path_or_state)}: it is a directory, not an asmk pickle; "
+                         "jasmk's own codebook and index checkpoints are folders, read by jasmk.load_codebook and "
+                         "jasmk.load_index")
     return safepickle.load(path_or_state)  # refuses anything but numpy arrays and plain containers
 
 
@@ -62,6 +78,8 @@ def load_asmk_codebook(path_or_state) -> Codebook:
 def load_asmk_ivf(path_or_state, codebook: Codebook) -> ivf_mod.Index:
     """An :class:`~jasmk.ivf.Index` from asmk's IVF pickle (or state dict), keeping its idf and normalization."""
     state = _state(path_or_state)
+    if isinstance(state, dict) and state.get("type") == "Codebook":
+        raise ValueError("this is asmk's codebook pickle, not its IVF: load_asmk_codebook(path) reads it")
     if not isinstance(state, dict) or state.get("type") != "IVF" or "state" not in state:
         raise ValueError("not an asmk IVF state dict (expected type 'IVF')")
     st = state["state"]
@@ -147,4 +165,4 @@ def export_asmk_ivf(index: ivf_mod.Index) -> dict:
 
 
 __all__ = ["codebook_from_state", "codebook_state", "export_asmk_ivf", "load_asmk_codebook", "load_asmk_ivf",
-           "read_pickle", "write_pickle"]
+           "is_pickle", "read_pickle", "write_pickle"]

@@ -146,6 +146,49 @@ def _checkpoint_kind(folder):
     return False, None
 
 
+def checkpoint_kind(path):
+    """What the jasmk checkpoint at ``path`` holds (``"codebook"``, ``"index"``, ``"sharded-index"``,
+    ``"head"``), or None where ``path`` is no jasmk checkpoint.
+
+    Raises:
+        ValueError: a jasmk checkpoint whose kind cannot be told (damaged) or of another format version.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        return None
+    is_ckpt, kind = _checkpoint_kind(path)
+    return kind if is_ckpt else None
+
+
+# the first bytes of the files users hand to a checkpoint loader by mistake, and what reads each
+_OTHER_FORMATS = (
+    (b"\x80", "it is a pickle: asmk's codebook .pkl is read by jasmk.storage.asmk_format.load_asmk_codebook (or "
+              "passed as build_index(codebook=path)), asmk's IVF .pkl by load_asmk_ivf"),
+    (b"\x89HDF\r\n\x1a\n", "it is an HDF5 file: hloc's features.h5 is read by jasmk.storage.hloc.read_features"),
+    (b"\x93NUMPY", "it is a .npy array: np.load reads it; jasmk.train_codebook / build_index take the arrays"),
+    (b"PK\x03\x04", "it is a zip archive (an .npz?): np.load reads it"),
+)
+
+
+def what_file(path) -> str:
+    """Why ``path`` is no jasmk checkpoint, in words, naming the function that reads it where it is a file of
+    another format jasmk knows (asmk's pickles, hloc's HDF5, numpy's files)."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return "nothing is there"
+    if not os.path.isfile(path):
+        return "it is not a directory"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        return f"a file that cannot be read: {exc}"
+    for magic, hint in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return f"a file, not a checkpoint directory; {hint}"
+    return "a file, not a checkpoint directory"
+
+
 def _is_leftover(folder, name) -> bool:
     """Whether ``name`` in ``folder`` is something a jasmk save creates (a lock, an unpublished version)."""
     if name == _LOCK or _POINTER_TMP_RE.match(name):
@@ -724,7 +767,7 @@ def load_tree(path, *, target=None):
         text = _pointer_text(path)
         try:
             if not os.path.isdir(path):
-                raise ValueError(f"no jasmk checkpoint at {path} (missing directory or meta.json)")
+                raise ValueError(f"no jasmk checkpoint at {path} ({what_file(path)})")
             if text is None:
                 return _load_version(path, path, target, expected_format=_LEGACY_FORMAT)
             folder = os.path.join(path, _parse_pointer(path, text))
@@ -750,6 +793,9 @@ def save_codebook(path, codebook: Codebook) -> str:
 def load_codebook(path) -> Codebook:
     """Load a codebook saved with :func:`save_codebook`."""
     tree, meta = load_tree(path)
+    if meta.get("kind") == "index":
+        raise ValueError(f"{path} holds an index checkpoint, not a codebook: jasmk.load_index reads it (its "
+                         "codebook is index.centroids), and build_index(codebook=path) takes its codebook")
     if meta.get("kind") != "codebook":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a codebook")
     if not isinstance(tree, dict) or "centroids" not in tree:
@@ -794,6 +840,10 @@ def load_index(path) -> ivf_mod.Index:
 
     Indexes saved by jasmk 0.1 (one word-major posting array) load too, into segments."""
     tree, meta = load_tree(path)
+    if meta.get("kind") == "codebook":
+        raise ValueError(f"{path} holds a codebook checkpoint, not an index: jasmk.load_codebook reads it")
+    if meta.get("kind") == "sharded-index":
+        raise ValueError(f"{path} holds a sharded index: jasmk.shard.load_sharded_index reads it")
     if meta.get("kind") != "index":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not an index")
     if not isinstance(tree, dict):
@@ -844,6 +894,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "LOCK_TIMEOUT", "check_save_target", "enclosing_checkpoint", "export_asmk_ivf", "load_asmk_codebook",
-    "load_asmk_ivf", "load_codebook", "load_index", "load_tree", "save_codebook", "save_index", "save_tree",
+    "LOCK_TIMEOUT", "check_save_target", "checkpoint_kind", "enclosing_checkpoint", "export_asmk_ivf",
+    "load_asmk_codebook", "load_asmk_ivf", "load_codebook", "load_index", "load_tree", "save_codebook", "save_index",
+    "save_tree", "what_file",
 ]

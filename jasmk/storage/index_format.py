@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core import ivf
 from ..core.aggregate import packed_width
+from ..core.names import ImageNames
 
 
 def to_arrays(index: ivf.Index):
@@ -31,6 +32,7 @@ def to_arrays(index: ivf.Index):
               "idf": np.asarray(index.idf), "segments": segs}
     if index.ids is not None:
         arrays["ids"] = np.asarray(index.ids.names, np.int64)
+    arrays.update(names_arrays(index.names))
     fields = {"n_images": int(index.n_images), "imid_offset": index.imid_offset, "binary": index.binary,
               "use_idf": index.use_idf, "dim": index.dim, "codebook_size_param": index.codebook_size_param,
               "segment_ranges": [[ivf.host(s).image_start, ivf.host(s).n_images] for s in index.segments],
@@ -57,6 +59,41 @@ def id_map(arrays, n_images: int, imid_offset: int, *, where: str):
     if imid_offset > next_name:
         raise problem(where, f"imid_offset {imid_offset} exceeds the largest image name + 1 ({next_name})")
     return ids
+
+
+def names_arrays(names) -> dict:
+    """The arrays that hold :class:`~jasmk.core.names.ImageNames` in a checkpoint (none without names)."""
+    if names is None or not len(names):
+        return {}
+    return {"names_blob": np.asarray(names.blob, np.uint8), "names_offsets": np.asarray(names.offsets, np.int64)}
+
+
+def image_names(arrays, n_images: int, *, dense_ids: bool, where: str):
+    """The :class:`~jasmk.core.names.ImageNames` of a serialized index (None without them), checked: one valid
+    UTF-8 name per image, each once, none with a line break.
+
+    Raises:
+        ValueError: naming the problem.
+    """
+    if "names_blob" not in arrays and "names_offsets" not in arrays:
+        return None
+    if dense_ids:
+        raise problem(where, "image names in asmk's dense layout")
+    blob, offsets = np.asarray(arrays.get("names_blob")), np.asarray(arrays.get("names_offsets"))
+    if blob.dtype != np.uint8 or blob.ndim != 1 or offsets.dtype != np.int64 or offsets.shape != (n_images + 1,):
+        raise problem(where, f"image names must be a uint8 blob and [{n_images + 1}] int64 offsets, got "
+                             f"{blob.dtype} {blob.shape} and {offsets.dtype} {offsets.shape}")
+    try:
+        names = ImageNames(blob, offsets)
+        text = names.tolist()
+        bytes(blob).decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise problem(where, f"image names: {exc}") from None
+    try:
+        ImageNames.from_list(text)
+    except ValueError as exc:
+        raise problem(where, str(exc)) from None
+    return names
 
 
 def problem(where: str, what: str) -> ValueError:
@@ -177,10 +214,13 @@ def from_arrays(arrays, fields, *, where: str = "the arrays") -> ivf.Index:
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
     ids = id_map(arrays, n_images, imid_offset, where=where)
+    dense_ids = bool(fields.get("dense_ids", False))
+    names = image_names(arrays, n_images, dense_ids=dense_ids, where=where)
     return ivf.from_segments(centroids, counts.astype(np.int32), idf.astype(np.float32), segments, n_images=n_images,
                              imid_offset=imid_offset, binary=binary, use_idf=use_idf, dim=dim,
                              codebook_size_param=fields.get("codebook_size_param"), ids=ids,
-                             dense_ids=bool(fields.get("dense_ids", False)))
+                             dense_ids=dense_ids, names=names)
 
 
-__all__ = ["Header", "check_header", "check_postings", "from_arrays", "id_map", "problem", "to_arrays"]
+__all__ = ["Header", "check_header", "check_postings", "from_arrays", "id_map", "image_names", "names_arrays",
+           "problem", "to_arrays"]

@@ -13,7 +13,7 @@ import typing
 import numpy as np
 
 from ..core.aggregate import packed_width
-from .index_format import Header, check_header, check_postings, id_map
+from .index_format import Header, check_header, check_postings, id_map, image_names, names_arrays
 
 
 class ShardData(typing.NamedTuple):
@@ -26,6 +26,7 @@ class ShardData(typing.NamedTuple):
     parts: list
     ids: object = None
     dense_ids: bool = False
+    image_names: object = None
 
 
 def problem(where, what) -> ValueError:
@@ -34,7 +35,8 @@ def problem(where, what) -> ValueError:
 
 
 def to_arrays(centroids, counts, idf, postings, *, ranges, n_images: int, imid_offset: int, binary: bool,
-              use_idf: bool, dim: int, codebook_size_param=None, names=None, dense_ids: bool = False):
+              use_idf: bool, dim: int, codebook_size_param=None, names=None, dense_ids: bool = False,
+              image_names=None):
     """``(arrays, fields)`` from the shards' host postings ``[(vecs, words, local images, norm), ...]``.
     Zero-size arrays are left out (Orbax saves none); :func:`read` puts them back."""
     shards = {}
@@ -46,6 +48,7 @@ def to_arrays(centroids, counts, idf, postings, *, ranges, n_images: int, imid_o
     arrays = {"centroids": centroids, "counts": np.asarray(counts).astype(np.int32), "idf": idf, "shards": shards}
     if names is not None:
         arrays["ids"] = np.asarray(names, np.int64)
+    arrays.update(names_arrays(image_names))
     fields = {"n_images": int(n_images), "imid_offset": imid_offset, "binary": binary, "use_idf": use_idf,
               "dim": dim, "codebook_size_param": codebook_size_param,
               "shard_ranges": [[[int(a), int(b)] for a, b in r] for r in ranges], "dense_ids": bool(dense_ids)}
@@ -106,7 +109,9 @@ def read(arrays, fields, *, where: str, max_entries: int) -> ShardData:
     if not np.array_equal(total, counts):
         raise problem(where, "counts do not match the postings")
     ids = id_map(arrays, n_images, head.imid_offset, where=where)
-    return ShardData(head, ranges, parts, ids, bool(fields.get("dense_ids", False)))
+    dense_ids = bool(fields.get("dense_ids", False))
+    return ShardData(head, ranges, parts, ids, dense_ids,
+                     image_names(arrays, n_images, dense_ids=dense_ids, where=where))
 
 
 __all__ = ["ShardData", "problem", "read", "to_arrays"]
