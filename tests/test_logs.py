@@ -86,3 +86,13 @@ def test_synthetic_demo_is_quiet(tmp_path):
     lines = _lines(proc.stderr)
     assert any(line.startswith("demo_synthetic: training codebook: 32 words") for line in lines), proc.stderr
     assert _noise(lines, own="demo_synthetic:") == [], proc.stderr
+
+
+@pytest.mark.slow
+def test_the_readmes_demo_command_prints_no_warning(tmp_path):
+    """The README's first command as written: its codebook fits its data, so neither faiss ("please provide at
+    least ... training points") nor jasmk has anything to warn about."""
+    proc = _run([str(ROOT / "experiments" / "demo_synthetic.py")], tmp_path)
+    assert "mAP" in proc.stdout
+    assert not re.search(r"(?i)warn|please provide|per word", proc.stderr), proc.stderr
+    assert not any(line.startswith("demo_synthetic:") for line in proc.stderr.splitlines()), proc.stderr
