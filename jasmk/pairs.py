@@ -36,7 +36,7 @@ import numpy as np
 from . import api as api_mod
 from .core import engine as engine_mod
 from .core import memory, validate
-from .storage import atomic
+from .storage import atomic, hloc
 
 log = logging.getLogger(__name__)
 
@@ -361,17 +361,11 @@ def load_pairs(path, *, names=None) -> np.ndarray:
         return out.astype(np.int64)
     lookup = {str(x): i for i, x in enumerate(names)} if names is not None else None
     rows = []
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{line_no}: expected two fields, got {line.strip()!r}")
-            try:
-                rows.append([lookup[p] for p in parts] if lookup is not None else [int(p) for p in parts])
-            except (KeyError, ValueError):
-                raise ValueError(f"{path}:{line_no}: unknown image {line.strip()!r}") from None
+    for number, pair in enumerate(hloc.read_pairs(path), 1):  # the text format is hloc's pairs file
+        try:
+            rows.append([lookup[p] for p in pair] if lookup is not None else [int(p) for p in pair])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: pair {number} names an unknown image: {' '.join(pair)!r}") from None
     return np.asarray(rows, np.int64).reshape(-1, 2)
 
 def topk_pairs(scores, k: int, *, query_names, db_names, exclude_self: bool = True) -> list:
