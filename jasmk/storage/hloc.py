@@ -151,7 +151,7 @@ def read_features(path, *, prefix=None, names=None, first_id: int = 0) -> HlocFe
     path = os.fspath(path)
     with _open(path) as handle:
         chosen = select_names(_names_in(handle), prefix=prefix, names=names, where=path)
-        shapes = []
+        shapes, datasets = [], []
         for name in chosen:
             grp = handle.get(name)
             desc = grp.get("descriptors") if grp is not None and hasattr(grp, "get") else None
@@ -162,6 +162,7 @@ def read_features(path, *, prefix=None, names=None, first_id: int = 0) -> HlocFe
                 raise ValueError(f"{path}: descriptors of {name!r} are {desc.dtype} {desc.shape}, expected a float "
                                  "[D, N] array")
             shapes.append(tuple(int(x) for x in desc.shape))
+            datasets.append(desc)
         dims = {s[0] for s in shapes if s[1] > 0}
         if len(dims) > 1:
             counts = {s[1] for s in shapes if s[1] > 0}
@@ -176,17 +177,17 @@ def read_features(path, *, prefix=None, names=None, first_id: int = 0) -> HlocFe
         feats = np.empty((total, dim), np.float32)
         ids = np.empty(total, np.int64)
         kept, skipped, row = [], [], 0
-        for name, (_, n) in zip(chosen, shapes):
+        for name, (_, n), desc in zip(chosen, shapes, datasets):
             if n == 0:
                 skipped.append(name)
                 continue
-            feats[row:row + n] = np.asarray(handle[name]["descriptors"]).T
+            block = desc[()]  # [D, n] as stored (float16 by default): checked before the copy widens it
+            if not np.isfinite(block).all():
+                raise ValueError(f"{path}: descriptors of {name!r} hold NaN or inf")
+            feats[row:row + n] = block.T
             ids[row:row + n] = int(first_id) + len(kept)
             kept.append(name)
             row += n
-    if not np.isfinite(feats).all():
-        bad = kept[int(ids[np.flatnonzero(~np.isfinite(feats).all(axis=1))[0]]) - int(first_id)]
-        raise ValueError(f"{path}: descriptors of {bad!r} hold NaN or inf")
     if skipped:
         log.warning("%d images of %s have no descriptors and are left out (e.g. %r)", len(skipped), path, skipped[0])
     log.info("read %d descriptors (%d-d) of %d images from %s", total, dim, len(kept), path)
