@@ -513,7 +513,7 @@ def _read_gnd(path):
 def _cmd_show(args):
     if not args.grid and not args.heatmap:
         raise CliError("give --grid PNG (results grid) and/or --heatmap PNG (score matrix heat map)")
-    inputs = [args.results, args.images, args.query_images, args.gnd]
+    inputs = [args.results, args.images, args.query_images, args.gnd, args.image_dir]
     for out, flag in ((args.grid, "--grid"), (args.heatmap, "--heatmap")):
         if not out:
             continue
@@ -522,6 +522,7 @@ def _cmd_show(args):
     if args.grid and args.heatmap and _same_path(args.grid, args.heatmap):
         raise CliError("--grid and --heatmap name the same file")
     data, files = _load_arrays(args.results)
+    archive = data if files is not None else {}  # names and ids written beside named results
     if files is not None and "ranks" not in data and "scores" in data:  # jasmk score-matrix's .npz
         data, files = np.asarray(data["scores"]), None
     if files is None:
@@ -540,10 +541,24 @@ def _cmd_show(args):
         if ranks.ndim != 2 or qids.shape != (ranks.shape[0],):
             raise CliError(f"{args.results}: ranks must be [n_query, k] with one id per row, got ranks "
                            f"{ranks.shape} and ids {qids.shape}")
+    if args.image_dir is not None:  # images named as the index names them (hloc: paths relative to the image folder)
+        if args.images or args.query_images:
+            raise CliError("give --image-dir or --images / --query-images, not both")
+        if "db_names" not in archive:
+            raise CliError(f"--image-dir needs the results of a named index (built from hloc's features.h5 or with "
+                           f"names): {args.results} holds no db_names; give --images instead")
+        db_names = archive["db_names"].tolist()
+        images = [os.path.join(args.image_dir, n) for n in db_names]
+        if files is not None and "db_ids" in archive:  # query results rank database ids: columns of db_names
+            ranks = np.searchsorted(np.asarray(archive["db_ids"]), ranks)
+        queries = ([os.path.join(args.image_dir, n) for n in archive["query_names"].tolist()]
+                   if "query_names" in archive else None)
+    else:
+        images = _read_list(args.images, "image") if args.images else None
+        queries = _read_list(args.query_images, "query image") if args.query_images else None
     if args.heatmap:
         if scores is None:
             raise CliError("--heatmap needs a score matrix (.npy from 'jasmk score-matrix'), not query results")
-        images = _read_list(args.images, "image") if args.images else None
         if images is not None and len(images) != scores.shape[1]:
             raise CliError(f"{args.images} lists {len(images)} images but the score matrix has {scores.shape[1]} "
                            "database columns")
@@ -552,13 +567,12 @@ def _cmd_show(args):
                            row_names=names if names and scores.shape[0] == len(names) else None)
         say.info("wrote %s (heat map of %d x %d scores, %s scale)", args.heatmap, *scores.shape, args.scale)
     if args.grid:
-        if not args.images:
-            raise CliError("--grid needs --images (one database image path per line, in database id order)")
-        images = _read_list(args.images, "image")
-        if args.query_images:
-            queries = _read_list(args.query_images, "query image")
+        if images is None:
+            raise CliError("--grid needs --images (one database image path per line, in database id order) or, "
+                           "for a named index, --image-dir")
+        if queries is not None:
             if len(queries) != len(ranks):
-                raise CliError(f"{args.query_images} lists {len(queries)} images but there are {len(ranks)} queries")
+                raise CliError(f"{len(queries)} query images but there are {len(ranks)} queries")
         else:  # the queries are database images: query id i is line i of --images
             if qids.size and (qids.min() < 0 or qids.max() >= len(images)):
                 raise CliError(f"query ids reach {int(qids.max())} but {args.images} lists {len(images)} images: "
@@ -713,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "queries are database images, query id i is line i of --images)")
     p.add_argument("--gnd", default=None, help="ground truth marking the results: .json list of {easy, hard, junk} "
                    "dicts (or {\"gnd\": [...]}) or a revisited gnd_*.pkl")
+    p.add_argument("--image-dir", default=None, help="folder the index's image names are relative to (hloc's image "
+                   "folder): results of a named index need no --images")
     p.add_argument("--protocol", choices=("easy", "medium", "hard"), default="medium",
                    help="revisited protocol of the marking: green positive, red wrong, yellow junk")
     p.add_argument("--topk", type=int, default=5, help="results per query in the grid")

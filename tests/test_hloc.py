@@ -195,6 +195,23 @@ def test_cli_hloc_round_trip_matches_asmk(tmp_path, capsys):
     for name in ("from_res.txt", "from_S.txt"):
         check_topk_against(hloc_parse_pairs(f"{d}/{name}"), queries, db, dense, 5, exclude_self=True)
 
+    # pictures straight from the names: the image folder hloc's names are relative to
+    if __import__("importlib").util.find_spec("matplotlib") is not None:
+        from PIL import Image
+
+        for i, name in enumerate(db + queries):
+            os.makedirs(os.path.dirname(tmp_path / "images" / name), exist_ok=True)
+            Image.fromarray(np.full((12, 16, 3), 20 * (i % 12), np.uint8)).save(tmp_path / "images" / name, "PNG")
+        run("show", f"{d}/res.npz", "--image-dir", f"{d}/images", "--grid", f"{d}/grid.png", "--max-queries", "3")
+        run("show", f"{d}/S.npz", "--image-dir", f"{d}/images", "--grid", f"{d}/grid2.png", "--heatmap",
+            f"{d}/heat.png")
+        for png in ("grid.png", "grid2.png", "heat.png"):
+            assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        with pytest.raises(SystemExit):
+            cli.main(["--quiet", "show", f"{d}/S.npy" if os.path.exists(f"{d}/S.npy") else f"{d}/res.npz",
+                      "--image-dir", f"{d}/images", "--images", f"{d}/x.txt", "--grid", f"{d}/g3.png"])
+        assert "not both" in capsys.readouterr().err
+
     # add the queries to the index (numbered after it, names kept, saved in place)
     run("add", f"{d}/idx", h5, "--prefix", "query/")
     grown = checkpoint.load_index(f"{d}/idx")
