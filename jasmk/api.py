@@ -18,7 +18,7 @@ import numpy as np
 from .core import aggregate as agg_mod
 from .core import engine as engine_mod
 from .core import ivf as ivf_mod
-from .core import memory, runtime, validate
+from .core import memory, presets, runtime, validate
 from .core import progress as progress_mod
 from .core import score as score_mod
 from .core.codebook import Codebook, quantize, quantize_jax, train_codebook  # noqa: F401  (re-exported)
@@ -89,6 +89,9 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
     """Validate, quantize and aggregate descriptors ``feats`` (``[N, D]``) of images ``ids`` (``[N]``).
 
     Args:
+        centroids: a :class:`~jasmk.codebook.Codebook`, ``[K, D]`` centroids or a path (see :func:`as_codebook`).
+        quantizer: the ``method`` of :func:`jasmk.quantize` (``"auto"``: resolved there, by
+            :func:`~jasmk.core.codebook.choose_quantizer`); each descriptor's words do not depend on the others.
         word_ids: optional precomputed ``[N, MA] int`` assignments (e.g. from :func:`jasmk.quantize`); when
             given, quantization is skipped and ``multiple_assignment`` must equal ``MA``.
         sort: sort each image's rows by word (asmk's order); the index and the scorer do not need it.
@@ -172,7 +175,8 @@ def _train_auto_codebook(x: np.ndarray, *, sample: int, seed: int) -> Codebook:
 
 def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bool = False,
                 multiple_assignment: int = 1, quantizer: str = "auto", distractors: ivf_mod.Index | None = None,
-                word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE, names=None) -> ivf_mod.Index:
+                word_ids=None, seed: int = 1234, codebook_sample: int = AUTO_SAMPLE, names=None,
+                preset: str | None = None) -> ivf_mod.Index:
     """Build an inverted file from local descriptors.
 
     ``jasmk.build_index(feats, ids)`` is the short form: without ``codebook=`` (``"auto"``; with
@@ -194,8 +198,9 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
         use_idf: weight words by ``log(n_images / count)**2``.
         multiple_assignment: words per descriptor when indexing.
-        quantizer: ``"auto"`` (JAX on an accelerator, else faiss), ``"faiss"``, ``"jax"`` or ``"hnsw"`` (approximate);
-            see :func:`jasmk.quantize`.
+        quantizer: ``"auto"`` (JAX on an accelerator; on the CPU, HNSW from 4096 words of at most 256 dimensions,
+            else exact faiss: :func:`~jasmk.core.codebook.choose_quantizer`), ``"exact"`` (never approximate),
+            ``"faiss"``, ``"jax"`` or ``"hnsw"`` (approximate); see :func:`jasmk.quantize`.
         distractors: an index whose images stay in the new index before the new ones (asmk's
             distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).
@@ -203,6 +208,9 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         codebook_sample: most descriptors the codebook is trained on (only without ``codebook=``).
         names: optional image names (str), one per image in ascending id order (hloc's image names, say): kept in
             the index (``index.names``) and its checkpoints; pairs files and results are written with them.
+        preset: ``"how"``, ``"mast3r"`` or ``"sift"`` (:mod:`jasmk.core.presets`): its ``binary``, ``use_idf``
+            and ``multiple_assignment`` replace the defaults (an argument given another value wins); ``"sift"``
+            also turns raw SIFT into RootSIFT (unit-norm descriptors, hloc's, are left as they are).
 
     Returns:
         The :class:`~jasmk.ivf.Index`.
@@ -210,6 +218,13 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
     Raises:
         ValueError: bad input; without ``codebook=``, too few descriptors to train one.
     """
+    if preset is not None:
+        p = presets.get(preset)
+        kw = presets.resolve(preset, dict(binary=binary, use_idf=use_idf, multiple_assignment=multiple_assignment),
+                             dict(binary=True, use_idf=False, multiple_assignment=1), p.build_kwargs())
+        binary, use_idf, multiple_assignment = kw["binary"], kw["use_idf"], kw["multiple_assignment"]
+        if p.rootsift:
+            feats = presets.sift_input(feats, mode=p.rootsift)
     auto = isinstance(codebook, str) and codebook == "auto" and not os.path.exists(codebook)
     if auto and distractors is not None:
         codebook = Codebook(distractors.centroids, distractors.codebook_size_param)
@@ -348,10 +363,23 @@ def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, 
     return alpha, thr
 
 
+def _query_preset(preset, qfeats, multiple_assignment, alpha, similarity_threshold):
+    """``(qfeats, multiple_assignment, alpha, similarity_threshold)`` after ``preset`` (see :func:`query`)."""
+    if preset is None:
+        return qfeats, multiple_assignment, alpha, similarity_threshold
+    p = presets.get(preset)
+    kw = presets.resolve(preset, dict(multiple_assignment=multiple_assignment, alpha=alpha,
+                                      similarity_threshold=similarity_threshold),
+                         dict(multiple_assignment=5, alpha=3.0, similarity_threshold=0.0), p.query_kwargs())
+    if p.rootsift:
+        qfeats = presets.sift_input(qfeats, mode=p.rootsift)
+    return qfeats, kw["multiple_assignment"], kw["alpha"], kw["similarity_threshold"]
+
+
 def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
           similarity_threshold: float = 0.0, topk: int | None = None, quantizer: str = "auto",
           word_ids=None, progress: bool = False, kernel: str = "auto", engine: str | None = None,
-          query_ids=None) -> QueryResult:
+          query_ids=None, preset: str | None = None) -> QueryResult:
     """Rank the database images for each query image.
 
     Args:
@@ -371,10 +399,15 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
             database in ascending id order (as asmk orders all-zero scores); every id in ``qids`` must be named.
             None: one row per distinct id of ``qids``, ascending (asmk's behaviour: an image without
             descriptors has no row).
+        preset: ``"how"``, ``"mast3r"`` or ``"sift"`` (:mod:`jasmk.core.presets`): its ``multiple_assignment``,
+            ``alpha`` and ``similarity_threshold`` replace the defaults (an argument given another value wins);
+            ``"sift"`` also turns raw SIFT into RootSIFT (unit-norm descriptors are left as they are).
 
     Returns:
         :class:`QueryResult` ``(ids [n_query], ranks [n_query, k], scores [n_query, k])``.
     """
+    qfeats, multiple_assignment, alpha, similarity_threshold = _query_preset(
+        preset, qfeats, multiple_assignment, alpha, similarity_threshold)
     kernel = engine_mod.kernel_arg(kernel, engine)
     check_query_params(index, alpha, similarity_threshold, topk, kernel)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
@@ -468,14 +501,17 @@ def check_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, allow_emp
 
 def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, alpha: float = 3.0,
                  similarity_threshold: float = 0.0, quantizer: str = "auto", word_ids=None,
-                 progress: bool = False, kernel: str = "auto", engine: str | None = None, query_ids=None) -> np.ndarray:
+                 progress: bool = False, kernel: str = "auto", engine: str | None = None, query_ids=None,
+                 preset: str | None = None) -> np.ndarray:
     """Dense query-by-database scores: ``[n_query, index.n_images] float32``.
 
     Row ``i`` is the ``i``-th distinct query id (ascending), or ``query_ids[i]`` when given (an image named
     there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image
     ``index.image_ids[j]`` (ids ascending; ``j`` itself when the ids are ``0..n-1``). This is the matrix MASt3R's
-    Retriever builds from asmk's ranks and scores. ``kernel`` as in :func:`query`.
+    Retriever builds from asmk's ranks and scores. ``kernel`` and ``preset`` as in :func:`query`.
     """
+    qfeats, multiple_assignment, alpha, similarity_threshold = _query_preset(
+        preset, qfeats, multiple_assignment, alpha, similarity_threshold)
     kernel = engine_mod.kernel_arg(kernel, engine)
     check_query_params(index, alpha, similarity_threshold, None, kernel)
     agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,

@@ -5,11 +5,21 @@ Quantizers (``method=`` of :func:`quantize`):
 - ``"faiss"``: an exact ``IndexFlatL2`` search on the CPU, as asmk does (whichever faiss is importable:
   faiss-cpu, or a faiss-gpu build from conda; :func:`faiss_info` says which);
 - ``"jax"``: a jitted, chunked exact search on a JAX device (a GPU when there is one), at full float32
-  precision. It gives faiss's words except where two words are within :data:`TIE_EPS` of each other;
-- ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; off by default; docs/benchmarks.md has
-  its agreement with exact search and its speed);
-- ``"auto"`` (default): ``"jax"`` when the device given, or JAX's default backend, is an accelerator, else
-  ``"faiss"`` (and ``"jax"`` on the CPU where no faiss is installed).
+  precision;
+- ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; docs/benchmarks.md has its agreement with
+  exact search and its speed);
+- ``"exact"``: ``"jax"`` when the device given, or JAX's default backend, is an accelerator, else ``"faiss"``
+  (``"jax"`` on the CPU where no faiss is installed): never approximate;
+- ``"auto"`` (default): as ``"exact"``, except that on the CPU :func:`choose_quantizer` picks ``"hnsw"`` for
+  codebooks of at least :data:`HNSW_MIN_WORDS` words of at most :data:`HNSW_MAX_DIM` dimensions (where it was
+  measured faster than exact search at the same mAP); a GPU number given as ``device=`` where JAX has no GPU
+  falls back to the exact CPU search.
+
+Every quantizer gives each descriptor the same words whichever other descriptors are in the call: the words
+come in the order of their exact squared distances (float64 of the float32 inputs, ties to the lower word id)
+among the candidates the search found; see :func:`settle_words`. The exact quantizers therefore agree with
+each other everywhere (not just up to float32 near-ties), and with faiss wherever faiss's float32 distances
+are further apart than their rounding.
 
 A :class:`Codebook` holds numpy centroids: making or loading one touches no JAX device (JAX starts only when a
 computation needs it, see :mod:`jasmk.runtime`); the device copy and the faiss indexes over the centroids are
@@ -235,20 +245,39 @@ def _cluster_sums(x, words, valid, *, k: int):
 
 
 # Two words whose squared distances to a descriptor differ by less than TIE_EPS * (|x|^2 + |c|^2) may come in
-# either order: faiss (BLAS sgemm) and the JAX search (XLA's dot at HIGHEST precision) round the expansion
-# |x|^2 + |c|^2 - 2 x.c differently, and the float32 rounding of that sum is a few ulps of its terms.
+# either order from the float32 searches: faiss (BLAS sgemm) and the JAX search (XLA's dot at HIGHEST precision)
+# round the expansion |x|^2 + |c|^2 - 2 x.c differently, and the float32 rounding of that sum is a few ulps of
+# its terms. :func:`quantize` settles such near-ties exactly (:func:`settle_words`); :func:`quantize_jax` does not.
 TIE_EPS = 1e-5
 
 CHUNK_BYTES = 64 * 2**20  # [chunk, K] float32 distances per jitted step of the JAX quantizer
 HNSW_M = 32  # graph degree of the approximate quantizer
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (docs/benchmarks.md)
-METHODS = ("auto", "faiss", "jax", "hnsw")
+METHODS = ("auto", "exact", "faiss", "jax", "hnsw")
+
+# "auto" on the CPU (:func:`choose_quantizer`): HNSW from HNSW_MIN_WORDS words for descriptors of at most
+# HNSW_MAX_DIM dimensions, exact search otherwise. Measured on real SIFT photos (128-d RootSIFT, about 2,900
+# descriptors per query, 2-core Xeon, one thread): exact faiss took 18-21 / 43-49 / 153-156 ms per query at
+# 1k / 4k / 16k words, HNSW (M 32, efConstruction 80, ef_search 16) 22-26 / 32-37 / 39-44 ms, at the same mAP
+# (within 0.3 points). Higher dimensions (MASt3R's 1024-d features) were not measured on real data and stay
+# exact (on 1024-d isotropic clusters HNSW missed half the words, docs/benchmarks.md).
+HNSW_MIN_WORDS = 4096
+HNSW_MAX_DIM = 256
+
+# Row independence (:func:`settle_words`): a near-tie row whose first MA + 1 candidates do not hold every word
+# within rounding of the MA-th is searched again for MA + RERANK_EXTRA (HNSW: re-ranked among those) ...
+RERANK_EXTRA = 4
+# ... and an exact one uses the search again from this many such rows (faiss's search of a few rows costs 10 to
+# 40 times more per row than a large one on the CPU this was measured on), the host's float32 search below it.
+WIDEN_MIN_ROWS = 512
+_U32 = 2.0**-24  # float32 unit roundoff
 
 _cache_lock = threading.Lock()
 _device_cache: dict = {}  # (id(centroids), device) -> device copy; entries leave with their numpy array
 _hnsw_cache: dict = {}  # (id(centroids), M, efConstruction) -> faiss index
 _flat_cache: dict = {}  # (id(centroids), None) -> faiss IndexFlatL2 holding them
+_host_cache: dict = {}  # (id(centroids), None) -> (host float32 centroids, float64 squared norms, their max)
 
 
 def _cached(cache: dict, centroids, key, make):
@@ -329,18 +358,194 @@ def _chunk_rows(k: int, n: int) -> int:
     return max(8, min(rows, 1 << max(int(n) - 1, 0).bit_length()))
 
 
-def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
+def choose_quantizer(n_words: int, dim: int, backend: str = "cpu", *, exact: bool = False,
+                     faiss_available: bool | None = None) -> str:
+    """The quantizer ``"auto"`` (and ``"exact"``) stands for: ``"jax"``, ``"faiss"`` or ``"hnsw"``.
+
+    On an accelerator (``backend`` a JAX platform other than ``"cpu"``): the jitted exact search, ``"jax"``. On
+    the CPU: ``"hnsw"`` for codebooks of at least :data:`HNSW_MIN_WORDS` words of at most :data:`HNSW_MAX_DIM`
+    dimensions (unless ``exact``), else exact faiss (``"jax"`` where no faiss is installed). The thresholds come
+    from a measurement on real SIFT photos (128-d RootSIFT, about 2,900 descriptors per query, 2-core Xeon, one
+    thread): exact faiss 18-21 / 43-49 / 153-156 ms per query at 1k / 4k / 16k words, HNSW 22-26 / 32-37 /
+    39-44 ms at the same mAP (within 0.3 points); higher dimensions were not measured and stay exact.
+
+    Args:
+        n_words: codebook size ``K``.
+        dim: descriptor dimension ``D``.
+        backend: ``"cpu"``, or the platform of the accelerator the search would run on (``"gpu"``, ``"tpu"``...).
+        exact: never approximate (``method="exact"``; asmk's assignment, as :mod:`jasmk.compat` needs).
+        faiss_available: whether faiss is importable (None: look, :func:`have_faiss`).
+    """
+    if backend != "cpu":
+        return "jax"
+    if not (have_faiss() if faiss_available is None else faiss_available):
+        return "jax"
+    if not exact and int(n_words) >= HNSW_MIN_WORDS and int(dim) <= HNSW_MAX_DIM:
+        return "hnsw"
+    return "faiss"
+
+
+def rounding_bound(dim: int) -> float:
+    """Bound on the rounding of a float32 squared distance, as a share of ``|x|^2 + |c|^2``.
+
+    The expansion ``|x|^2 + |c|^2 - 2 x.c`` (faiss above 20 rows, the JAX search) sums ``D`` products three
+    times, in any order, with or without FMA: each sum is off by at most ``D u`` times its absolute terms
+    (``u = 2^-24``), ``|x.c| <= (|x|^2 + |c|^2) / 2``, and the two additions add a few ``u``; the direct
+    ``sum (x - c)^2`` (faiss below 20 rows, HNSW) is off by at most ``(D + 1) u`` times a sum that is at most
+    ``2 (|x|^2 + |c|^2)``. So ``(2 D + 16) u`` bounds both, with room.
+    """
+    return (2 * int(dim) + 16) * _U32
+
+
+def _host(centroids):
+    """``(centroids as host float32, their float64 squared norms [K], the largest)``, cached per array."""
+    def make():
+        c = np.ascontiguousarray(np.asarray(centroids), dtype=np.float32)
+        norms = np.einsum("kd,kd->k", c.astype(np.float64), c.astype(np.float64))
+        return c, norms, float(norms.max())
+
+    return _cached(_host_cache, centroids, None, make)
+
+
+def _exact_sq_dist(x: np.ndarray, cent: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float64 squared distances ``[n, k]`` of the float32 rows ``x`` ``[n, D]`` to ``cent[ids]`` (``ids`` ``[n, k]``,
+    ``-1``: none, distance inf), each (row, word) pair summed alone in a fixed order (so whatever other rows and
+    words are in the call)."""
+    out = np.full(ids.shape, np.inf)
+    rows, cols = np.nonzero(ids >= 0)
+    words = ids[rows, cols]
+    step = max(1, 2**21 // x.shape[1])  # float64 temporaries of at most 16 MiB
+    for s in range(0, rows.size, step):
+        r, w = rows[s:s + step], words[s:s + step]
+        diff = cent[w].astype(np.float64) - x[r].astype(np.float64)
+        out[r, cols[s:s + step]] = np.square(diff).sum(axis=1)
+    return out
+
+
+def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, multiple_assignment: int, *,
+                 exact: bool = True, widen=None) -> np.ndarray:
+    """The ``multiple_assignment`` words of each row from a float32 search's candidates, whatever other rows the
+    search had: in the order of their exact squared distances (float64 of the float32 inputs; ties to the lower
+    word id).
+
+    A search's float32 distances depend on the other rows of its call (faiss loops over the rows below 20 and
+    calls BLAS sgemm above, whose kernels and blocking change with the shape; XLA's dot with the chunk shape), so
+    two words within that rounding of each other may come in either order. A row whose float32 distances (the
+    MA nearest, and the next one) are further apart than :func:`rounding_bound` keeps the search's words, which
+    are then in exact order. The other rows ("near-ties": 0.3 % of real RootSIFT descriptors at MA 1, 4 % at
+    MA 5) are re-ranked in float64 over their "band", the words within twice the rounding of the MA-th one
+    (every word beyond is farther, exactly): the candidates at hand when they hold all of it, else those of
+    ``widen`` (MA + RERANK_EXTRA), else (an exact search) the band found by a float32 search of the row over every
+    word on the host.
+
+    Args:
+        x: ``[N, D] float32`` descriptors.
+        centroids: ``[K, D]`` words (numpy or JAX; its host copy and norms are cached per array).
+        dist, ids: the search's ``[N, k]`` float32 squared distances and word ids (nearest first, ``-1``: none),
+            ``k >= min(MA + 1, K)``.
+        exact: the search was exact (its candidates are the nearest words). False (HNSW): a near-tie row is
+            re-ranked among at most ``MA + RERANK_EXTRA`` of its candidates (``widen`` needed).
+        widen: ``widen(rows, k)`` -> ``(dist, ids)``: the same search again, ``k`` candidates per row (an exact
+            search uses it from :data:`WIDEN_MIN_ROWS` near-tie rows; fewer go to the host).
+
+    Returns:
+        ``[N, MA] int32`` word ids, nearest first.
+    """
+    cent, cnorm, cmax = _host(centroids)
+    n_words = cent.shape[0]
+    ma = int(multiple_assignment)
+    n, k = ids.shape
+    if n == 0:
+        return np.zeros((0, ma), np.int32)
+    eps = rounding_bound(x.shape[1]) * (1 + 1e-3)  # the norms below are float32: a little more room
+    xnorm = np.einsum("nd,nd->n", x, x).astype(np.float64)
+    d = dist.astype(np.float64)
+    valid = (ids >= 0) & np.isfinite(d)
+    delta = eps * (xnorm[:, None] + cnorm[np.where(valid, ids, 0)])  # rounding bound of each candidate
+    far = eps * (xnorm + cmax)  # ... and of any word
+    # near-tie: two of the MA nearest, or the MA-th and any further word, closer than their rounding
+    ok = np.all(valid[:, :min(ma + 1, n_words)], axis=1)
+    if ma > 1:
+        ok &= np.all(d[:, 1:ma] - d[:, :ma - 1] > delta[:, 1:ma] + delta[:, :ma - 1], axis=1)
+    if ma < n_words:
+        ok &= d[:, ma] - d[:, ma - 1] > delta[:, ma - 1] + far
+    out = np.array(ids[:, :ma], dtype=np.int32)  # a writable copy (JAX's host arrays are read-only)
+    rows = np.flatnonzero(~ok)
+    if rows.size == 0:
+        return out
+    # The band: the MA nearest have exact distances <= the MA-th float32 one + far, so a word of float32 distance
+    # beyond that + 2 far is farther than all of them, exactly; the candidates are sorted, the band a prefix.
+    cd, cand = d[rows], np.asarray(ids[rows], np.int64)
+    edge = cd[:, ma - 1] + 2 * far[rows]
+    inside = (k >= n_words) | (cd[:, -1] > edge)
+    _settle_band(out, x, cent, rows[inside], cd[inside], cand[inside], edge[inside], ma)
+    rows, edge = rows[~inside], edge[~inside]
+    want = min(ma + RERANK_EXTRA, n_words)
+    if rows.size and widen is not None and k < want and (not exact or rows.size >= WIDEN_MIN_ROWS):
+        cd, cand = widen(x[rows], want)
+        cd, cand = np.asarray(cd, np.float64), np.asarray(cand, np.int64)
+        inside = (want >= n_words) | (cd[:, -1] > edge) | (not exact)  # approximate: its candidates
+        _settle_band(out, x, cent, rows[inside], cd[inside], cand[inside], edge[inside], ma)
+        rows, edge = rows[~inside], edge[~inside]
+    if rows.size and not exact:  # approximate, no wider list: among its candidates
+        out[rows] = _rerank(x[rows], cent, np.asarray(ids[rows], np.int64), ma)
+    elif rows.size:  # exact: the band of a float32 search over every word on the host
+        out[rows] = _rerank(x[rows], cent, _band_search(x[rows], centroids, edge), ma)
+        short = rows[np.any(out[rows] < 0, axis=1)]  # a band of fewer than MA words: cannot be, but then
+        if short.size:  # every word
+            out[short] = _rerank(x[short], cent, np.arange(n_words, dtype=np.int64)[None, :], ma)
+    return out
+
+
+def _settle_band(out, x, cent, rows, cd, cand, edge, ma):
+    """``out[rows]``: the MA of the candidates ``cand`` (sorted by ``cd``) up to ``edge``, re-ranked in float64."""
+    if rows.size:
+        out[rows] = _rerank(x[rows], cent, np.where(cd <= edge[:, None], cand, -1), ma)
+
+
+def _band_search(x: np.ndarray, centroids, edge: np.ndarray) -> np.ndarray:
+    """``[n, b] int64``: per row of ``x``, every word of float32 squared distance <= ``edge`` (computed on the host,
+    within :func:`rounding_bound` of exact), ``-1``-padded."""
+    cent, cnorm, _ = _host(centroids)
+    c_sq = cnorm.astype(np.float32)
+    found = []
+    step = max(1, 2**22 // cent.shape[0])  # [rows, K] float32 of at most 16 MiB
+    for s in range(0, x.shape[0], step):
+        xs = x[s:s + step]
+        dist = np.einsum("nd,nd->n", xs, xs)[:, None] + c_sq[None, :] - 2 * (xs @ cent.T)
+        found.extend(np.flatnonzero(row) for row in dist <= edge[s:s + step, None])
+    width = max(len(f) for f in found)
+    ids = np.full((len(found), width), -1, np.int64)
+    for i, f in enumerate(found):
+        ids[i, :len(f)] = f
+    log.debug("%d near-tie row(s) searched over every word (bands of up to %d words)", len(found), width)
+    return ids
+
+
+def _rerank(x: np.ndarray, cent: np.ndarray, cand: np.ndarray, ma: int) -> np.ndarray:
+    """The ``ma`` candidates ``cand`` ``[n, k]`` nearest to each row of ``x`` in float64, ties to the lower id."""
+    exact_d = _exact_sq_dist(x, cent, np.broadcast_to(cand, (x.shape[0], cand.shape[1])))
+    order = np.lexsort((np.broadcast_to(cand, exact_d.shape), exact_d), axis=-1)[:, :ma]
+    return np.take_along_axis(np.broadcast_to(cand, exact_d.shape), order, axis=1).astype(np.int32)
+
+
+def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
              ef_search: int = HNSW_EF_SEARCH, chunk_size: int | None = None) -> np.ndarray:
     """Word ids of the ``multiple_assignment`` nearest centroids of each descriptor.
 
+    Each descriptor's words depend on it and the codebook only, not on the other descriptors of the call (see
+    :func:`settle_words`): quantizing images together or one at a time gives the same words.
+
     Args:
-        codebook: the codebook (``[K, D]`` centroids).
+        codebook: a :class:`Codebook`, or ``[K, D]`` centroids (made a Codebook with
+            :meth:`Codebook.from_centroids`; a C-contiguous float32 array keeps its cached search indexes).
         vecs: ``[N, D] float32`` descriptors.
         multiple_assignment: how many nearest words per descriptor (MA), ``1 <= MA <= K``.
-        method: ``"auto"``, ``"faiss"``, ``"jax"`` or ``"hnsw"`` (see the module doc).
-        device: for ``"jax"`` / ``"auto"``: a ``jax.Device`` or a GPU number (None: JAX's default device).
-            ``"auto"`` with a GPU number on a machine where JAX has no GPU uses faiss on the CPU.
-        ef_search: HNSW search breadth (``"hnsw"`` only), at least ``multiple_assignment``.
+        method: ``"auto"``, ``"exact"``, ``"faiss"``, ``"jax"`` or ``"hnsw"`` (see the module doc;
+            ``"auto"`` is resolved by :func:`choose_quantizer`).
+        device: for ``"jax"`` / ``"auto"`` / ``"exact"``: a ``jax.Device`` or a GPU number (None: JAX's default
+            device). ``"auto"`` with a GPU number on a machine where JAX has no GPU uses exact faiss on the CPU.
+        ef_search: HNSW search breadth (``"hnsw"`` only), at least ``multiple_assignment + RERANK_EXTRA``.
         chunk_size: descriptors per jitted step (``"jax"`` only; default: a ``[chunk, K]`` table of 64 MiB).
 
     Returns:
@@ -348,11 +553,16 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
     """
     if method not in METHODS:
         raise ValueError(f"quantizer method must be one of {METHODS}, got {method!r}")
+    if not isinstance(codebook, Codebook):
+        codebook = Codebook.from_centroids(codebook)
     x = validate.descriptors(vecs, name="descriptors", dim=codebook.dim)
     ma = validate.multiple_assignment(multiple_assignment, codebook.size)
-    if method == "auto":
+    k_all = min(ma + RERANK_EXTRA, codebook.size)  # candidates of a near-tie row (see settle_words)
+    if method in ("auto", "exact"):
         dev = accelerator_device(device)
-        method = "jax" if dev is not None or not have_faiss() else "faiss"
+        # a GPU asked for by number but absent (asmk's gpu_id): the exact CPU search it stands in for
+        method = choose_quantizer(codebook.size, codebook.dim, "cpu" if dev is None else dev.platform,
+                                  exact=method == "exact" or device is not None)
         device = dev
     elif method == "jax" and device is not None and not isinstance(device, jax.Device):
         device = accelerator_device(device) or jax.devices("cpu")[0]
@@ -361,18 +571,19 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
 
         def make():  # once per centroid array (a 64k x 1024 codebook is 256 MiB to copy)
             index = faiss.IndexFlatL2(codebook.dim)
-            index.add(np.ascontiguousarray(np.asarray(codebook.centroids), dtype=np.float32))
+            index.add(_host(codebook.centroids)[0])
             return index
 
-        _, ids = _cached(_flat_cache, codebook.centroids, None, make).search(x, ma)
-        return ids.astype(np.int32)
+        index = _cached(_flat_cache, codebook.centroids, None, make)
+        dist, ids = index.search(x, min(ma + 1, codebook.size))  # the next word tells a near-tie
+        return settle_words(x, codebook.centroids, dist, ids, ma, widen=index.search)
     if method == "hnsw":
         if not validate.is_int(ef_search) or ef_search < 1:
             raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
         index = hnsw_index(codebook.centroids)
-        index.hnsw.efSearch = max(int(ef_search), ma)
-        _, ids = index.search(x, ma)
-        return ids.astype(np.int32)
+        index.hnsw.efSearch = max(int(ef_search), k_all)  # the same for both searches: the same first words
+        dist, ids = index.search(x, min(ma + 1, codebook.size))
+        return settle_words(x, codebook.centroids, dist, ids, ma, exact=False, widen=index.search)
     # "jax": pad the rows to a ladder so that varying descriptor counts reuse few compiled programs
     n = x.shape[0]
     if n == 0:
@@ -389,25 +600,33 @@ def quantize(codebook: Codebook, vecs, *, multiple_assignment: int = 1, method: 
     padded = np.zeros((rows, x.shape[1]), np.float32)
     padded[:n] = x
     cent = device_centroids(codebook.centroids, device)
-    ids = quantize_jax(cent, jax.device_put(padded, device), multiple_assignment=ma, chunk_size=chunk)
-    return np.asarray(ids)[:n]
+    dist, ids = quantize_jax(cent, jax.device_put(padded, device), multiple_assignment=min(ma + 1, codebook.size),
+                             chunk_size=chunk, return_distances=True)
+    return settle_words(x, codebook.centroids, np.asarray(dist)[:n], np.asarray(ids)[:n], ma)
 
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnames=("multiple_assignment", "chunk_size"))
-def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int = 4096):
+@functools.partial(jax.jit, static_argnames=("multiple_assignment", "chunk_size", "return_distances"))
+def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int = 4096,
+                 return_distances: bool = False):
     """Jitted exact nearest-centroid search at full float32 precision (no TF32 on GPUs).
 
+    Unlike :func:`quantize`, its words at float32 near-ties (:data:`TIE_EPS`) may depend on the shape of the
+    call (the chunk, the padding); it is the traceable piece for programs jitted whole (``query_padded``).
+
     Args:
-        centroids: ``[K, D] float32``.
+        centroids: ``[K, D] float32``, or a :class:`Codebook`.
         vecs: ``[N, D] float32``.
+        return_distances: also return the float32 squared distances.
 
     Returns:
         ``[N, MA] int32`` word ids, nearest first (squared L2 distance expanded as faiss computes it; ties to
-        the lower word id).
+        the lower word id); with ``return_distances``, ``(distances [N, MA] float32, ids)``.
     """
+    if isinstance(centroids, Codebook):
+        centroids = centroids.centroids
     n, d = vecs.shape
     n_chunks = -(-n // chunk_size)
     padded = jnp.zeros((n_chunks * chunk_size, d), vecs.dtype).at[:n].set(vecs)
@@ -416,12 +635,17 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
     def one_chunk(x):
         dots = jnp.matmul(x, centroids.T, precision=HIGHEST)
         dist = jnp.sum(x * x, axis=1, keepdims=True) + c_sq[None, :] - 2.0 * dots
-        _, idx = jax.lax.top_k(-dist, multiple_assignment)
-        return idx.astype(jnp.int32)
+        neg, idx = jax.lax.top_k(-dist, multiple_assignment)
+        return -neg, idx.astype(jnp.int32)
 
-    ids = jax.lax.map(one_chunk, padded.reshape(n_chunks, chunk_size, d))
-    return ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]
+    dist, ids = jax.lax.map(one_chunk, padded.reshape(n_chunks, chunk_size, d))
+    ids = ids.reshape(n_chunks * chunk_size, multiple_assignment)[:n]
+    if return_distances:
+        return dist.reshape(n_chunks * chunk_size, multiple_assignment)[:n], ids
+    return ids
 
-__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "METHODS", "MIN_PER_WORD",
-           "TIE_EPS", "accelerator_device", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax",
-           "parse_size", "quantize", "quantize_jax", "train_codebook", "warn_few_descriptors"]
+
+__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_MAX_DIM", "HNSW_MIN_WORDS",
+           "HNSW_M", "METHODS", "MIN_PER_WORD", "RERANK_EXTRA", "TIE_EPS", "WIDEN_MIN_ROWS", "accelerator_device",
+           "choose_quantizer", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax", "parse_size",
+           "quantize", "quantize_jax", "rounding_bound", "settle_words", "train_codebook", "warn_few_descriptors"]
