@@ -20,6 +20,7 @@ import jasmk
 
 from . import api, logs, pairs, show
 from . import evaluation as jeval
+from .core import presets
 from .logs import configure_logging as _configure_logging
 from .storage import asmk_format, atomic, checkpoint, hloc, paths, safepickle
 
@@ -243,8 +244,10 @@ def _cmd_index(args):
     _check_out_checkpoint(args.out, kind="index", inputs=[args.feats, args.codebook])
     codebook = _load_codebook(args.codebook)
     got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list)
-    index = jasmk.build_index(got.feats, got.ids, codebook=codebook, binary=args.binary, use_idf=args.use_idf,
-                              multiple_assignment=args.ma, names=got.names)
+    preset = presets.get(args.preset)
+    index = jasmk.build_index(_feats_for(args, got.feats), got.ids, codebook=codebook,
+                              binary=_or(args.binary, preset.binary), use_idf=_or(args.use_idf, preset.use_idf),
+                              multiple_assignment=_or(args.ma, preset.index_multiple_assignment), names=got.names)
     checkpoint.save_index(args.out, index)
     say.info("wrote %s (index: %s)", args.out, _index_summary(index))
 
@@ -257,14 +260,26 @@ def _cmd_add(args):
     before = index.n_images
     got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list,
                          first_id=index.next_name - index.imid_offset)
-    index = jasmk.add_images(index, got.feats, got.ids, multiple_assignment=args.ma, names=got.names)
+    index = jasmk.add_images(index, _feats_for(args, got.feats), got.ids, names=got.names,
+                             multiple_assignment=_or(args.ma, presets.get(args.preset).index_multiple_assignment))
     checkpoint.save_index(out, index)  # over the index itself: an incremental save of what changed
     say.info("wrote %s (index: %s; %d added)", out, _index_summary(index), index.n_images - before)
 
 
 def _query_kwargs(args):
-    return dict(multiple_assignment=args.ma, alpha=args.alpha, similarity_threshold=args.threshold,
-                progress=not args.quiet)
+    preset = presets.get(args.preset)
+    return dict(multiple_assignment=_or(args.ma, preset.query_multiple_assignment), alpha=_or(args.alpha, preset.alpha),
+                similarity_threshold=_or(args.threshold, preset.similarity_threshold), progress=not args.quiet)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _feats_for(args, feats):
+    """Descriptors as the preset takes them (``sift``: RootSIFT from raw SIFT, never twice)."""
+    mode = presets.get(args.preset).rootsift
+    return presets.sift_input(feats, mode=mode) if mode else feats
 
 
 def _names_arrays(index, got: Features) -> dict:
@@ -283,7 +298,7 @@ def _cmd_query(args):
                     what="a .npz archive (ids, ranks, scores)")
     index = _load_index(args.index)
     got = _read_features(args.qfeats, need_ids=True, prefix=args.prefix, image_list=args.list)
-    res = jasmk.query(index, got.feats, got.ids, topk=args.topk, **_query_kwargs(args))
+    res = jasmk.query(index, _feats_for(args, got.feats), got.ids, topk=args.topk, **_query_kwargs(args))
     arrays = dict(ids=res.ids, ranks=res.ranks, scores=res.scores, **_names_arrays(index, got))
     atomic.write_bytes_with(args.out, lambda f: np.savez(f, **arrays))
     say.info("wrote %s (ranks of %d queries, top %d of %d images)", args.out, len(res.ids), res.ranks.shape[1],
@@ -295,7 +310,7 @@ def _cmd_score_matrix(args):
                     what="a .npy array, or an .npz with the scores and the row and column ids (and names)")
     index = _load_index(args.index)
     got = _read_features(args.qfeats, need_ids=True, prefix=args.prefix, image_list=args.list)
-    scores = jasmk.score_matrix(index, got.feats, got.ids, **_query_kwargs(args))
+    scores = jasmk.score_matrix(index, _feats_for(args, got.feats), got.ids, **_query_kwargs(args))
     if args.out.lower().endswith(".npz"):
         arrays = {"scores": scores, "query_ids": np.unique(np.asarray(got.ids, np.int64)),
                   "db_ids": index.image_ids, **_names_arrays(index, got)}
@@ -386,9 +401,8 @@ def _cmd_pairs(args):
             index = _load_index(args.index)
             got = _read_features(args.queries, need_ids=True, prefix=args.prefix, image_list=args.list)
             qnames = got.names if got.names is not None else [str(int(i)) for i in np.unique(got.ids)]
-            result = pairs.query_pairs(index, got.feats, got.ids, args.topk, query_names=qnames,
-                                       multiple_assignment=args.ma, alpha=args.alpha,
-                                       similarity_threshold=args.threshold, progress=not args.quiet)
+            result = pairs.query_pairs(index, _feats_for(args, got.feats), got.ids, args.topk, query_names=qnames,
+                                       **_query_kwargs(args))
         else:
             result = _pairs_from_results(args)
         hloc.write_pairs(args.out, result)
@@ -414,10 +428,13 @@ def _cmd_pairs(args):
     else:  # straight from the index: no n x n matrix (O(n (Na + k)) memory)
         index = _load_index(args.index)
         got = _read_features(args.feats, need_ids=True, prefix=args.prefix, image_list=args.list)
-        rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param), got.feats,
-                                      got.ids, binary=index.binary, multiple_assignment=args.ma)
-        p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=args.alpha,
-                                                   similarity_threshold=args.threshold, progress=not args.quiet)
+        kw = _query_kwargs(args)
+        rows = jasmk.aggregate_images(jasmk.Codebook(index.centroids, index.codebook_size_param),
+                                      _feats_for(args, got.feats), got.ids, binary=index.binary,
+                                      multiple_assignment=kw["multiple_assignment"])
+        p, keys = pairs.retrieval_pairs_from_index(index, rows, na=na, k=k, seed=args.seed, alpha=kw["alpha"],
+                                                   similarity_threshold=kw["similarity_threshold"],
+                                                   progress=not args.quiet)
         if names is None and index.names is not None:
             names = index.names.tolist()
     pairs.save_pairs(args.out, p, names=names)  # atomic itself (jasmk.storage.atomic); the path was checked above
@@ -632,11 +649,20 @@ def _selection(p, *, query: bool = False):
                    help=f"features.h5 only: the images named in this text file, one per line (hloc's --{side}_list)")
 
 
+def _preset_option(p):
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), default="how",
+                   help="parameters for a kind of local feature (docs/real_photos.md): how (HOW, also jasmk's "
+                        "defaults), mast3r, or sift (RootSIFT made from raw SIFT, hloc's used as it is)")
+
+
 def _query_options(p, *, ma_help="words per query descriptor (multiple assignment)"):
-    p.add_argument("--ma", type=int, default=5, help=ma_help)
-    p.add_argument("--alpha", type=float, default=3.0, help="selectivity exponent of the match kernel")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="similarity threshold tau: word matches scoring at most this count for nothing")
+    _preset_option(p)
+    p.add_argument("--ma", type=int, default=None, help=f"{ma_help} (default: the preset's; how: 5)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="selectivity exponent of the match kernel (default: the preset's; how: 3)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="similarity threshold tau: word matches scoring at most this count for nothing (default: the "
+                        "preset's; how: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,10 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("index", _cmd_index, "build an index (inverted file) of database images")
     p.add_argument("feats", help="features.h5, or .npz with 'feats' [N, D] and 'ids' [N] (and 'names')")
     p.add_argument("--codebook", required=True, help="codebook checkpoint folder or asmk codebook .pkl")
-    p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=True,
-                   help="ASMK* (packed sign bits); --no-binary: ASMK (real vectors)")
-    p.add_argument("--use-idf", action="store_true", help="weight words by inverse document frequency")
-    p.add_argument("--ma", type=int, default=1, help="words per database descriptor (multiple assignment)")
+    _preset_option(p)
+    p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
+                   help="ASMK* (packed sign bits); --no-binary: ASMK (real vectors) (default: the preset's; how: "
+                        "ASMK*)")
+    p.add_argument("--use-idf", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight words by inverse document frequency (default: the preset's; how: no)")
+    p.add_argument("--ma", type=int, default=None,
+                   help="words per database descriptor (multiple assignment) (default: the preset's; how: 1)")
     _selection(p)
     p.add_argument("--out", required=True, help="index checkpoint folder to write")
 
@@ -674,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index checkpoint folder")
     p.add_argument("feats", help="features.h5 (numbered after the index's images), or .npz with 'feats' and 'ids' "
                    "(larger than every id in the index)")
-    p.add_argument("--ma", type=int, default=1, help="words per database descriptor (multiple assignment)")
+    _preset_option(p)
+    p.add_argument("--ma", type=int, default=None,
+                   help="words per database descriptor (multiple assignment) (default: the preset's; how: 1)")
     _selection(p)
     p.add_argument("--out", default=None, help="index checkpoint folder to write (default: the index itself)")
 

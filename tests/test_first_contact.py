@@ -38,8 +38,11 @@ def test_every_option_has_help_and_shows_its_default():
                 assert "default" in expanded, (name, action.dest, rendered)
     index_help = commands["index"].format_help()
     query_help = commands["query"].format_help()
-    assert re.search(r"--ma MA\s+words per database descriptor.*\(default:\s+1\)", index_help, re.S)
-    assert re.search(r"--ma MA\s+words per query descriptor.*\(default:\s+5\)", query_help, re.S)
+    assert re.search(r"--ma MA\s+words per database descriptor.*\(default:\s+the\s+preset's;\s+how:\s+1\)",
+                     index_help, re.S)
+    assert re.search(r"--ma MA\s+words per query descriptor.*\(default:\s+the\s+preset's;\s+how:\s+5\)",
+                     query_help, re.S)
+    assert "--preset {how,mast3r,sift}" in query_help and "(default: how)" in query_help
     assert "every database image" in query_help  # --topk's default said in words
 
 
@@ -151,3 +154,31 @@ def test_heatmap_scale_option(tmp_path):
         out = tmp_path / f"{scale}.png"
         assert cli.main(["--quiet", "show", str(tmp_path / "S.npy"), "--heatmap", str(out), "--scale", scale]) == 0
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_set_parameters_and_rootsift_once(small_data):
+    """``preset=`` gives its parameters where the caller left the defaults; ``"sift"`` turns raw SIFT into RootSIFT
+    (numpy oracle) and leaves unit-norm (hloc's RootSIFT) descriptors alone, so it is never applied twice."""
+    from jasmk.core import presets
+
+    feats, ids, cents = small_data
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 160, (ids.size, 128)).astype(np.float32)  # SIFT-like histograms
+    ref = np.sqrt(raw / raw.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(presets.sift_input(raw), ref, rtol=1e-6)
+    np.testing.assert_array_equal(presets.sift_input(ref), ref)  # already RootSIFT: unchanged
+    cb = jasmk.train_codebook(ref, size=16)
+    a = jasmk.build_index(raw, ids, codebook=cb, preset="sift")
+    b = jasmk.build_index(ref, ids, codebook=cb, preset="sift")
+    c = jasmk.build_index(ref, ids, codebook=cb, **presets.get("sift").build_kwargs())
+    assert a.n_entries == b.n_entries == c.n_entries
+    ra = jasmk.query(a, raw, ids, topk=5, preset="sift")
+    rc = jasmk.query(c, ref, ids, topk=5, **presets.get("sift").query_kwargs())
+    np.testing.assert_array_equal(ra.ranks, rc.ranks)
+    np.testing.assert_allclose(ra.scores, rc.scores, atol=1e-6)
+    # an explicit argument that differs from the default wins over the preset
+    assert not jasmk.build_index(ref, ids, codebook=cb, preset="how", binary=False).binary
+    with pytest.raises(ValueError, match="unknown preset 'orb'"):
+        jasmk.build_index(ref, ids, codebook=cb, preset="orb")
+    for name, p in presets.PRESETS.items():
+        assert p.source and (p.words is None or p.words >= 1024), name
