@@ -369,6 +369,26 @@ def ground_truth(data, min_inliers):
     return verified, labels, junk
 
 
+def failures(args, data, verified, junk, n: int = 6):
+    """Draw the ``n`` queries with the lowest AP of jasmk (``auto``, the middle vocabulary size) and their top 5."""
+    from jasmk import show
+
+    words = sorted(args.words)[len(args.words) // 2]
+    path = os.path.join(args.work, f"ranks-jasmk_auto-{words}.npy")
+    if not os.path.isfile(path):
+        print(f"--failures-png: no jasmk:auto ranks at {words} words", file=sys.stderr)
+        return
+    ranks = np.load(path)
+    aps = metrics(ranks, verified, junk)[3]
+    worst = [int(q) for q in np.argsort(np.nan_to_num(aps, nan=2.0), kind="stable")[:n] if aps[q] < 1]
+    db, queries, _ = collect(args, np.random.default_rng(args.seed))  # the same images as the cached features
+    gnd = [{"easy": np.flatnonzero(verified[q]).tolist(), "hard": [], "junk": np.flatnonzero(junk[q]).tolist()}
+           for q in range(len(queries))]
+    show.results_grid([q[2] for q in queries], [d[2] for d in db], ranks, args.failures_png, gnd=gnd, topk=5,
+                      rows=worst, query_names=[q[0] for q in queries], db_names=[d[0] for d in db])
+    print(f"wrote {args.failures_png}: queries {', '.join(queries[q][0] for q in worst)}", file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hloc", default=None, help="checkout of cvg/Hierarchical-Localization (Sacre Coeur photos)")
@@ -380,6 +400,8 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="+", default=["jasmk:faiss", "jasmk:hnsw", "asmk", "colmap", "colmap:verified"])
     ap.add_argument("--work", default="/tmp/bench_real", help="folder for cached features and results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--failures-png", default=None, help="picture of the queries jasmk ranks worst (auto, the "
+                    "middle vocabulary size) with their top 5: green verified positive, red not, yellow junk")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--engine-words", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -427,6 +449,8 @@ def main(argv=None):
     for words, engine, (m, p5, r10), ml, info in rows:
         print(f"| {words:,} | {engine} | {m:.1f} | {p5:.1f} | {r10:.1f} | {ml:.1f} | {info['query_ms']:.1f} | "
               f"{info['build_s']:.2f} | {info['peak_mb']:.0f} |")
+    if args.failures_png:
+        failures(args, data, verified, junk)
     keys = [(w, e) for w, e, *_ in rows]
     print("\nPer scene, mAP (verified overlap):\n")
     print("| scene | " + " | ".join(f"{e} {w}" for w, e in keys) + " |")
