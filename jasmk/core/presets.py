@@ -62,10 +62,10 @@ PRESETS = {
                             "and the codebook shipped with its checkpoint"),
     "sift": Preset(binary=True, use_idf=False, index_multiple_assignment=2, query_multiple_assignment=3, alpha=3.0,
                    similarity_threshold=0.0, words=4096, rootsift="auto",
-                   source="experiments/tune_sift.py (2026-12-06): the best ASMK* setting of a 64-setting grid at 1k and "
-                          "4k words on the validation scenes of experiments/bench_real.py (val mAP 98.6 against 97.7 "
-                          "for HOW's MA 1 / 5; ASMK with idf, MA 2 / 3 reached 98.9 at 32x the posting memory); "
-                          "RootSIFT as Arandjelovic & Zisserman (CVPR 2012)"),
+                   source="experiments/tune_sift.py (2026-12-06): the best ASMK* setting of a 64-setting grid at 1k "
+                          "and 4k words on the validation scenes of experiments/bench_real.py (val mAP 98.6 against "
+                          "97.7 for HOW's MA 1 / 5; ASMK with idf, MA 2 / 3 reached 98.9 at 32x the posting "
+                          "memory); RootSIFT as Arandjelovic & Zisserman (CVPR 2012)"),
 }
 
 
