@@ -655,6 +655,14 @@ def _preset_option(p):
                         "defaults), mast3r, or sift (RootSIFT made from raw SIFT, hloc's used as it is)")
 
 
+def _database_options(p):
+    """The preset, database multiple assignment and image selection of ``index`` and ``add``."""
+    _preset_option(p)
+    p.add_argument("--ma", type=int, default=None,
+                   help="words per database descriptor (multiple assignment) (default: the preset's; how: 1)")
+    _selection(p)
+
+
 def _query_options(p, *, ma_help="words per query descriptor (multiple assignment)"):
     _preset_option(p)
     p.add_argument("--ma", type=int, default=None, help=f"{ma_help} (default: the preset's; how: 5)")
@@ -689,25 +697,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("index", _cmd_index, "build an index (inverted file) of database images")
     p.add_argument("feats", help="features.h5, or .npz with 'feats' [N, D] and 'ids' [N] (and 'names')")
     p.add_argument("--codebook", required=True, help="codebook checkpoint folder or asmk codebook .pkl")
-    _preset_option(p)
     p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
                    help="ASMK* (packed sign bits); --no-binary: ASMK (real vectors) (default: the preset's; how: "
                         "ASMK*)")
     p.add_argument("--use-idf", action=argparse.BooleanOptionalAction, default=None,
                    help="weight words by inverse document frequency (default: the preset's; how: no)")
-    p.add_argument("--ma", type=int, default=None,
-                   help="words per database descriptor (multiple assignment) (default: the preset's; how: 1)")
-    _selection(p)
+    _database_options(p)
     p.add_argument("--out", required=True, help="index checkpoint folder to write")
 
     p = command("add", _cmd_add, "add images to an index (saved over it, writing only what changed)")
     p.add_argument("index", help="index checkpoint folder")
     p.add_argument("feats", help="features.h5 (numbered after the index's images), or .npz with 'feats' and 'ids' "
                    "(larger than every id in the index)")
-    _preset_option(p)
-    p.add_argument("--ma", type=int, default=None,
-                   help="words per database descriptor (multiple assignment) (default: the preset's; how: 1)")
-    _selection(p)
+    _database_options(p)
     p.add_argument("--out", default=None, help="index checkpoint folder to write (default: the index itself)")
 
     p = command("query", _cmd_query, "rank database images for each query image")
