@@ -465,7 +465,7 @@ class Retriever:
         p = ASMK_PARAMS
         ma_q = p["query_multiple_assignment"]
         # quantize once with the query's MA: the index's single word is the nearest of those
-        words = api.quantize(self._codebook, feats, multiple_assignment=ma_q)
+        words = api.quantize(self._codebook, feats, multiple_assignment=ma_q, method="exact")  # asmk's assignment
         index = api.build_index(feats, ids, codebook=self._codebook, binary=p["binary"], use_idf=p["use_idf"],
                                 multiple_assignment=p["index_multiple_assignment"],
                                 word_ids=words[:, :p["index_multiple_assignment"]])
