@@ -318,7 +318,8 @@ def run_colmap(data, words, verify, work):
     ranks = np.full((len(queries), n_db), -1, np.int64)
     for row, q in enumerate(queries):
         got = list(dict.fromkeys(ranked[q]))
-        rest = [j for j in range(n_db) if j not in set(got)]
+        returned = set(got)
+        rest = [j for j in range(n_db) if j not in returned]
         ranks[row] = got + rest  # images COLMAP did not return rank last, in id order
     return ranks, [total / len(queries)] * len(queries), build
 
