@@ -18,8 +18,8 @@ jasmk's process then queries single images (``jasmk.query``, and ``jasmk.query_p
 new padded shape), timing each call and counting its XLA compilations.
 
 ``--variants`` also runs jasmk's end to end with settings that change its memory: glibc's arena count
-(``MALLOC_ARENA_MAX=2``), one XLA CPU thread, ASMK* aggregation by the numba kernel at every size and smaller
-staging buffers for the jitted aggregation (module constants of ``jasmk.core.aggregate`` set in the child), a cold
+(``MALLOC_ARENA_MAX=2``), one XLA CPU thread, ASMK* aggregation jitted (as on a GPU) and smaller
+staging buffers for it (module constants of ``jasmk.core.aggregate`` set in the child), a cold
 numba kernel cache, the JAX quantizer (``quantizer="jax"``) at two values of ``jasmk.core.codebook.CHUNK_BYTES``,
 and a persistent XLA compilation cache (a second process, whose programs are loaded from the cache).
 ``--contributors`` lists what ``import jasmk`` imports, the RSS of each heavy package imported alone, the slowest
@@ -205,9 +205,9 @@ def e2e(args, out, time):
     if args.chunk_mb:
         cb_mod.CHUNK_BYTES = args.chunk_mb * 2**20
     if args.call_rows:
-        agg_mod._CALL_ROWS = args.call_rows  # the aggregation's staging rows (read per call)
-    if args.host_aggregation:  # ASMK* aggregation by the compiled CPU kernel at every size, not the jitted path
-        agg_mod.COMPILED_HOST_PAIRS = 1 << 62
+        agg_mod._CALL_ROWS = args.call_rows  # the aggregation's staging rows (read per call; jitted path only)
+    if args.jit_aggregation:  # ASMK* aggregation by the jitted path (as on a GPU), not the compiled CPU kernel
+        agg_mod.host_serves = lambda n_pairs, **_: False
     feats, ids = make_data(args.images, args.per_image, args.dim)
     out["data"] = rss_mb()[0]
     cb = jasmk.Codebook.from_centroids(np.load(args.centroids))
@@ -355,7 +355,7 @@ def main(argv=None):
     ap.add_argument("--jax-cache", default="", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-mb", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--call-rows", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--host-aggregation", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jit-aggregation", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -409,11 +409,12 @@ def main(argv=None):
                 ("one XLA CPU thread (--xla_cpu_multi_thread_eigen=false "
                  "intra_op_parallelism_threads=1)",
                  {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}, ()),
-                ("ASMK* aggregation by the numba kernel at every size (aggregate.COMPILED_HOST_PAIRS = inf)", {},
-                 ("--host-aggregation",)),
+                ("ASMK* aggregation jitted, as on a GPU (aggregate.host_serves false)", {},
+                 ("--jit-aggregation",)),
                 ("numba kernel cache cold (compiled in this process; JASMK_CACHE_DIR empty)",
                  {"JASMK_CACHE_DIR": os.path.join(tmp, "jasmk-cache")}, ()),
-                ("aggregation staging 16k rows (aggregate._CALL_ROWS, default 128k)", {}, ("--call-rows", "16384")),
+                ("ASMK* aggregation jitted with 16k staging rows (aggregate._CALL_ROWS, default 128k)", {},
+                 ("--jit-aggregation", "--call-rows", "16384")),
                 ("quantizer='jax', CHUNK_BYTES 64 MiB (default)", {}, ("--quantizer", "jax")),
                 ("quantizer='jax', CHUNK_BYTES 8 MiB", {}, ("--quantizer", "jax", "--chunk-mb", "8")),
             ]

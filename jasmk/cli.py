@@ -476,10 +476,11 @@ def _info(path) -> dict:
         cb = asmk_format.load_asmk_codebook(path)
         return {"kind": "asmk codebook (.pkl)", "path": path, "words": cb.size, "dim": cb.dim}
     if hloc.is_hdf5(path):
-        names = hloc.list_names(path)
-        got = hloc.read_features(path)
-        return {"kind": "hloc features (.h5)", "path": path, "images": len(got.names), "descriptors": len(got.feats),
-                "dim": int(got.feats.shape[1]), "without descriptors": len(got.skipped),
+        got = hloc.summarize(path)  # metadata only: no descriptor is read
+        names = got.names
+        return {"kind": "hloc features (.h5)", "path": path, "images": int(np.count_nonzero(got.counts)),
+                "descriptors": int(got.counts.sum()), "dim": got.dim, "dtype": got.dtype,
+                "without descriptors": int(np.count_nonzero(got.counts == 0)),
                 "names": ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")}
     data, files = _load_arrays(path)
     if files is None:

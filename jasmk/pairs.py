@@ -430,8 +430,7 @@ def query_pairs(index, qfeats, qids, k: int, *, query_names=None, exclude_self: 
     if len(query_names) != len(res.ids):
         raise ValueError(f"{len(query_names)} query names for {len(res.ids)} query images: one name per image")
     out = []
-    for qname, ranks in zip(query_names, res.ranks):
-        ranks = ranks[ranks >= db_ids[0]] if db_ids.size else ranks[:0]
+    for qname, ranks in zip(query_names, res.ranks):  # ranks: database ids, topk <= n_images of them
         picked = [db_names[int(j)] for j in np.searchsorted(db_ids, ranks).tolist()]
         if exclude_self:
             picked = [n for n in picked if n != qname]

@@ -10,8 +10,8 @@ from helpers import asmk_params, assert_same_ranking
 
 import jasmk
 from jasmk.core import aggregate as agg_mod
+from jasmk.core import cpu_kernel, ivf
 from jasmk.core import engine as engine_mod
-from jasmk.core import ivf
 from jasmk.core import score as score_mod
 
 
@@ -81,6 +81,30 @@ def test_host_aggregation_gives_the_jitted_bits(dim, k, n, ma):
         np.testing.assert_array_equal(a, b)
     numpy_only = agg_mod.aggregate_host(centroids, feats, words, ids, compiled=False)
     np.testing.assert_array_equal(numpy_only.vecs, host.vecs)  # numpy's loop and the compiled one
+
+
+def test_large_asmk_star_on_the_cpu_is_summed_on_the_host_in_chunks_with_the_jitted_bits():
+    """On the CPU backend ASMK* of any size is aggregated by the compiled kernel, a bounded chunk of whole images at
+    a time: the rows and bits of the jitted path (which GPUs run), across chunk borders and with bursty cells."""
+    if not cpu_kernel.available():
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(5)
+    k, dim, ma = 256, 128, 3
+    centroids = rng.standard_normal((k, dim)).astype(np.float32)
+    sizes = rng.integers(1, 900, 120)  # uneven images, a few single-descriptor ones
+    sizes[::17] = 1
+    ids = np.repeat(np.arange(0, 3 * len(sizes), 3), sizes)  # gapped ids
+    n = len(ids)
+    feats = (centroids[rng.integers(0, 16, n)] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    words = jasmk.quantize(jasmk.Codebook.from_centroids(centroids), feats, multiple_assignment=ma)
+    assert n * ma > agg_mod.COMPILED_HOST_PAIRS and agg_mod.host_serves(n * ma, binary=True, centroids=centroids)
+    host = agg_mod.aggregate(centroids, feats, words, ids, binary=True)
+    chunked = agg_mod.aggregate_host_chunked(centroids, feats, words, ids, chunk_pairs=5000)
+    jitted = agg_mod.aggregate(jnp.asarray(centroids), feats, words, ids, binary=True)
+    assert np.unique(jitted.images).size == len(sizes)
+    for a, b, c in zip(host, chunked, jitted):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
 
 
 def test_aggregate_burst_overflow_is_redone(small_data):

@@ -312,6 +312,30 @@ def test_names_are_kept_by_checkpoints_adds_and_shards(tmp_path):
     assert [q for q, _ in res] == [names[0]] * 2 + [names[1]] * 2 and all(q != d for q, d in res)
 
 
+def test_query_pairs_name_database_images_of_any_ids(tmp_path):
+    """Database ids with gaps, far from 0 and beyond int32 (1M distractors numbered after the scenes), query ids
+    that overlap them: each query's pairs are the names of jasmk.query's top ids, self left out."""
+    rng = np.random.default_rng(7)
+    db_ids = np.array([3, 17, 18, 40, 2**31 + 5, 2**33, 2**40 + 1])
+    per = 60
+    base = rng.standard_normal((len(db_ids), 16)).astype(np.float32)
+    x = np.concatenate([base[i] + 0.4 * rng.standard_normal((per, 16)).astype(np.float32)
+                        for i in range(len(db_ids))])
+    ids = np.repeat(db_ids, per)
+    names = [f"img_{i}.jpg" for i in range(len(db_ids))]
+    index = jasmk.build_index(x, ids, codebook=jasmk.train_codebook(x, size=16), names=names)
+    q = [1, 4, 6]  # three database images queried with themselves, under their own names
+    qmask = np.isin(ids, db_ids[q])
+    got = pairs.query_pairs(index, x[qmask], ids[qmask], 3, query_names=[names[i] for i in q])
+    res = jasmk.query(index, x[qmask], ids[qmask])
+    by_id = dict(zip(db_ids.tolist(), names))
+    expected = []
+    for i, ranks in zip(q, res.ranks):
+        assert sorted(ranks.tolist()) == db_ids.tolist()  # every database image ranked, by id
+        expected.extend([(names[i], by_id[int(r)]) for r in ranks if int(r) != db_ids[i]][:3])
+    assert got == expected and all(a != b for a, b in got)
+
+
 def test_info_describes_indexes_codebooks_and_features(tmp_path, capsys):
     import json
 
@@ -331,7 +355,14 @@ def test_info_describes_indexes_codebooks_and_features(tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "cb")]) == 0
     out = capsys.readouterr().out
     assert "codebook" in out and "16" in out
-    assert cli.main(["info", h5, "--json"]) == 0
+    got = hloc.read_features(h5)
+    summary = hloc.summarize(h5)
+    assert summary.names == got.names and summary.dim == DIM and summary.dtype == "float16"
+    np.testing.assert_array_equal(summary.counts, np.bincount(got.ids, minlength=len(got.names)))
+    with pytest.MonkeyPatch.context() as mp:  # info reads the metadata only, never the descriptors
+        mp.setattr(hloc, "read_features", lambda *a, **k: pytest.fail("info read every descriptor"))
+        assert cli.main(["info", h5, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["images"] == 8 and info["dim"] == DIM
+    assert info["images"] == 8 and info["dim"] == DIM and info["descriptors"] == len(got.feats)
+    assert info["without descriptors"] == 0 and info["dtype"] == "float16"
     assert os.path.exists(tmp_path / "idx")

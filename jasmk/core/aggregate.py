@@ -213,9 +213,45 @@ def aggregate_chunks(centroids, vecs, word_ids, image_ids, starts, stops, *, bin
 _CALL_ROWS = 1 << 17
 #: ASMK* inputs of at most this many (descriptor, word) pairs are aggregated on the host: for a query image or a
 #: small batch the jitted path's dispatch, copies and compilations cost more than the arithmetic; same bits.
-#: Up to HOST_PAIRS with numpy alone, up to COMPILED_HOST_PAIRS with the compiled CPU kernel (numba).
+#: Up to HOST_PAIRS with numpy alone, up to COMPILED_HOST_PAIRS with the compiled CPU kernel (numba). On the CPU
+#: backend the compiled kernel takes ASMK* inputs of every size, HOST_CHUNK_PAIRS pairs (whole images) at a time.
 HOST_PAIRS = 4096
 COMPILED_HOST_PAIRS = 1 << 16
+HOST_CHUNK_PAIRS = 1 << 18
+
+
+def host_serves(n_pairs: int, *, binary: bool, centroids) -> bool:
+    """Whether :func:`aggregate` sums ``n_pairs`` (descriptor, word) pairs on the host: ASMK* with host
+    centroids, up to :data:`HOST_PAIRS` always, up to :data:`COMPILED_HOST_PAIRS` with the compiled kernel, and at
+    every size with the compiled kernel when JAX computes on the CPU (the kernel is faster there, and compiles
+    once per machine rather than once per shape)."""
+    if not binary or not isinstance(centroids, np.ndarray):
+        return False
+    if n_pairs <= HOST_PAIRS:
+        return True
+    if not cpu_kernel.available():
+        return False
+    return n_pairs <= COMPILED_HOST_PAIRS or jax.default_backend() == "cpu"
+
+
+def aggregate_host_chunked(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *,
+                           chunk_pairs: int = HOST_CHUNK_PAIRS) -> Aggregated:
+    """:func:`aggregate_host` over chunks of whole images of about ``chunk_pairs`` (descriptor, word) pairs each,
+    so that its sort keys and temporaries stay bounded whatever the input's size; the same rows and bits.
+
+    Args:
+        centroids: ``[K, D] float32``; vecs: ``[N, D] float32``; word_ids: ``[N, MA] int32``; image_ids: ``[N] int``
+            grouped ascending.
+
+    Returns:
+        :class:`Aggregated` rows sorted by (image, word).
+    """
+    n, ma = word_ids.shape
+    if n * ma <= chunk_pairs:
+        return aggregate_host(centroids, vecs, word_ids, image_ids)
+    parts = [aggregate_host(centroids, vecs[s:e], word_ids[s:e], image_ids[s:e])
+             for s, e in image_chunks(image_ids, max(1, chunk_pairs // ma), n)]
+    return Aggregated(*(np.concatenate(column) for column in zip(*parts)))
 
 
 def aggregate_host(centroids: np.ndarray, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *,
@@ -280,11 +316,13 @@ def _plan_calls(bounds: np.ndarray, call_rows: int):
 
 def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.ndarray, *, binary: bool,
               chunk_descriptors: int = 8192, sort: bool = True) -> Aggregated:
-    """Aggregate validated descriptors image by image (jitted, in chunks of whole images).
+    """Aggregate validated descriptors image by image, in chunks of whole images.
 
-    The descriptors go to the device through two reused, aligned staging buffers of up to 131072 rows (shared
-    with the device rather than copied on the CPU); each buffer is one :func:`aggregate_chunks` call over the
-    chunks it holds, and the rows of one call are compacted on the host while the next call runs.
+    ASMK* with host centroids is summed on the host where :func:`host_serves` says so (on the CPU backend: always,
+    with the compiled kernel); the rest is jitted. The jitted path's descriptors go to the device through two
+    reused, aligned staging buffers of up to 131072 rows (shared with the device rather than copied on the CPU);
+    each buffer is one :func:`aggregate_chunks` call over the chunks it holds, and the rows of one call are
+    compacted on the host while the next call runs.
 
     Args:
         centroids: ``[K, D] float32``.
@@ -294,8 +332,8 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
         binary: ASMK* (packed sign bits) if True, ASMK (unit real vectors) if False.
         chunk_descriptors: descriptors per chunk (whole images; an image larger than that is a chunk of its own).
         sort: sort each image's rows by word (as asmk emits them); ``False`` leaves them in any order within
-            an image (first occurrence on the jitted path; small ASMK* inputs, :data:`HOST_PAIRS`, are aggregated
-            on the host and come sorted), which the index and the scorer accept.
+            an image (first occurrence on the jitted path; what is aggregated on the host comes sorted), which
+            the index and the scorer accept.
 
     Returns:
         :class:`Aggregated` rows, grouped by image in ascending id order, as host arrays.
@@ -306,9 +344,8 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     n, ma = word_ids.shape
     if n == 0:
         return Aggregated(np.zeros((0, width), dtype), np.zeros((0,), np.int32), np.zeros((0,), np.int32))
-    if binary and isinstance(centroids, np.ndarray) and (
-            n * ma <= HOST_PAIRS or (n * ma <= COMPILED_HOST_PAIRS and cpu_kernel.available())):
-        return aggregate_host(centroids, np.asarray(vecs, np.float32), word_ids, image_ids)
+    if host_serves(n * ma, binary=binary, centroids=centroids):
+        return aggregate_host_chunked(centroids, np.asarray(vecs, np.float32), word_ids, image_ids)
     centroids = jnp.asarray(centroids)
     max_images = max(1, min(4096, (2**31 - 1) // k - 1))  # slot * K + word must fit in int32
     bounds = np.asarray(image_chunks(image_ids, chunk_descriptors, max_images), np.int64)
@@ -355,6 +392,6 @@ def aggregate(centroids, vecs: np.ndarray, word_ids: np.ndarray, image_ids: np.n
     agg = Aggregated(np.concatenate(out_vecs), np.concatenate(out_words), np.concatenate(out_images))
     return _sort_rows(agg) if sort else agg
 
-__all__ = ["Aggregated", "COMPILED_HOST_PAIRS", "HOST_PAIRS", "PAD_IMAGE", "aggregate", "aggregate_chunks",
-           "aggregate_host", "aggregate_padded", "aligned_empty", "binarize_and_pack", "image_chunks", "normalize_l2",
-           "packed_width"]
+__all__ = ["Aggregated", "COMPILED_HOST_PAIRS", "HOST_CHUNK_PAIRS", "HOST_PAIRS", "PAD_IMAGE", "aggregate",
+           "aggregate_chunks", "aggregate_host", "aggregate_host_chunked", "aggregate_padded", "aligned_empty",
+           "binarize_and_pack", "host_serves", "image_chunks", "normalize_l2", "packed_width"]

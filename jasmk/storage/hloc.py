@@ -21,8 +21,8 @@ from . import atomic, paths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HlocFeatures", "is_hdf5", "list_names", "read_features", "read_image_list", "read_pairs",
-           "select_names", "write_pairs"]
+__all__ = ["HlocFeatures", "HlocSummary", "is_hdf5", "list_names", "read_features", "read_image_list", "read_pairs",
+           "select_names", "summarize", "write_pairs"]
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -134,6 +134,61 @@ class HlocFeatures:
     skipped: list
 
 
+def _descriptor_datasets(handle, chosen, path):
+    """``(shapes [(D, N)], datasets, D)`` of the ``descriptors`` of each image in ``chosen``, checked (read from the
+    file's metadata only; D is 0 when no image holds a descriptor)."""
+    shapes, datasets = [], []
+    for name in chosen:
+        grp = handle.get(name)
+        desc = grp.get("descriptors") if grp is not None and hasattr(grp, "get") else None
+        if desc is None or not hasattr(desc, "shape"):
+            raise ValueError(f"{path}: image {name!r} has no 'descriptors' dataset (hloc's local features; a "
+                             "file of global descriptors holds 'global_descriptor' instead)")
+        if len(desc.shape) != 2 or desc.dtype.kind != "f":
+            raise ValueError(f"{path}: descriptors of {name!r} are {desc.dtype} {desc.shape}, expected a float "
+                             "[D, N] array")
+        shapes.append(tuple(int(x) for x in desc.shape))
+        datasets.append(desc)
+    dims = {s[0] for s in shapes if s[1] > 0}
+    if len(dims) > 1:
+        counts = {s[1] for s in shapes if s[1] > 0}
+        hint = (" (they look stored [N, D]; hloc stores [D, N])" if len(counts) == 1 else "")
+        raise ValueError(f"{path}: descriptors have different dimensions {sorted(dims)[:5]}{hint}")
+    return shapes, datasets, (dims.pop() if dims else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HlocSummary:
+    """What a ``features.h5`` holds, from its metadata (no descriptor is read).
+
+    Attributes:
+        names: ``[I]`` every image name, sorted (:func:`list_names`).
+        counts: ``[I] int64`` descriptors of each image.
+        dim: descriptor dimension (0 when no image holds one).
+        dtype: the stored descriptors' dtype (``float16`` as hloc writes them).
+    """
+
+    names: list
+    counts: np.ndarray
+    dim: int
+    dtype: str
+
+
+def summarize(path) -> HlocSummary:
+    """What ``features.h5`` at ``path`` holds, checked as :func:`read_features` checks it but without reading a
+    descriptor (``jasmk info``).
+
+    Raises:
+        ValueError: as :func:`read_features`, for everything but the values.
+    """
+    path = os.fspath(path)
+    with _open(path) as handle:
+        chosen = _names_in(handle)
+        shapes, datasets, dim = _descriptor_datasets(handle, chosen, path)
+        dtypes = sorted({str(d.dtype) for d, (_, n) in zip(datasets, shapes) if n})
+    return HlocSummary(chosen, np.asarray([n for _, n in shapes], np.int64), int(dim), "/".join(dtypes))
+
+
 def read_features(path, *, prefix=None, names=None, first_id: int = 0) -> HlocFeatures:
     """Read local descriptors from hloc's ``features.h5`` (``descriptors [D, N]`` per image group, transposed
     here to ``[N, D] float32``).
@@ -151,25 +206,8 @@ def read_features(path, *, prefix=None, names=None, first_id: int = 0) -> HlocFe
     path = os.fspath(path)
     with _open(path) as handle:
         chosen = select_names(_names_in(handle), prefix=prefix, names=names, where=path)
-        shapes, datasets = [], []
-        for name in chosen:
-            grp = handle.get(name)
-            desc = grp.get("descriptors") if grp is not None and hasattr(grp, "get") else None
-            if desc is None or not hasattr(desc, "shape"):
-                raise ValueError(f"{path}: image {name!r} has no 'descriptors' dataset (hloc's local features; a "
-                                 "file of global descriptors holds 'global_descriptor' instead)")
-            if len(desc.shape) != 2 or desc.dtype.kind != "f":
-                raise ValueError(f"{path}: descriptors of {name!r} are {desc.dtype} {desc.shape}, expected a float "
-                                 "[D, N] array")
-            shapes.append(tuple(int(x) for x in desc.shape))
-            datasets.append(desc)
-        dims = {s[0] for s in shapes if s[1] > 0}
-        if len(dims) > 1:
-            counts = {s[1] for s in shapes if s[1] > 0}
-            hint = (" (they look stored [N, D]; hloc stores [D, N])" if len(counts) == 1 else "")
-            raise ValueError(f"{path}: descriptors have different dimensions {sorted(dims)[:5]}{hint}")
+        shapes, datasets, dim = _descriptor_datasets(handle, chosen, path)
         total = sum(s[1] for s in shapes)
-        dim = dims.pop() if dims else 0
         if total == 0:
             raise ValueError(f"{path}: the selected images hold no descriptors")
         memory.require(total * dim * 4 + total * 8, f"reading {total} descriptors of {len(chosen)} images",
