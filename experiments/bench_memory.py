@@ -4,7 +4,8 @@
         [--variants] [--contributors]
 
 Every measurement is its own subprocess (``JAX_PLATFORMS=cpu``), which reports its peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) and its current RSS (``VmRSS`` of ``/proc/self/status``) at the end:
+(``getrusage(RUSAGE_SELF).ru_maxrss``) and its current RSS (``VmRSS`` of ``/proc/self/status``, split into
+anonymous memory and file pages, ``RssAnon`` / ``RssFile``) at the end:
 
 * python + numpy; ``import faiss``; ``import jax`` and a first ``jnp`` operation (which starts the CPU backend);
   ``import jasmk`` against ``import asmk``;
@@ -158,7 +159,11 @@ def child(args) -> dict:
         raise SystemExit(f"unknown step {step}")
     out["peak"], out["cur"] = rss_mb()
     with open("/proc/self/status") as handle:  # the high-water mark of this process's own memory map
-        out["hwm"] = next(int(x.split()[1]) / 1024 for x in handle if x.startswith("VmHWM:"))
+        status = {x.split(":")[0]: x.split()[1] for x in handle if x.startswith(("VmHWM:", "RssAnon:", "RssFile:"))}
+    out["hwm"] = int(status["VmHWM"]) / 1024
+    # of the current RSS: anonymous memory (heap, arrays) against file pages (shared libraries: shared by every
+    # process that maps them, and given back by the kernel under pressure)
+    out["anon"], out["file"] = int(status["RssAnon"]) / 1024, int(status["RssFile"]) / 1024
     return out
 
 
@@ -386,6 +391,9 @@ def main(argv=None):
         rows.append((f"end to end: after the query of all images (MA {args.ma})", ea["query"], ej["query"]))
         rows.append(("end to end: after a second (warm) query", None, ej["query2"]))
         rows.append(("end to end: current RSS at exit (data and index freed)", ea["cur"], ej["cur"]))
+        rows.append(("  of which anonymous (RssAnon: heap, arrays)", ea["anon"], ej["anon"]))
+        rows.append(("  of which file pages (RssFile: shared libraries, shared between processes)", ea["file"],
+                     ej["file"]))
         print("| step | asmk peak MB | jasmk peak MB | ratio |")
         print("|---|---|---|---|")
         for name, a, j in rows:

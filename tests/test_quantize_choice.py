@@ -91,6 +91,9 @@ def test_words_do_not_depend_on_the_other_rows(case, method, ma, monkeypatch):
     shuffled = np.concatenate([jasmk.quantize(cb, part, multiple_assignment=ma, method=method)
                                for part in np.split(x[perm], np.cumsum([19, 20, 21] * 10)[:-1])])
     np.testing.assert_array_equal(shuffled, together[perm])
+    with monkeypatch.context() as mp:  # a large call is searched in blocks of SEARCH_ROWS rows: the same words
+        mp.setattr(cb_mod, "SEARCH_ROWS", 37)
+        np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=ma, method=method), together)
     if not approximate:  # the exact searches give the float64 nearest words, ties to the lower id
         np.testing.assert_array_equal(together, oracle)
     elif jax.default_backend() == "cpu":  # HNSW: right where its candidates hold the nearest words

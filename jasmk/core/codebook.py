@@ -251,6 +251,7 @@ def _cluster_sums(x, words, valid, *, k: int):
 TIE_EPS = 1e-5
 
 CHUNK_BYTES = 64 * 2**20  # [chunk, K] float32 distances per jitted step of the JAX quantizer
+SEARCH_ROWS = 1 << 16  # descriptors per faiss search (exact or HNSW) and its near-tie re-ranking
 HNSW_M = 32  # graph degree of the approximate quantizer
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (docs/benchmarks.md)
@@ -529,6 +530,19 @@ def _rerank(x: np.ndarray, cent: np.ndarray, cand: np.ndarray, ma: int) -> np.nd
     return np.take_along_axis(np.broadcast_to(cand, exact_d.shape), order, axis=1).astype(np.int32)
 
 
+def _by_blocks(search, x: np.ndarray, ma: int) -> np.ndarray:
+    """``search(rows) -> [n, MA] int32`` over :data:`SEARCH_ROWS` rows of ``x`` at a time: the search's distance
+    arrays and the near-tie re-ranking's temporaries stay bounded whatever ``N`` (a row's words do not depend on
+    its block)."""
+    n = x.shape[0]
+    if n <= SEARCH_ROWS:
+        return search(x)
+    out = np.empty((n, ma), np.int32)
+    for start in range(0, n, SEARCH_ROWS):
+        out[start:start + SEARCH_ROWS] = search(x[start:start + SEARCH_ROWS])
+    return out
+
+
 def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
              ef_search: int = HNSW_EF_SEARCH, chunk_size: int | None = None) -> np.ndarray:
     """Word ids of the ``multiple_assignment`` nearest centroids of each descriptor.
@@ -575,15 +589,23 @@ def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "aut
             return index
 
         index = _cached(_flat_cache, codebook.centroids, None, make)
-        dist, ids = index.search(x, min(ma + 1, codebook.size))  # the next word tells a near-tie
-        return settle_words(x, codebook.centroids, dist, ids, ma, widen=index.search)
+
+        def search(rows):
+            dist, ids = index.search(rows, min(ma + 1, codebook.size))  # the next word tells a near-tie
+            return settle_words(rows, codebook.centroids, dist, ids, ma, widen=index.search)
+
+        return _by_blocks(search, x, ma)
     if method == "hnsw":
         if not validate.is_int(ef_search) or ef_search < 1:
             raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
         index = hnsw_index(codebook.centroids)
         index.hnsw.efSearch = max(int(ef_search), k_all)  # the same for both searches: the same first words
-        dist, ids = index.search(x, min(ma + 1, codebook.size))
-        return settle_words(x, codebook.centroids, dist, ids, ma, exact=False, widen=index.search)
+
+        def search(rows):
+            dist, ids = index.search(rows, min(ma + 1, codebook.size))
+            return settle_words(rows, codebook.centroids, dist, ids, ma, exact=False, widen=index.search)
+
+        return _by_blocks(search, x, ma)
     # "jax": pad the rows to a ladder so that varying descriptor counts reuse few compiled programs
     n = x.shape[0]
     if n == 0:
@@ -646,6 +668,7 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
 
 
 __all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_MAX_DIM", "HNSW_MIN_WORDS",
-           "HNSW_M", "METHODS", "MIN_PER_WORD", "RERANK_EXTRA", "TIE_EPS", "WIDEN_MIN_ROWS", "accelerator_device",
-           "choose_quantizer", "device_centroids", "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax", "parse_size",
-           "quantize", "quantize_jax", "rounding_bound", "settle_words", "train_codebook", "warn_few_descriptors"]
+           "HNSW_M", "METHODS", "MIN_PER_WORD", "RERANK_EXTRA", "SEARCH_ROWS", "TIE_EPS", "WIDEN_MIN_ROWS",
+           "accelerator_device", "choose_quantizer", "device_centroids", "faiss_info", "have_faiss", "hnsw_index",
+           "kmeans_jax", "parse_size", "quantize", "quantize_jax", "rounding_bound", "settle_words", "train_codebook",
+           "warn_few_descriptors"]
