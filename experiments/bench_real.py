@@ -42,7 +42,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import argparse  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -332,7 +331,10 @@ def engine_main(args):
         ranks, times, build = run_asmk(data, args.engine_words, args.work)
     else:
         ranks, times, build = run_colmap(data, args.engine_words, args.engine == "colmap:verified", args.work)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this program's own high-water mark. ru_maxrss is not: Linux carries it over fork and exec, so a child
+    # would report at least the parent's size when it was started.
+    with open("/proc/self/status") as handle:
+        peak = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024
     np.save(os.path.join(args.work, f"ranks-{args.engine.replace(':', '_')}-{args.engine_words}.npy"), ranks)
     print(json.dumps({"query_ms": 1000 * float(np.median(times)), "build_s": build, "peak_mb": peak}))
 

@@ -336,14 +336,46 @@ def _warm_padded(index: ivf_mod.Index, b: int, rows: int, topk: int | None) -> N
                                         np.int32(0)))
 
 
-def _run_batches(index, agg, fn, progress: bool, desc: str):
-    """``fn(batch)`` for each :class:`~jasmk.engine.Batch` of the query images in ``agg``, with a progress bar."""
+def _run_batches(index, blocks, fn, progress: bool, desc: str, n_images: int):
+    """``fn(batch)`` for each :class:`~jasmk.engine.Batch` of the query images of each aggregated block of
+    ``blocks`` (an iterable of :class:`~jasmk.aggregate.Aggregated`, made as they are needed), with one progress
+    bar over ``n_images`` images."""
     out = []
-    with progress_bar(int(np.unique(agg.images).size), desc, progress) as bar:
-        for batch in engine_mod.batches(agg, **engine_mod.layout(index)):
-            out.append(fn(batch))
-            bar.update(len(batch.ids))
+    with progress_bar(int(n_images), desc, progress) as bar:
+        for agg in blocks:
+            if agg.words.shape[0] == 0:
+                continue
+            for batch in engine_mod.batches(agg, **engine_mod.layout(index)):
+                out.append(fn(batch))
+                bar.update(len(batch.ids))
     return out
+
+
+#: :func:`query` and :func:`score_matrix` quantize, aggregate and score this many query descriptors at a time
+#: (whole images), so that the aggregated rows of a large query set are never all in memory at once.
+QUERY_BLOCK_DESCRIPTORS = 1 << 18
+
+
+def _query_blocks(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int, quantizer: str, word_ids,
+                  allow_empty: bool):
+    """``(image ids [n] int64, blocks)``: the distinct query image ids, and an iterator that quantizes and
+    aggregates :data:`QUERY_BLOCK_DESCRIPTORS` descriptors of whole images at a time (ascending ids). Inputs
+    are checked here, before any block is made."""
+    cb = Codebook(index.centroids, index.codebook_size_param)
+    x = validate.descriptors(qfeats, dim=cb.dim, allow_empty=allow_empty)
+    imids = validate.image_ids(qids, x.shape[0], wide=True)
+    ma = validate.multiple_assignment(multiple_assignment, cb.size)
+    if word_ids is not None:
+        word_ids = validate.word_ids(word_ids, x.shape[0], cb.size, ma)
+    spans = agg_mod.image_chunks(imids, QUERY_BLOCK_DESCRIPTORS, max(1, x.shape[0])) or [(0, 0)]
+
+    def blocks():
+        for start, stop in spans:
+            yield aggregate_images(cb, x[start:stop], imids[start:stop], binary=index.binary, multiple_assignment=ma,
+                                   quantizer=quantizer, sort=False, allow_empty=True,
+                                   word_ids=None if word_ids is None else word_ids[start:stop])
+
+    return np.unique(imids).astype(np.int64), blocks()
 
 
 def check_query_params(index: ivf_mod.Index, alpha, similarity_threshold, topk, kernel="auto"):
@@ -382,6 +414,9 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
           query_ids=None, preset: str | None = None) -> QueryResult:
     """Rank the database images for each query image.
 
+    The query images are quantized, aggregated and scored :data:`QUERY_BLOCK_DESCRIPTORS` descriptors (whole
+    images) at a time: the results are those of one pass, and the memory is that of one block.
+
     Args:
         index: the :class:`~jasmk.ivf.Index`.
         qfeats: ``[N, D] float32`` query descriptors.
@@ -409,12 +444,11 @@ def query(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int = 5, a
     qfeats, multiple_assignment, alpha, similarity_threshold = _query_preset(
         preset, qfeats, multiple_assignment, alpha, similarity_threshold)
     kernel = engine_mod.kernel_arg(kernel, engine)
-    check_query_params(index, alpha, similarity_threshold, topk, kernel)
-    agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
-                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
-    return query_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold, topk=topk,
-                            progress=progress, kernel=kernel, query_ids=query_ids)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, topk, kernel)
+    present, blocks = _query_blocks(index, qfeats, qids, multiple_assignment=multiple_assignment,
+                                    quantizer=quantizer, word_ids=word_ids, allow_empty=query_ids is not None)
+    return _ranked(index, blocks, present, alpha=alpha, thr=thr, topk=topk, progress=progress, kernel=kernel,
+                   query_ids=query_ids)
 
 
 def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
@@ -427,6 +461,13 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     alpha, thr = check_query_params(index, alpha, similarity_threshold, topk, kernel)
     check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
+    return _ranked(index, [agg], present, alpha=alpha, thr=thr, topk=topk, progress=progress, kernel=kernel,
+                   query_ids=query_ids)
+
+
+def _ranked(index: ivf_mod.Index, blocks, present: np.ndarray, *, alpha: float, thr: float, topk, progress: bool,
+            kernel: str, query_ids) -> QueryResult:
+    """:func:`query`'s results over the aggregated ``blocks`` of the query images ``present`` (checked)."""
     named = None if query_ids is None else _named_query_ids(query_ids, present)
     n_q = present.size if named is None else named.size
     k = index.n_images if topk is None else min(int(topk), index.n_images)
@@ -436,11 +477,12 @@ def query_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: fl
     def fn(batch):
         return (batch.ids,) + engine_mod.ranked(index, batch, alpha, thr, topk=topk, kernel=kernel)
 
-    if present.size:
-        ids, ranks, scores = zip(*_run_batches(index, agg, fn, progress, "query"))
+    got = _run_batches(index, blocks, fn, progress, "query", present.size) if present.size else []
+    if got:
+        ids, ranks, scores = zip(*got)
         ids, ranks, scores = np.concatenate(ids).astype(np.int64), np.concatenate(ranks), np.concatenate(scores)
     else:
-        ids, ranks, scores = present, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        ids, ranks, scores = present[:0], np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     if named is None:
         return QueryResult(ids, ranks, scores)
     # images named without descriptors: all-zero scores, ranked by ascending id as asmk's argsort orders them
@@ -508,17 +550,17 @@ def score_matrix(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: int
     Row ``i`` is the ``i``-th distinct query id (ascending), or ``query_ids[i]`` when given (an image named
     there without descriptors gets a row of zeros; see :func:`query`); column ``j`` is the database image
     ``index.image_ids[j]`` (ids ascending; ``j`` itself when the ids are ``0..n-1``). This is the matrix MASt3R's
-    Retriever builds from asmk's ranks and scores. ``kernel`` and ``preset`` as in :func:`query`.
+    Retriever builds from asmk's ranks and scores. ``kernel`` and ``preset`` as in :func:`query`, which also
+    says how the query images are worked through in blocks.
     """
     qfeats, multiple_assignment, alpha, similarity_threshold = _query_preset(
         preset, qfeats, multiple_assignment, alpha, similarity_threshold)
     kernel = engine_mod.kernel_arg(kernel, engine)
-    check_query_params(index, alpha, similarity_threshold, None, kernel)
-    agg = aggregate_images(Codebook(index.centroids, index.codebook_size_param), qfeats, qids,
-                           binary=index.binary, multiple_assignment=multiple_assignment, quantizer=quantizer,
-                           word_ids=word_ids, sort=False, allow_empty=query_ids is not None)
-    return score_matrix_aggregated(index, agg, alpha=alpha, similarity_threshold=similarity_threshold,
-                                   progress=progress, kernel=kernel, query_ids=query_ids)
+    alpha, thr = check_query_params(index, alpha, similarity_threshold, None, kernel)
+    present, blocks = _query_blocks(index, qfeats, qids, multiple_assignment=multiple_assignment,
+                                    quantizer=quantizer, word_ids=word_ids, allow_empty=query_ids is not None)
+    return _scored(index, blocks, present, alpha=alpha, thr=thr, progress=progress, kernel=kernel,
+                   query_ids=query_ids)
 
 
 def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, alpha: float = 3.0,
@@ -529,21 +571,31 @@ def score_matrix_aggregated(index: ivf_mod.Index, agg: agg_mod.Aggregated, *, al
     alpha, thr = check_query_params(index, alpha, similarity_threshold, None, kernel)
     check_aggregated(index, agg, allow_empty=query_ids is not None)
     present = np.unique(agg.images).astype(np.int64)
+    return _scored(index, [agg], present, alpha=alpha, thr=thr, progress=progress, kernel=kernel,
+                   query_ids=query_ids)
+
+
+def _scored(index: ivf_mod.Index, blocks, present: np.ndarray, *, alpha: float, thr: float, progress: bool,
+            kernel: str, query_ids) -> np.ndarray:
+    """:func:`score_matrix` over the aggregated ``blocks`` of the query images ``present`` (checked)."""
     named = None if query_ids is None else _named_query_ids(query_ids, present)
     n_q = present.size if named is None else named.size
     memory.require(2 * n_q * index.n_images * 4, f"a dense {n_q} x {index.n_images} score matrix",
                    hint="use jasmk.query(..., topk=k) for the best k per query, or query fewer images at a time")
-    if present.size:
-        rows = _run_batches(index, agg,
-                            lambda batch: engine_mod.dense_scores(index, batch, alpha, thr, kernel=kernel),
-                            progress, "score matrix")
-        scores = np.concatenate(rows)
+
+    def fn(batch):
+        return batch.ids, engine_mod.dense_scores(index, batch, alpha, thr, kernel=kernel)
+
+    got = _run_batches(index, blocks, fn, progress, "score matrix", present.size) if present.size else []
+    if got:
+        ids = np.concatenate([i for i, _ in got]).astype(np.int64)
+        scores = np.concatenate([r for _, r in got])
     else:
-        scores = np.zeros((0, index.n_images), np.float32)
+        ids, scores = present[:0], np.zeros((0, index.n_images), np.float32)
     if named is None:
         return scores
     out = np.zeros((n_q, index.n_images), np.float32)
-    rows, src = _rows_of(named, present)
+    rows, src = _rows_of(named, ids)
     out[rows] = scores[src]
     return out
 
@@ -695,7 +747,7 @@ def _id_table(index: ivf_mod.Index):
         table = index.caches["id_table"] = jnp.asarray(padded)
     return table
 
-__all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QueryResult", "add_images",
-           "aggregate_images", "as_codebook", "auto_codebook_plan", "build_index", "check_aggregated",
-           "check_query_params", "empty_index", "progress_bar", "query", "query_aggregated", "query_padded",
-           "reserve", "score_matrix", "score_matrix_aggregated"]
+__all__ = ["AUTO_MAX_WORDS", "AUTO_MIN_WORDS", "AUTO_SAMPLE", "FAISS_MIN_PER_WORD", "QUERY_BLOCK_DESCRIPTORS",
+           "QueryResult", "add_images", "aggregate_images", "as_codebook", "auto_codebook_plan", "build_index",
+           "check_aggregated", "check_query_params", "empty_index", "progress_bar", "query", "query_aggregated",
+           "query_padded", "reserve", "score_matrix", "score_matrix_aggregated"]

@@ -72,3 +72,44 @@ def test_ids_up_to_a_billion_under_ulimit_v_6g():
     words = run.stdout.split()
     assert words[0] == "2" and " ".join(words[1:3]) == "[0, 1000000000]", run.stdout
     assert int(words[3]) < 1024, f"peak RSS grew by {words[3]} MB"  # compilers and imports; no per-id arrays
+
+
+def test_query_and_score_matrix_work_through_bounded_blocks_of_images(monkeypatch):
+    """jasmk.query and jasmk.score_matrix quantize and aggregate a bounded block of whole query images at a time
+    (the aggregated rows of a large query set are never all held): the same ranks, scores and matrix as one block,
+    with gapped and huge ids, an image named in query_ids without descriptors, and precomputed words."""
+    import numpy as np
+
+    import jasmk
+    from jasmk import api
+
+    rng = np.random.default_rng(11)
+    centroids = rng.standard_normal((32, 24)).astype(np.float32)
+    sizes = rng.integers(1, 60, 40)
+    qid_values = np.sort(rng.choice(10**6, 40, replace=False)) + 2**33  # beyond int32
+    ids = np.repeat(qid_values, sizes)
+    feats = (centroids[rng.integers(0, 32, ids.size)] + 0.4 * rng.standard_normal((ids.size, 24))).astype(np.float32)
+    index = jasmk.build_index(feats[: ids.size // 2], ids[: ids.size // 2], codebook=centroids)
+    named = np.concatenate([qid_values[:5], [7], qid_values[5:]])  # image 7 has no descriptors
+    words = jasmk.quantize(centroids, feats, multiple_assignment=3)
+    whole = jasmk.query(index, feats, ids, query_ids=named, word_ids=words, multiple_assignment=3)
+    whole_matrix = jasmk.score_matrix(index, feats, ids, query_ids=named)
+    sizes_seen = []
+    real = api.aggregate_images
+
+    def spy(centroids, feats, ids, **kwargs):
+        sizes_seen.append(len(feats))
+        return real(centroids, feats, ids, **kwargs)
+
+    monkeypatch.setattr(api, "QUERY_BLOCK_DESCRIPTORS", 100)
+    monkeypatch.setattr(api, "aggregate_images", spy)
+    blocked = jasmk.query(index, feats, ids, query_ids=named, word_ids=words, multiple_assignment=3)
+    assert len(sizes_seen) > 5 and max(sizes_seen) < 100 + sizes.max() and sum(sizes_seen) == ids.size
+    for a, b in zip(blocked, whole):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jasmk.score_matrix(index, feats, ids, query_ids=named), whole_matrix)
+    np.testing.assert_array_equal(whole.ids, named)
+    assert (whole.scores[5] == 0).all() and whole.scores[6].max() > 0
+    plain = jasmk.query(index, feats, ids, topk=3, word_ids=words, multiple_assignment=3)
+    np.testing.assert_array_equal(plain.ids, qid_values)
+    np.testing.assert_array_equal(plain.scores, whole.scores[np.arange(41) != 5][:, :3])
