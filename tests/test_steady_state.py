@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_same_ranking, count_compilations
 
 import jasmk
+from jasmk.core import aggregate as agg_mod
 from jasmk.core import cpu_kernel, ivf
 from jasmk.core import engine as engine_mod
 
@@ -161,11 +162,15 @@ def test_reserve_checks_its_arguments(data):
     assert ivf.reserve(empty, images=10, postings=100).reservation.shapes()[0] == (4096, 16)
 
 
-def test_query_keeps_a_bounded_set_of_programs_for_1_to_64_images_and_any_ma(data):
+@pytest.mark.parametrize("jitted_aggregation", [False, True], ids=["host-aggregation", "jitted-aggregation"])
+def test_query_keeps_a_bounded_set_of_programs_for_1_to_64_images_and_any_ma(data, jitted_aggregation, monkeypatch):
     """``jasmk.query`` on the XLA kernels pads batches (powers of two), rows (a ladder) and aggregation chunks
     (buckets): every query of 1..64 images at several multiple assignments runs one of a bounded set of programs,
     so a second pass with other images and other sizes compiles (almost) nothing: at most a step of the row ladder
-    that the first pass's images did not reach."""
+    that the first pass's images did not reach. Also with ASMK* aggregated by the jitted path, as on a GPU (the CPU
+    backend aggregates on the host)."""
+    if jitted_aggregation:
+        monkeypatch.setattr(agg_mod, "host_serves", lambda n_pairs, **_: False)
     cb, feats = data
     index = jasmk.build_index(np.concatenate(feats[:100]), np.repeat(np.arange(100), PER_IMAGE), codebook=cb)
     rng = np.random.default_rng(9)
