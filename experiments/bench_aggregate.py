@@ -1,7 +1,10 @@
-"""ASMK* aggregation on the CPU: the compiled host kernel (what jasmk runs on the CPU backend) against the jitted
-path (what an accelerator runs), at the sizes users build and query.
+"""ASMK* aggregation: the compiled host kernel (what jasmk runs on the CPU backend) against the jitted path (what an
+accelerator runs), at the sizes users build and query.
 
     JAX_PLATFORMS=cpu python experiments/bench_aggregate.py [--sizes 10x2900x4096x5 148x2900x4096x1 ...]
+
+Without ``JAX_PLATFORMS=cpu`` on a GPU machine the jitted path runs on the GPU (``experiments/gpu_check.sh``), which
+measures where the host kernel stops paying there (``aggregate.COMPILED_HOST_PAIRS``).
 
 Each size is ``images x descriptors per image x words x multiple assignment`` of 128-d unit descriptors whose
 words follow a Zipf law (bursty cells, as real images have). For each size it prints the seconds of the jitted
@@ -14,17 +17,15 @@ and bits. Both run in this process with the same threads; the median of ``--repe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jasmk.core import aggregate as agg_mod  # noqa: E402
-from jasmk.core import cpu_kernel  # noqa: E402
+from jasmk.core import aggregate as agg_mod
+from jasmk.core import cpu_kernel
 
 
 def make(n_images: int, per_image: int, n_words: int, ma: int, dim: int = 128, seed: int = 0):
@@ -57,6 +58,7 @@ def main():
         raise SystemExit("numba is not installed: the host kernel cannot run")
     c, x, w, ids = make(2, 100, 64, 2)
     agg_mod.aggregate_host_chunked(c, x, w, ids)  # load the compiled kernel once
+    print(f"jitted path on {jax.devices()[0].device_kind} ({jax.default_backend()}); host kernel on the CPU\n")
     print("| images x desc x words x MA | pairs | jitted first call s | jitted warm s | host s | jitted / host "
           "| same |")
     print("|---|---:|---:|---:|---:|---:|---|")
