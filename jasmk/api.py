@@ -103,16 +103,24 @@ def aggregate_images(centroids, feats, ids, *, binary: bool, multiple_assignment
     cb = as_codebook(centroids)
     x = validate.descriptors(feats, dim=cb.dim, allow_empty=allow_empty)
     imids = validate.image_ids(ids, x.shape[0], wide=True)
+    if word_ids is not None:
+        word_ids = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
+    return _aggregate_checked(cb, x, imids, word_ids, binary=binary, multiple_assignment=multiple_assignment,
+                              quantizer=quantizer, sort=sort)
+
+
+def _aggregate_checked(cb: Codebook, x: np.ndarray, imids: np.ndarray, words, *, binary: bool,
+                       multiple_assignment: int, quantizer: str, sort: bool) -> agg_mod.Aggregated:
+    """:func:`aggregate_images` of inputs it has checked: ``x`` ``[N, D] float32``, ``imids`` ``[N] int64``
+    grouped ascending, ``words`` ``[N, MA] int32`` or None (quantized here)."""
     names = None
     if imids.size and int(imids[-1]) >= agg_mod.PAD_IMAGE:  # beyond the aggregation's int32 ids: number them
         names, imids = np.unique(imids, return_inverse=True)
-    if word_ids is None and x.shape[0] == 0:
+    if words is None and x.shape[0] == 0:
         ma = validate.multiple_assignment(multiple_assignment, cb.size)
         words = np.zeros((0, ma), np.int32)
-    elif word_ids is None:
+    elif words is None:
         words = quantize(cb, x, multiple_assignment=multiple_assignment, method=quantizer)
-    else:
-        words = validate.word_ids(word_ids, x.shape[0], cb.size, multiple_assignment)
     agg = agg_mod.aggregate(cb.centroids, x, words, imids, binary=binary, sort=sort)
     return agg if names is None else agg._replace(images=names[agg.images])  # int64 ids back
 
@@ -343,8 +351,6 @@ def _run_batches(index, blocks, fn, progress: bool, desc: str, n_images: int):
     out = []
     with progress_bar(int(n_images), desc, progress) as bar:
         for agg in blocks:
-            if agg.words.shape[0] == 0:
-                continue
             for batch in engine_mod.batches(agg, **engine_mod.layout(index)):
                 out.append(fn(batch))
                 bar.update(len(batch.ids))
@@ -367,13 +373,13 @@ def _query_blocks(index: ivf_mod.Index, qfeats, qids, *, multiple_assignment: in
     ma = validate.multiple_assignment(multiple_assignment, cb.size)
     if word_ids is not None:
         word_ids = validate.word_ids(word_ids, x.shape[0], cb.size, ma)
-    spans = agg_mod.image_chunks(imids, QUERY_BLOCK_DESCRIPTORS, max(1, x.shape[0])) or [(0, 0)]
+    spans = agg_mod.image_chunks(imids, QUERY_BLOCK_DESCRIPTORS, max(1, x.shape[0]))
 
-    def blocks():
+    def blocks():  # inputs checked above, once: each block goes straight to quantization and aggregation
         for start, stop in spans:
-            yield aggregate_images(cb, x[start:stop], imids[start:stop], binary=index.binary, multiple_assignment=ma,
-                                   quantizer=quantizer, sort=False, allow_empty=True,
-                                   word_ids=None if word_ids is None else word_ids[start:stop])
+            yield _aggregate_checked(cb, x[start:stop], imids[start:stop],
+                                     None if word_ids is None else word_ids[start:stop], binary=index.binary,
+                                     multiple_assignment=ma, quantizer=quantizer, sort=False)
 
     return np.unique(imids).astype(np.int64), blocks()
 

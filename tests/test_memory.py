@@ -95,14 +95,14 @@ def test_query_and_score_matrix_work_through_bounded_blocks_of_images(monkeypatc
     whole = jasmk.query(index, feats, ids, query_ids=named, word_ids=words, multiple_assignment=3)
     whole_matrix = jasmk.score_matrix(index, feats, ids, query_ids=named)
     sizes_seen = []
-    real = api.aggregate_images
+    real = api._aggregate_checked  # what each block runs
 
-    def spy(centroids, feats, ids, **kwargs):
+    def spy(cb, feats, ids, words, **kwargs):
         sizes_seen.append(len(feats))
-        return real(centroids, feats, ids, **kwargs)
+        return real(cb, feats, ids, words, **kwargs)
 
     monkeypatch.setattr(api, "QUERY_BLOCK_DESCRIPTORS", 100)
-    monkeypatch.setattr(api, "aggregate_images", spy)
+    monkeypatch.setattr(api, "_aggregate_checked", spy)
     blocked = jasmk.query(index, feats, ids, query_ids=named, word_ids=words, multiple_assignment=3)
     assert len(sizes_seen) > 5 and max(sizes_seen) < 100 + sizes.max() and sum(sizes_seen) == ids.size
     for a, b in zip(blocked, whole):

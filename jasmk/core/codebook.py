@@ -589,21 +589,15 @@ def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "aut
             return index
 
         index = _cached(_flat_cache, codebook.centroids, None, make)
-
-        def search(rows):
-            dist, ids = index.search(rows, min(ma + 1, codebook.size))  # the next word tells a near-tie
-            return settle_words(rows, codebook.centroids, dist, ids, ma, widen=index.search)
-
-        return _by_blocks(search, x, ma)
-    if method == "hnsw":
+    elif method == "hnsw":
         if not validate.is_int(ef_search) or ef_search < 1:
             raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
         index = hnsw_index(codebook.centroids)
         index.hnsw.efSearch = max(int(ef_search), k_all)  # the same for both searches: the same first words
-
+    if method in ("faiss", "hnsw"):
         def search(rows):
-            dist, ids = index.search(rows, min(ma + 1, codebook.size))
-            return settle_words(rows, codebook.centroids, dist, ids, ma, exact=False, widen=index.search)
+            dist, ids = index.search(rows, min(ma + 1, codebook.size))  # the next word tells a near-tie
+            return settle_words(rows, codebook.centroids, dist, ids, ma, exact=method == "faiss", widen=index.search)
 
         return _by_blocks(search, x, ma)
     # "jax": pad the rows to a ladder so that varying descriptor counts reuse few compiled programs
