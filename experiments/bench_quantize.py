@@ -1,8 +1,8 @@
-"""Word assignment on the CPU: exact faiss against the approximate HNSW option (and the JAX search).
+"""Word assignment on the CPU: exact faiss against the approximate options, HNSW and the list search (and JAX).
 
 Prints, per codebook size: time per 1,000 descriptors, the speed-up over exact faiss measured in the same run,
 the share of descriptors whose nearest word matches the exact one (MA = 1) and the share of the exact 5 nearest
-words found (MA = 5), and the one-off HNSW build time. Descriptors are RootSIFT (128-d) from real photos
+words found (MA = 5), and the one-off build time of the HNSW graph or of the word lists. Descriptors are RootSIFT (128-d) from real photos
 (opencv-doc's examples/data when installed, scikit-image's photos otherwise), or Gaussian-cluster stand-ins of
 MASt3R's 1024-d features with ``--dim 1024``. Codebooks are sampled descriptors plus noise (k-means for 64k words
 would take hours on a CPU; what matters here is the cost of the search and how often HNSW misses).
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128, help="128: RootSIFT of real photos; other: synthetic")
     ap.add_argument("--queries", type=int, default=20000)
     ap.add_argument("--ef", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--probe", type=int, nargs="+", default=[8, 12, 24], help="lists searched (the list search)")
     ap.add_argument("--jax", action="store_true", help="also time the JAX search on this machine's default device")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -113,6 +114,15 @@ def main(argv=None) -> int:
             recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(approx, exact)])
             print(f"| {k} | hnsw ef={ef} | {1e6 * t / len(q):.2f} | {t_exact / t:.1f}x | {top1:.4f} | {recall:.4f} "
                   f"| {build:.1f} |", flush=True)
+        t0 = time.perf_counter()
+        cb_mod.word_lists(cb.centroids)
+        build = time.perf_counter() - t0
+        for probe in args.probe:
+            t, approx = timed(lambda: jasmk.quantize(cb, q, multiple_assignment=5, method="ivf", n_probe=probe))
+            top1 = np.mean(approx[:, 0] == exact[:, 0])
+            recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(approx, exact)])
+            print(f"| {k} | ivf n_probe={probe} | {1e6 * t / len(q):.2f} | {t_exact / t:.1f}x | {top1:.4f} | "
+                  f"{recall:.4f} | {build:.1f} |", flush=True)
         if args.jax:
             jasmk.quantize(cb, q[:1000], multiple_assignment=5, method="jax")
             t, got = timed(lambda: jasmk.quantize(cb, q, multiple_assignment=5, method="jax"))

@@ -18,7 +18,8 @@ on synthetic views of other photos, never on test images.
 
 Engines, each in its own process (peak memory is that process's), one CPU thread, the same SIFT features:
 
-* ``jasmk`` (RootSIFT, ASMK*, MA 5 for queries, exact or HNSW word assignment);
+* ``jasmk`` (RootSIFT, ASMK*, MA 5 for queries; word assignment ``auto``, which is exact at 1k words and the
+  list search at 4k and 16k, exact faiss, or HNSW);
 * ``asmk`` 0.1.1 with the same centroids;
 * ``colmap``: pycolmap's vocabulary tree (``VisualIndex`` built on the same training descriptors, COLMAP's
   uint8 RootSIFT convention, Hamming embedding, idf, burstiness weighting) through ``VocabTreePairGenerator``,
@@ -400,7 +401,8 @@ def main(argv=None):
     ap.add_argument("--nfeatures", type=int, default=3000, help="SIFT features per image (OpenCV)")
     ap.add_argument("--train-views", type=int, default=24, help="synthetic views per training photo")
     ap.add_argument("--min-inliers", type=int, default=15, help="RANSAC inliers that make a verified positive")
-    ap.add_argument("--engines", nargs="+", default=["jasmk:faiss", "jasmk:hnsw", "asmk", "colmap", "colmap:verified"])
+    ap.add_argument("--engines", nargs="+", default=["jasmk:auto", "jasmk:faiss", "jasmk:hnsw", "asmk", "colmap",
+                                                     "colmap:verified"])
     ap.add_argument("--work", default="/tmp/bench_real", help="folder for cached features and results")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--failures-png", default=None, help="picture of the queries jasmk ranks worst (auto, the "

@@ -206,9 +206,10 @@ def build_index(feats, ids, *, codebook="auto", binary: bool = True, use_idf: bo
         binary: ASMK* (packed sign bits) if True, ASMK (real unit vectors) if False.
         use_idf: weight words by ``log(n_images / count)**2``.
         multiple_assignment: words per descriptor when indexing.
-        quantizer: ``"auto"`` (JAX on an accelerator; on the CPU, HNSW from 4096 words of at most 256 dimensions,
-            else exact faiss: :func:`~jasmk.core.codebook.choose_quantizer`), ``"exact"`` (never approximate),
-            ``"faiss"``, ``"jax"`` or ``"hnsw"`` (approximate); see :func:`jasmk.quantize`.
+        quantizer: ``"auto"`` (JAX on an accelerator; on the CPU, for at most 256 dimensions, the list search from
+            4096 to 16384 words and HNSW above, else exact faiss: :func:`~jasmk.core.codebook.choose_quantizer`),
+            ``"exact"`` (never approximate), ``"faiss"``, ``"jax"``, ``"ivf"`` or ``"hnsw"`` (approximate); see
+            :func:`jasmk.quantize`.
         distractors: an index whose images stay in the new index before the new ones (asmk's
             distractor ivf; new ids are offset by its image count and query ranks are reported minus it).
         word_ids: optional precomputed ``[N, MA]`` word assignments (skips quantization).

@@ -67,8 +67,21 @@ def case(request):
     return jasmk.Codebook.from_centroids(cent), x, truth
 
 
+def list_oracle(cb, x, ma, n_probe):
+    """The "ivf" quantizer re-derived in float64 from its lists: each row's ``n_probe`` nearest list centres
+    (ties to the lower list), then the ``ma`` nearest of their words (ties to the lower word id)."""
+    lists = cb_mod.word_lists(cb.centroids)
+    probed = exact_words(sq_dist64(x, lists.coarse), n_probe)
+    member = np.zeros(cb.size, np.int64)
+    member[lists.order] = np.repeat(np.arange(lists.n_lists), np.diff(lists.starts))
+    d = sq_dist64(x, cb.centroids)
+    d[~np.any(member[None, :, None] == probed[:, None, :], axis=2)] = np.inf
+    return exact_words(d, ma)
+
+
 @pytest.mark.parametrize("ma", [1, 5])
-@pytest.mark.parametrize("method", ["faiss", "faiss-widen", "jax", "hnsw", "auto", "auto-hnsw"])
+@pytest.mark.parametrize("method", ["faiss", "faiss-widen", "jax", "hnsw", "auto", "auto-hnsw", "ivf", "ivf-words",
+                                    "auto-ivf"])
 def test_words_do_not_depend_on_the_other_rows(case, method, ma, monkeypatch):
     """One call, one call per image (1 to 64 rows), or shuffled calls of 19 to 21 rows: the same words."""
     cb, x, truth = case
@@ -76,11 +89,27 @@ def test_words_do_not_depend_on_the_other_rows(case, method, ma, monkeypatch):
     assert share > 0.5  # the data is built to have near-ties everywhere
     if method == "auto-hnsw":  # "auto" where the rule picks HNSW (from 4096 words: here from any size)
         monkeypatch.setattr(cb_mod, "HNSW_MIN_WORDS", 1)
+        monkeypatch.setattr(cb_mod, "IVF_MAX_WORDS", 0)
         method = "auto"
+    if method in ("ivf", "auto-ivf"):  # lists of 8 words (30 and 125 lists here), 3 of them probed
+        monkeypatch.setattr(cb_mod, "IVF_WORDS_PER_LIST", 8)
+        monkeypatch.setattr(cb_mod, "IVF_PROBE", 3)
+    if method == "auto-ivf":
+        monkeypatch.setattr(cb_mod, "IVF_MIN_WORDS", 1)
+        method = "auto"
+    if method == "ivf-words":  # a list per word, MA of them probed: the coarse distances are the words' own, with
+        # near-ties at the last probed list everywhere, and the probed lists are the words
+        monkeypatch.setattr(cb_mod, "IVF_WORDS_PER_LIST", 1)
+        monkeypatch.setattr(cb_mod, "IVF_PROBE", ma)
+        method = "ivf"
+        oracle = truth[ma][0]  # exact
+    elif method == "ivf" or (method == "auto" and cb_mod.choose_quantizer(cb.size, cb.dim) == "ivf"):
+        oracle = list_oracle(cb, x, ma, cb_mod.IVF_PROBE)
     if method == "faiss-widen":  # near-tie rows searched again by faiss, not on the host, however few
         monkeypatch.setattr(cb_mod, "WIDEN_MIN_ROWS", 1)
         method = "faiss"
     approximate = cb_mod.choose_quantizer(cb.size, cb.dim) == "hnsw" if method == "auto" else method == "hnsw"
+    cb_mod._lists_cache.clear()  # lists of the size set above
     together = jasmk.quantize(cb, x, multiple_assignment=ma, method=method)
     starts = np.r_[0, np.cumsum(SIZES)[:-1]]
     alone = np.concatenate([jasmk.quantize(cb, x[s:s + n], multiple_assignment=ma, method=method)
@@ -93,8 +122,10 @@ def test_words_do_not_depend_on_the_other_rows(case, method, ma, monkeypatch):
     np.testing.assert_array_equal(shuffled, together[perm])
     with monkeypatch.context() as mp:  # a large call is searched in blocks of SEARCH_ROWS rows: the same words
         mp.setattr(cb_mod, "SEARCH_ROWS", 37)
+        mp.setattr(cb_mod, "IVF_ROWS", 37)
         np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=ma, method=method), together)
-    if not approximate:  # the exact searches give the float64 nearest words, ties to the lower id
+    if not approximate:  # the exact searches (and the list search, exact among its lists' words) give the float64
+        # nearest words, ties to the lower id
         np.testing.assert_array_equal(together, oracle)
     elif jax.default_backend() == "cpu":  # HNSW: right where its candidates hold the nearest words
         assert np.mean(np.all(together == oracle, axis=1)) > 0.5
@@ -113,7 +144,7 @@ def test_quantize_takes_a_codebook_or_centroids():
     cent = rng.standard_normal((300, 16)).astype(np.float32)
     x = (cent[rng.integers(0, 300, 500)] + 0.2 * rng.standard_normal((500, 16))).astype(np.float32)
     cb = jasmk.Codebook.from_centroids(cent)
-    for method in ("auto", "exact", "faiss", "jax", "hnsw"):
+    for method in ("auto", "exact", "faiss", "jax", "hnsw", "ivf"):
         ref = jasmk.quantize(cb, x, multiple_assignment=3, method=method)
         for c in (cent, cent.astype(np.float64), cent.tolist()):
             np.testing.assert_array_equal(jasmk.quantize(c, x, multiple_assignment=3, method=method), ref)
@@ -122,21 +153,33 @@ def test_quantize_takes_a_codebook_or_centroids():
                                   jasmk.quantize_jax(cent, x, multiple_assignment=3))
     with pytest.raises(ValueError, match="dimension"):
         jasmk.quantize(cent[:, :8], x)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match="n_probe"):
+            jasmk.quantize(cb, x, method="ivf", n_probe=bad)
+    # probing every list is the exact search
+    np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=3, method="ivf", n_probe=10**6),
+                                  jasmk.quantize(cb, x, multiple_assignment=3, method="faiss"))
     with pytest.raises(ValueError, match="centroids"):
         jasmk.quantize(np.zeros((0, 16), np.float32), x)
 
 
 def test_choose_quantizer_follows_the_measured_rule():
-    choose = cb_mod.choose_quantizer
+    def choose(*args, **kwargs):
+        return cb_mod.choose_quantizer(*args, **{"faiss_available": True, "kernel_available": True, **kwargs})
+
     assert (cb_mod.HNSW_MIN_WORDS, cb_mod.HNSW_MAX_DIM) == (4096, 256)
-    assert choose(1024, 128, "cpu", faiss_available=True) == "faiss"
-    assert choose(4095, 128, "cpu", faiss_available=True) == "faiss"
-    assert choose(4096, 128, "cpu", faiss_available=True) == "hnsw"
-    assert choose(65536, 256, "cpu", faiss_available=True) == "hnsw"
-    assert choose(65536, 257, "cpu", faiss_available=True) == "faiss"
-    assert choose(65536, 1024, "cpu", faiss_available=True) == "faiss"  # MASt3R's features: not measured, exact
-    assert choose(16384, 128, "cpu", exact=True, faiss_available=True) == "faiss"
-    assert choose(16384, 128, "cpu", faiss_available=False) == "jax"  # no faiss: no HNSW either
+    assert (cb_mod.IVF_MIN_WORDS, cb_mod.IVF_MAX_WORDS) == (4096, 16384)
+    assert choose(1024, 128) == "faiss"
+    assert choose(4095, 128) == "faiss"
+    assert choose(4096, 128) == choose(16384, 256) == "ivf"
+    assert choose(16385, 128) == choose(65536, 256) == "hnsw"  # the lists were not measured there
+    assert choose(16384, 128, kernel_available=False) == "hnsw"  # no numba kernel: HNSW
+    assert choose(16384, 128, kernel_available=False, faiss_available=False) == "jax"  # neither: exact
+    assert choose(16384, 128, faiss_available=False) == "ivf"  # the lists need no faiss
+    assert choose(65536, 257) == choose(16384, 257) == "faiss"
+    assert choose(65536, 1024) == "faiss"  # MASt3R's features: not measured, exact
+    assert choose(16384, 128, exact=True) == choose(65536, 128, exact=True) == "faiss"
+    assert choose(65536, 128, faiss_available=False) == "jax"  # no faiss: no HNSW either
     assert choose(16384, 128, "gpu") == choose(16384, 128, "tpu") == "jax"
 
 
@@ -146,29 +189,37 @@ def test_auto_resolves_through_the_rule():
     rng = np.random.default_rng(4)
     cb = jasmk.Codebook.from_centroids(rng.standard_normal((4096, 16)).astype(np.float32))
     x = rng.standard_normal((3000, 16)).astype(np.float32)
-    hnsw = jasmk.quantize(cb, x, multiple_assignment=5, method="hnsw")
+    lists = jasmk.quantize(cb, x, multiple_assignment=5, method="ivf")
     exact = jasmk.quantize(cb, x, multiple_assignment=5, method="faiss")
-    assert np.mean(np.all(hnsw == exact, axis=1)) < 1  # the two differ on this data: which one ran shows
-    np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=5), hnsw)
+    assert np.mean(np.all(lists == exact, axis=1)) < 0.9  # they differ on this data: which one ran shows
+    np.testing.assert_array_equal(lists, list_oracle(cb, x, 5, cb_mod.IVF_PROBE))  # and what ran is right
+    np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=5), lists)
+    hnsw = jasmk.quantize(cb, x, multiple_assignment=5, method="hnsw")
+    assert not np.array_equal(hnsw, lists)
+    with pytest.MonkeyPatch.context() as mp:  # above the lists' measured sizes: HNSW
+        mp.setattr(cb_mod, "IVF_MAX_WORDS", 4095)
+        np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=5), hnsw)
     np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=5, method="exact"), exact)
     # a GPU asked for by number (asmk's gpu_id) but absent: the exact CPU search it stands in for
     np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=5, device=0), exact)
     # build_index / query take the same quantizer: aggregate_images resolves it through quantize
     ids = np.repeat(np.arange(30), 100)
     got = jasmk.aggregate_images(cb, x, ids, binary=True, multiple_assignment=5)
-    ref = jasmk.aggregate_images(cb, x, ids, binary=True, multiple_assignment=5, word_ids=hnsw)
+    ref = jasmk.aggregate_images(cb, x, ids, binary=True, multiple_assignment=5, word_ids=lists)
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(a, b)
 
 
 def test_compat_never_quantizes_approximately(monkeypatch):
     """asmk's drop-in keeps asmk's exact assignment, gpu_id None or a number, even where "auto" would be HNSW."""
-    monkeypatch.setattr(cb_mod, "HNSW_MIN_WORDS", 1)  # "auto" would pick HNSW for any codebook on the CPU
+    monkeypatch.setattr(cb_mod, "HNSW_MIN_WORDS", 1)  # "auto" would pick HNSW or the lists for any codebook on
+    monkeypatch.setattr(cb_mod, "IVF_MIN_WORDS", 1)  # the CPU
 
     def no_hnsw(*args, **kwargs):
-        raise AssertionError("compat used the approximate quantizer")
+        raise AssertionError("compat used an approximate quantizer")
 
     monkeypatch.setattr(cb_mod, "hnsw_index", no_hnsw)
+    monkeypatch.setattr(cb_mod, "word_lists", no_hnsw)
     rng = np.random.default_rng(5)
     protos = rng.standard_normal((60, 16)).astype(np.float32)
     ids = np.repeat(np.arange(12), 25)

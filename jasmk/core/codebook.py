@@ -8,12 +8,15 @@ Quantizers (``method=`` of :func:`quantize`):
   precision;
 - ``"hnsw"``: approximate, faiss's HNSW graph over the centroids (CPU; docs/benchmarks.md has its agreement with
   exact search and its speed);
+- ``"ivf"``: approximate, on the CPU: the words split into lists by k-means (:func:`word_lists`), each
+  descriptor searched among the words of its ``n_probe`` nearest lists, the rows that probe a list multiplied
+  with its words in one BLAS product (numba's kernel); docs/real_photos.md has its agreement and speed;
 - ``"exact"``: ``"jax"`` when the device given, or JAX's default backend, is an accelerator, else ``"faiss"``
   (``"jax"`` on the CPU where no faiss is installed): never approximate;
-- ``"auto"`` (default): as ``"exact"``, except that on the CPU :func:`choose_quantizer` picks ``"hnsw"`` for
-  codebooks of at least :data:`HNSW_MIN_WORDS` words of at most :data:`HNSW_MAX_DIM` dimensions (where it was
-  measured faster than exact search at the same mAP); a GPU number given as ``device=`` where JAX has no GPU
-  falls back to the exact CPU search.
+- ``"auto"`` (default): as ``"exact"``, except that on the CPU :func:`choose_quantizer` picks ``"ivf"`` for
+  codebooks of :data:`IVF_MIN_WORDS` to :data:`IVF_MAX_WORDS` words and ``"hnsw"`` for larger ones, of at most
+  :data:`HNSW_MAX_DIM` dimensions (where they were measured faster than exact search at the same mAP); a GPU
+  number given as ``device=`` where JAX has no GPU falls back to the exact CPU search.
 
 Every quantizer gives each descriptor the same words whichever other descriptors are in the call: the words
 come in the order of their exact squared distances (float64 of the float32 inputs, ties to the lower word id)
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ivf, memory, validate
+from . import cpu_kernel, ivf, memory, validate
 from . import progress as progress_mod
 
 log = logging.getLogger(__name__)
@@ -255,7 +258,19 @@ SEARCH_ROWS = 1 << 16  # descriptors per faiss search (exact or HNSW) and its ne
 HNSW_M = 32  # graph degree of the approximate quantizer
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16  # default search breadth (``ef_search=``); larger: slower and closer to exact (docs/benchmarks.md)
-METHODS = ("auto", "exact", "faiss", "jax", "hnsw")
+METHODS = ("auto", "exact", "faiss", "jax", "hnsw", "ivf")
+
+# "ivf": the words split into lists (k-means over the words), each descriptor searched among the words of its
+# IVF_PROBE nearest lists; the rows that probe a list are multiplied with its words in one BLAS product.
+IVF_WORDS_PER_LIST = 128
+IVF_PROBE = 12  # default ``n_probe=``; larger: slower and closer to exact
+IVF_ROWS = 1 << 13  # descriptors per list search (its gathered rows and products stay a few MiB) ...
+IVF_THREAD_ROWS = 256  # ... and at least this many per thread
+IVF_KMEANS_ITERATIONS = 20
+# "auto" on the CPU picks it for codebooks of IVF_MIN_WORDS to IVF_MAX_WORDS words (the sizes measured on real
+# SIFT photos, see choose_quantizer), HNSW above.
+IVF_MIN_WORDS = 4096
+IVF_MAX_WORDS = 16384
 
 # "auto" on the CPU (:func:`choose_quantizer`): HNSW from HNSW_MIN_WORDS words for descriptors of at most
 # HNSW_MAX_DIM dimensions, exact search otherwise. Measured on real SIFT photos (128-d RootSIFT, about 2,900
@@ -278,6 +293,7 @@ _cache_lock = threading.Lock()
 _device_cache: dict = {}  # (id(centroids), device) -> device copy; entries leave with their numpy array
 _hnsw_cache: dict = {}  # (id(centroids), M, efConstruction) -> faiss index
 _flat_cache: dict = {}  # (id(centroids), None) -> faiss IndexFlatL2 holding them
+_lists_cache: dict = {}  # (id(centroids), words per list) -> WordLists
 _host_cache: dict = {}  # (id(centroids), None) -> (host float32 centroids, float64 squared norms, their max)
 
 
@@ -352,6 +368,166 @@ def hnsw_index(centroids, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CON
     return _cached(_hnsw_cache, centroids, (int(m), int(ef_construction)), make)
 
 
+@dataclasses.dataclass(frozen=True)
+class WordLists:
+    """The words of a codebook split into lists for the ``"ivf"`` quantizer (see :func:`word_lists`).
+
+    Attributes:
+        coarse: ``[L, D] float32`` list centres; ``coarse_t`` the same, ``[D, L]``.
+        coarse_norm: ``[L] float32`` their squared norms; ``coarse_max`` the largest (a Python float).
+        words: ``[K, D] float32`` the words, list by list; ``norms``: ``[K] float32`` their squared norms.
+        starts: ``[L + 1] int64``: list ``l`` is ``words[starts[l]:starts[l + 1]]``.
+        order: ``[K] int32``: the word id at each position of ``words``.
+    """
+
+    coarse: np.ndarray
+    coarse_t: np.ndarray
+    coarse_norm: np.ndarray
+    coarse_max: float
+    words: np.ndarray
+    norms: np.ndarray
+    starts: np.ndarray
+    order: np.ndarray
+
+    @property
+    def n_lists(self) -> int:
+        return int(self.starts.shape[0] - 1)
+
+
+def _nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """``[N] int64``: the nearest of ``centres`` ``[L, D]`` to each row of ``x`` ``[N, D]`` (float32, 8k rows at a
+    time)."""
+    c_sq = np.einsum("ld,ld->l", centres, centres)
+    out = np.empty(x.shape[0], np.int64)
+    for s in range(0, x.shape[0], 1 << 13):
+        out[s:s + (1 << 13)] = np.argmin(c_sq[None, :] - 2 * (x[s:s + (1 << 13)] @ centres.T), axis=1)
+    return out
+
+
+def word_lists(centroids, *, words_per_list: int | None = None, seed: int = 1234) -> WordLists:
+    """The lists of the ``"ivf"`` quantizer over ``centroids`` (``[K, D]``): Lloyd's k-means of the words into
+    ``round(K / words_per_list)`` lists (default :data:`IVF_WORDS_PER_LIST`; a seeded sample of words to start,
+    :data:`IVF_KMEANS_ITERATIONS` rounds, float64 means), each word in the list of its nearest centre. Made once
+    per centroid array and cached, like the HNSW graph (0.1 s for 4k words, 0.5 s for 16k)."""
+    if words_per_list is None:
+        words_per_list = IVF_WORDS_PER_LIST
+
+    def make():
+        c = _host(centroids)[0]
+        k = c.shape[0]
+        n_lists = max(1, min(k, round(k / int(words_per_list))))
+        rng = np.random.default_rng(seed)
+        centres = c[np.sort(rng.choice(k, n_lists, replace=False))].copy()
+        c64 = c.astype(np.float64)
+        for _ in range(IVF_KMEANS_ITERATIONS):
+            assign = _nearest_centre(c, centres)
+            counts = np.bincount(assign, minlength=n_lists)
+            sums = np.zeros((n_lists, c.shape[1]))
+            np.add.at(sums, assign, c64)
+            full = counts > 0
+            centres[full] = (sums[full] / counts[full, None]).astype(np.float32)
+            empty = np.flatnonzero(~full)
+            if empty.size:  # an empty list restarts at words of the largest ones
+                centres[empty] = c[rng.choice(np.flatnonzero(assign == np.argmax(counts)), empty.size)]
+        assign = _nearest_centre(c, centres)
+        order = np.argsort(assign, kind="stable")
+        starts = np.searchsorted(assign[order], np.arange(n_lists + 1)).astype(np.int64)
+        words = np.ascontiguousarray(c[order])
+        norms = np.einsum("kd,kd->k", words, words)
+        coarse_norm = np.einsum("ld,ld->l", centres, centres)
+        log.debug("split %d words into %d lists (%d-%d words each)", k, n_lists, np.diff(starts).min(),
+                  np.diff(starts).max())
+        return WordLists(coarse=centres, coarse_t=np.ascontiguousarray(centres.T), coarse_norm=coarse_norm,
+                         coarse_max=float(np.max(coarse_norm.astype(np.float64))), words=words, norms=norms,
+                         starts=starts, order=order.astype(np.int32))
+
+    return _cached(_lists_cache, centroids, (int(words_per_list), int(seed)), make)
+
+
+def _settle_probes(x, lists: WordLists, dist, probes, rows, slack) -> None:
+    """``probes[rows]``: the exact ``P`` nearest lists of near-tie rows (float64 distances, ties to the lower
+    list id). Every list of float32 distance below the ``P``-th's minus ``slack`` is among them, none beyond it
+    plus ``slack`` (``slack``: twice the rounding of any coarse distance); the band between is re-ranked."""
+    n_probe = probes.shape[1]
+    for r in rows:
+        d = dist[r].astype(np.float64)
+        edge = float(d[probes[r, n_probe - 1]])
+        room = float(slack[r])
+        sure = np.flatnonzero(d < edge - room)
+        band = np.flatnonzero(np.abs(d - edge) <= room)
+        exact_d = _exact_sq_dist(x[r:r + 1], lists.coarse, band[None, :])[0]
+        pick = band[np.lexsort((band, exact_d))[:n_probe - sure.size]]
+        probes[r] = np.concatenate([sure, pick])
+
+
+def _list_words(lists: WordLists, probes: np.ndarray) -> np.ndarray:
+    """``[n, c] int64``: every word of each row's probed lists (``probes`` ``[n, P]``), ``-1``-padded."""
+    found = [np.concatenate([lists.order[lists.starts[lst]:lists.starts[lst + 1]] for lst in row]) for row in probes]
+    ids = np.full((len(found), max(len(f) for f in found)), -1, np.int64)
+    for i, f in enumerate(found):
+        ids[i, :len(f)] = f
+    return ids
+
+
+def _threads() -> int:
+    """Threads a CPU search may use: faiss's OpenMP count (``OMP_NUM_THREADS``) where faiss is there, else the
+    CPUs this process may run on."""
+    try:
+        import faiss
+
+        return max(1, int(faiss.omp_get_max_threads()))
+    except Exception:  # no faiss (or an old one)
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _ivf_search(x: np.ndarray, centroids, ma: int, n_probe: int) -> np.ndarray:
+    """``[n, MA] int32``: the words of the ``"ivf"`` quantizer, the same whatever other rows are in the call.
+
+    Each row's candidates are the words of its ``n_probe`` nearest lists in exact order (near-ties of the
+    coarse float32 distances settled in float64, :func:`_settle_probes`), so they depend on the row alone; its
+    words are their MA nearest in exact order (:func:`settle_words` over the candidates). Blocks of at most
+    :data:`IVF_ROWS` rows (and of at least :data:`IVF_THREAD_ROWS` per thread) run on :func:`_threads` threads.
+    """
+    lists = word_lists(centroids)
+    n = x.shape[0]
+    threads = max(1, min(_threads(), n // IVF_THREAD_ROWS))
+    step = min(IVF_ROWS, -(-n // threads))
+    out = np.empty((n, ma), np.int32)
+
+    def run(s):
+        out[s:s + step] = _ivf_block(x[s:s + step], lists, centroids, ma, min(int(n_probe), lists.n_lists))
+
+    if threads == 1 or n <= step:
+        for s in range(0, n, step):
+            run(s)
+    else:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, range(0, n, step)))  # the kernel releases the GIL
+    return out
+
+
+def _ivf_block(xs: np.ndarray, lists: WordLists, centroids, ma: int, n_probe: int) -> np.ndarray:
+    """:func:`_ivf_search` of one block of rows."""
+    n_words = lists.words.shape[0]
+    eps = rounding_bound(xs.shape[1]) * (1 + 1e-3)
+    xnorm = np.einsum("nd,nd->n", xs, xs)
+    dist = xnorm[:, None] + lists.coarse_norm[None, :] - 2 * (xs @ lists.coarse_t)
+    slack = 2 * eps * (xnorm.astype(np.float64) + lists.coarse_max) * (1 + 1e-3)  # twice any coarse rounding
+    probes, near = cpu_kernel.nearest_lists(dist, n_probe, slack.astype(np.float32))
+    if n_probe < lists.n_lists:
+        _settle_probes(xs, lists, dist, probes, np.flatnonzero(near), slack)
+    top_d, top_i = cpu_kernel.search_lists(xs, xnorm, probes, lists.words, lists.norms, lists.starts,
+                                           min(ma + RERANK_EXTRA, n_words))
+    ids = np.where(top_i >= 0, lists.order[np.maximum(top_i, 0)], -1)
+    words = settle_words(xs, centroids, top_d, ids, ma, pool=lambda rows: _list_words(lists, probes[rows]))
+    short = np.flatnonzero(np.any(words < 0, axis=1))  # fewer than MA candidates: every word
+    if short.size:
+        words[short] = _rerank(xs[short], _host(centroids)[0], np.arange(n_words, dtype=np.int64)[None, :], ma)
+    return words
+
+
 def _chunk_rows(k: int, n: int) -> int:
     """Descriptors per jitted step: a power of two with a ``[chunk, K]`` float32 table <= CHUNK_BYTES."""
     rows = max(CHUNK_BYTES // (4 * max(k, 1)), 8)
@@ -360,15 +536,15 @@ def _chunk_rows(k: int, n: int) -> int:
 
 
 def choose_quantizer(n_words: int, dim: int, backend: str = "cpu", *, exact: bool = False,
-                     faiss_available: bool | None = None) -> str:
-    """The quantizer ``"auto"`` (and ``"exact"``) stands for: ``"jax"``, ``"faiss"`` or ``"hnsw"``.
+                     faiss_available: bool | None = None, kernel_available: bool | None = None) -> str:
+    """The quantizer ``"auto"`` (and ``"exact"``) stands for: ``"jax"``, ``"faiss"``, ``"ivf"`` or ``"hnsw"``.
 
     On an accelerator (``backend`` a JAX platform other than ``"cpu"``): the jitted exact search, ``"jax"``. On
-    the CPU: ``"hnsw"`` for codebooks of at least :data:`HNSW_MIN_WORDS` words of at most :data:`HNSW_MAX_DIM`
-    dimensions (unless ``exact``), else exact faiss (``"jax"`` where no faiss is installed). The thresholds come
-    from a measurement on real SIFT photos (128-d RootSIFT, about 2,900 descriptors per query, 2-core Xeon, one
-    thread): exact faiss 18-21 / 43-49 / 153-156 ms per query at 1k / 4k / 16k words, HNSW 22-26 / 32-37 /
-    39-44 ms at the same mAP (within 0.3 points); higher dimensions were not measured and stay exact.
+    the CPU, unless ``exact``, for descriptors of at most :data:`HNSW_MAX_DIM` dimensions: ``"ivf"`` for codebooks
+    of :data:`IVF_MIN_WORDS` to :data:`IVF_MAX_WORDS` words (where numba's kernel runs), ``"hnsw"`` for larger
+    ones; else exact faiss (``"jax"`` where no faiss is installed). The rule comes from real SIFT photos
+    (docs/real_photos.md): at 4k and 16k words the list search agreed with exact search at least as often as
+    HNSW and took about half its time; larger codebooks and higher dimensions were not measured with it.
 
     Args:
         n_words: codebook size ``K``.
@@ -376,12 +552,19 @@ def choose_quantizer(n_words: int, dim: int, backend: str = "cpu", *, exact: boo
         backend: ``"cpu"``, or the platform of the accelerator the search would run on (``"gpu"``, ``"tpu"``...).
         exact: never approximate (``method="exact"``; asmk's assignment, as :mod:`jasmk.compat` needs).
         faiss_available: whether faiss is importable (None: look, :func:`have_faiss`).
+        kernel_available: whether numba's kernel runs here (None: look, :func:`jasmk.core.cpu_kernel.available`).
     """
     if backend != "cpu":
         return "jax"
+    approximate = not exact and int(dim) <= HNSW_MAX_DIM
+    if approximate and IVF_MIN_WORDS <= int(n_words) <= IVF_MAX_WORDS:
+        if kernel_available is None:
+            kernel_available = cpu_kernel.available()
+        if kernel_available:
+            return "ivf"
     if not (have_faiss() if faiss_available is None else faiss_available):
         return "jax"
-    if not exact and int(n_words) >= HNSW_MIN_WORDS and int(dim) <= HNSW_MAX_DIM:
+    if approximate and int(n_words) >= HNSW_MIN_WORDS:
         return "hnsw"
     return "faiss"
 
@@ -424,7 +607,7 @@ def _exact_sq_dist(x: np.ndarray, cent: np.ndarray, ids: np.ndarray) -> np.ndarr
 
 
 def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, multiple_assignment: int, *,
-                 exact: bool = True, widen=None) -> np.ndarray:
+                 exact: bool = True, widen=None, pool=None) -> np.ndarray:
     """The ``multiple_assignment`` words of each row from a float32 search's candidates, whatever other rows the
     search had: in the order of their exact squared distances (float64 of the float32 inputs; ties to the lower
     word id).
@@ -448,6 +631,9 @@ def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, mu
             re-ranked among at most ``MA + RERANK_EXTRA`` of its candidates (``widen`` needed).
         widen: ``widen(rows, k)`` -> ``(dist, ids)``: the same search again, ``k`` candidates per row (an exact
             search uses it from :data:`WIDEN_MIN_ROWS` near-tie rows; fewer go to the host).
+        pool: ``pool(row_indices)`` -> ``[r, c] int64`` (``-1``-padded): every candidate of those rows, for a
+            search exact among candidates that depend on the row alone (``"ivf"``); a near-tie row whose band is
+            not within its ``k`` candidates is re-ranked among all of them instead of over every word.
 
     Returns:
         ``[N, MA] int32`` word ids, nearest first.
@@ -490,6 +676,8 @@ def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, mu
         rows, edge = rows[~inside], edge[~inside]
     if rows.size and not exact:  # approximate, no wider list: among its candidates
         out[rows] = _rerank(x[rows], cent, np.asarray(ids[rows], np.int64), ma)
+    elif rows.size and pool is not None:  # exact among each row's own candidates
+        out[rows] = _rerank(x[rows], cent, pool(rows), ma)
     elif rows.size:  # exact: the band of a float32 search over every word on the host
         out[rows] = _rerank(x[rows], cent, _band_search(x[rows], centroids, edge), ma)
         short = rows[np.any(out[rows] < 0, axis=1)]  # a band of fewer than MA words: cannot be, but then
@@ -544,7 +732,7 @@ def _by_blocks(search, x: np.ndarray, ma: int) -> np.ndarray:
 
 
 def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "auto", device=None,
-             ef_search: int = HNSW_EF_SEARCH, chunk_size: int | None = None) -> np.ndarray:
+             ef_search: int = HNSW_EF_SEARCH, n_probe: int | None = None, chunk_size: int | None = None) -> np.ndarray:
     """Word ids of the ``multiple_assignment`` nearest centroids of each descriptor.
 
     Each descriptor's words depend on it and the codebook only, not on the other descriptors of the call (see
@@ -560,6 +748,7 @@ def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "aut
         device: for ``"jax"`` / ``"auto"`` / ``"exact"``: a ``jax.Device`` or a GPU number (None: JAX's default
             device). ``"auto"`` with a GPU number on a machine where JAX has no GPU uses exact faiss on the CPU.
         ef_search: HNSW search breadth (``"hnsw"`` only), at least ``multiple_assignment + RERANK_EXTRA``.
+        n_probe: lists searched per descriptor (``"ivf"`` only; default :data:`IVF_PROBE`).
         chunk_size: descriptors per jitted step (``"jax"`` only; default: a ``[chunk, K]`` table of 64 MiB).
 
     Returns:
@@ -594,6 +783,15 @@ def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "aut
             raise ValueError(f"ef_search must be a positive int, got {ef_search!r}")
         index = hnsw_index(codebook.centroids)
         index.hnsw.efSearch = max(int(ef_search), k_all)  # the same for both searches: the same first words
+    elif method == "ivf":
+        n_probe = IVF_PROBE if n_probe is None else n_probe
+        if not validate.is_int(n_probe) or n_probe < 1:
+            raise ValueError(f"n_probe must be a positive int, got {n_probe!r}")
+        if not cpu_kernel.available():
+            raise ValueError("the 'ivf' quantizer needs numba (pip install numba); use method='hnsw' or 'exact'")
+        if x.shape[0] == 0:
+            return np.zeros((0, ma), np.int32)
+        return _ivf_search(x, codebook.centroids, ma, int(n_probe))
     if method in ("faiss", "hnsw"):
         def search(rows):
             dist, ids = index.search(rows, min(ma + 1, codebook.size))  # the next word tells a near-tie
@@ -661,8 +859,9 @@ def quantize_jax(centroids, vecs, *, multiple_assignment: int, chunk_size: int =
     return ids
 
 
-__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_MAX_DIM", "HNSW_MIN_WORDS",
-           "HNSW_M", "METHODS", "MIN_PER_WORD", "RERANK_EXTRA", "SEARCH_ROWS", "TIE_EPS", "WIDEN_MIN_ROWS",
-           "accelerator_device", "choose_quantizer", "device_centroids", "faiss_info", "have_faiss", "hnsw_index",
-           "kmeans_jax", "parse_size", "quantize", "quantize_jax", "rounding_bound", "settle_words", "train_codebook",
-           "warn_few_descriptors"]
+__all__ = ["CHUNK_BYTES", "Codebook", "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "HNSW_MAX_DIM",
+           "HNSW_MIN_WORDS", "IVF_KMEANS_ITERATIONS", "IVF_MAX_WORDS", "IVF_MIN_WORDS", "IVF_PROBE", "IVF_ROWS",
+           "IVF_THREAD_ROWS", "IVF_WORDS_PER_LIST", "METHODS", "MIN_PER_WORD", "RERANK_EXTRA", "SEARCH_ROWS",
+           "TIE_EPS", "WIDEN_MIN_ROWS", "WordLists", "accelerator_device", "choose_quantizer", "device_centroids",
+           "faiss_info", "have_faiss", "hnsw_index", "kmeans_jax", "parse_size", "quantize", "quantize_jax",
+           "rounding_bound", "settle_words", "train_codebook", "warn_few_descriptors", "word_lists"]

@@ -120,7 +120,7 @@ def cache_stats() -> tuple[int, int]:
     and aggregation) in this process."""
     mod = _kernels()
     hits = misses = 0
-    for fn in (mod.score, mod.aggregate_binary):
+    for fn in (mod.score, mod.aggregate_binary, mod.nearest_lists, mod.search_lists):
         hits += len(fn.stats.cache_hits)
         misses += len(fn.stats.cache_misses)
     return hits, misses
@@ -136,4 +136,25 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, width: int) ->
     return out
 
 
-__all__ = ["CACHE_BYTES", "aggregate_binary", "available", "cache_dir", "cache_stats", "score_segment"]
+def nearest_lists(dist: np.ndarray, n_probe: int, slack: np.ndarray):
+    """The ``n_probe`` nearest lists of each row from its ``[n, L] float32`` coarse distances: ``([n, P] int32`` list
+    ids, nearest first, ``[n] bool`` near-ties: the next list within ``slack [n]`` of the last one)."""
+    probes = np.empty((dist.shape[0], n_probe), np.int32)
+    near = _kernels().nearest_lists(np.ascontiguousarray(dist, np.float32), int(n_probe),
+                                    np.ascontiguousarray(slack, np.float32), probes)
+    return probes, near
+
+
+def search_lists(x, xnorm, probes, words, wnorm, starts, t: int):
+    """The ``t`` nearest of each row's candidate words (the words of its probed lists), float32:
+    ``([n, t] float32`` squared distances, ``[n, t] int32`` positions in ``words``), see
+    :func:`jasmk.core.numba_kernel.search_lists`."""
+    n = x.shape[0]
+    top_d = np.empty((n, t), np.float32)
+    top_i = np.empty((n, t), np.int32)
+    _kernels().search_lists(x, xnorm, probes, words, wnorm, starts, top_d, top_i)
+    return top_d, top_i
+
+
+__all__ = ["CACHE_BYTES", "aggregate_binary", "available", "cache_dir", "cache_stats", "nearest_lists",
+           "score_segment", "search_lists"]

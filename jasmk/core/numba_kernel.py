@@ -106,3 +106,106 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, out):
 
 
 __all__ = ["TWO40", "aggregate_binary", "fixed_table", "popcount", "score"]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def nearest_lists(dist, nprobe, slack, out):
+    """``out [n, nprobe]``: the ``nprobe`` smallest of each row of ``dist [n, L] float32`` (coarse distances),
+    nearest first; returns ``[n] bool``: the row's next list is within ``slack[row]`` of its last one (a near-tie
+    whose set the caller settles exactly)."""
+    n, n_lists = dist.shape
+    near = np.zeros(n, np.bool_)
+    keep = min(nprobe + 1, n_lists)
+    best = np.empty(keep, np.float32)
+    bid = np.empty(keep, np.int32)
+    for i in range(n):
+        cnt = 0
+        for j in range(n_lists):
+            d = dist[i, j]
+            if cnt < keep:
+                p = cnt
+                cnt += 1
+            elif d < best[keep - 1]:
+                p = keep - 1
+            else:
+                continue
+            while p > 0 and best[p - 1] > d:
+                best[p] = best[p - 1]
+                bid[p] = bid[p - 1]
+                p -= 1
+            best[p] = d
+            bid[p] = j
+        if keep > nprobe and best[nprobe] - best[nprobe - 1] <= slack[i]:
+            near[i] = True
+        for p in range(nprobe):
+            out[i, p] = bid[p]
+    return near
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def search_lists(x, xnorm, probes, words, wnorm, starts, top_d, top_i):
+    """The ``T`` nearest candidates of each row of ``x [n, D] float32`` among the words of its probed lists
+    (``probes [n, P] int32``; list ``l`` holds ``words[starts[l]:starts[l + 1]]``, sorted by list): float32 squared
+    distances ``|x|^2 + (|c|^2 - 2 x.c)`` into ``top_d [n, T]`` (``inf``: none) and list-order word positions into
+    ``top_i [n, T]`` (``-1``: none), nearest first. The rows probing a list are multiplied with its words in one
+    BLAS product, so a distance's rounding depends on that block (the caller settles near-ties in float64)."""
+    n, dim = x.shape
+    n_lists = starts.shape[0] - 1
+    n_probe = probes.shape[1]
+    t = top_d.shape[1]
+    first = np.zeros(n_lists + 1, np.int64)  # the rows probing list l: rows[first[l]:first[l + 1]]
+    for i in range(n):
+        for p in range(n_probe):
+            first[probes[i, p] + 1] += 1
+    most = 1
+    widest = 1
+    for lst in range(n_lists):
+        most = max(most, first[lst + 1])
+        widest = max(widest, starts[lst + 1] - starts[lst])
+        first[lst + 1] += first[lst]
+    rows = np.empty(n * n_probe, np.int64)
+    fill = first[:-1].copy()
+    for i in range(n):
+        for p in range(n_probe):
+            lst = probes[i, p]
+            rows[fill[lst]] = i
+            fill[lst] += 1
+    top_d[:, :] = np.inf
+    top_i[:, :] = -1
+    block = np.empty((most, dim), np.float32)
+    v = np.empty(widest, np.float32)
+    two = np.float32(2.0)
+    for lst in range(n_lists):
+        r0 = first[lst]
+        m = first[lst + 1] - r0
+        w0 = starts[lst]
+        width = starts[lst + 1] - w0
+        if m == 0 or width == 0:
+            continue
+        for a in range(m):
+            block[a, :] = x[rows[r0 + a], :]
+        dots = np.dot(block[:m], words[w0:w0 + width].T)
+        norms = wnorm[w0:w0 + width]
+        for a in range(m):
+            i = rows[r0 + a]
+            xn = xnorm[i]
+            worst = top_d[i, t - 1]
+            row = dots[a]
+            hits = 0
+            for j in range(width):  # one vectorised pass; most (row, list) pairs end here
+                vj = norms[j] - two * row[j]
+                v[j] = vj
+                hits += (xn + vj) < worst
+            if hits == 0:
+                continue
+            for j in range(width):
+                d = xn + v[j]
+                if d < worst:
+                    p = t - 1
+                    while p > 0 and top_d[i, p - 1] > d:
+                        top_d[i, p] = top_d[i, p - 1]
+                        top_i[i, p] = top_i[i, p - 1]
+                        p -= 1
+                    top_d[i, p] = d
+                    top_i[i, p] = w0 + j
+                    worst = top_d[i, t - 1]
