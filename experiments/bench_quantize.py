@@ -2,10 +2,11 @@
 
 Prints, per codebook size: time per 1,000 descriptors, the speed-up over exact faiss measured in the same run,
 the share of descriptors whose nearest word matches the exact one (MA = 1) and the share of the exact 5 nearest
-words found (MA = 5), and the one-off build time of the HNSW graph or of the word lists. Descriptors are RootSIFT (128-d) from real photos
-(opencv-doc's examples/data when installed, scikit-image's photos otherwise), or Gaussian-cluster stand-ins of
-MASt3R's 1024-d features with ``--dim 1024``. Codebooks are sampled descriptors plus noise (k-means for 64k words
-would take hours on a CPU; what matters here is the cost of the search and how often HNSW misses).
+words found (MA = 5), and the one-off build time of the HNSW graph or of the word lists. Descriptors are RootSIFT
+(128-d) from real photos (opencv-doc's examples/data when installed, scikit-image's photos otherwise), or
+Gaussian-cluster stand-ins of MASt3R's 1024-d features with ``--dim 1024``. Codebooks are sampled descriptors plus
+noise (k-means for 64k words would take hours on a CPU; what matters here is the cost of the search and how often
+the approximate searches miss).
 
     python experiments/bench_quantize.py [--sizes 1024 16384 65536] [--dim 1024] [--queries 20000]
 """

@@ -235,3 +235,29 @@ def test_compat_never_quantizes_approximately(monkeypatch):
         m.build_ivf(feats, ids).query_ivf(feats, ids)
     with pytest.raises(AssertionError, match="approximate"):  # the trap works: "auto" now reaches it
         jasmk.quantize(m.codebook, feats)
+
+
+def test_the_list_search_holds_openblas_to_one_thread_and_restores_it():
+    """The list search's many small products run with OpenBLAS on one thread (its idle threads spinning between
+    them halved the speed on two cores); the thread counts come back after the last concurrent user."""
+    from jasmk.core import cpu_kernel
+
+    pools = cpu_kernel._openblas_pools()
+    if not pools:
+        pytest.skip("no OpenBLAS found in /proc/self/maps")
+    before = [get() for get, _ in pools]
+    for _, put in pools:
+        put(2)
+    try:
+        with cpu_kernel.one_blas_thread():
+            assert [get() for get, _ in pools] == [1] * len(pools)
+            with cpu_kernel.one_blas_thread():  # nested (the search's own threads, or a caller's)
+                assert [get() for get, _ in pools] == [1] * len(pools)
+            assert [get() for get, _ in pools] == [1] * len(pools)
+        assert [get() for get, _ in pools] == [2] * len(pools)
+        with pytest.raises(RuntimeError), cpu_kernel.one_blas_thread():
+            raise RuntimeError("restored on errors too")
+        assert [get() for get, _ in pools] == [2] * len(pools)
+    finally:
+        for (_, put), n in zip(pools, before):
+            put(n)

@@ -31,6 +31,7 @@ made once per centroid array and cached (centroid arrays are treated as immutabl
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -497,14 +498,13 @@ def _ivf_search(x: np.ndarray, centroids, ma: int, n_probe: int) -> np.ndarray:
     def run(s):
         out[s:s + step] = _ivf_block(x[s:s + step], lists, centroids, ma, min(int(n_probe), lists.n_lists))
 
-    if threads == 1 or n <= step:
-        for s in range(0, n, step):
-            run(s)
-    else:
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, range(0, n, step)))  # the kernel releases the GIL
+    with cpu_kernel.one_blas_thread():  # many small products: one BLAS thread each, jasmk's threads over blocks
+        if threads == 1 or n <= step:
+            for s in range(0, n, step):
+                run(s)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, range(0, n, step)))  # the kernel releases the GIL
     return out
 
 

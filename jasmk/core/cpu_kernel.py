@@ -14,9 +14,12 @@ the XLA sparse kernel without it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -136,6 +139,62 @@ def aggregate_binary(vecs, centroids, desc, words, starts, sizes, width: int) ->
     return out
 
 
+_blas_lock = threading.Lock()
+_blas_state = {"users": 0, "saved": []}
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_pools() -> tuple:
+    """``(get_num_threads, set_num_threads)`` of every OpenBLAS loaded in this process (numpy's, and scipy's,
+    which numba's ``np.dot`` calls), found in ``/proc/self/maps``; empty where there is none or no such file."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls: loaded before the scan)
+
+        with open("/proc/self/maps") as handle:
+            paths = sorted({line.split()[-1] for line in handle if "openblas" in line.lower() and "/" in line})
+    except (ImportError, OSError):
+        return ()
+    pools = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("openblas", "scipy_openblas"):
+            for suffix in ("", "64_"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    pools.append((get, put))
+    return tuple(pools)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """OpenBLAS on one thread inside the block (restored after the last of concurrent users leaves).
+
+    The list search makes thousands of small products; OpenBLAS splitting each over its threads, and its idle
+    threads spinning between them, made it twice as slow on two cores. jasmk runs its own threads over blocks of
+    rows instead."""
+    pools = _openblas_pools()
+    with _blas_lock:
+        if _blas_state["users"] == 0:
+            _blas_state["saved"] = [get() for get, _ in pools]
+            for _, put in pools:
+                put(1)
+        _blas_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_state["users"] -= 1
+            if _blas_state["users"] == 0:
+                for (_, put), n in zip(pools, _blas_state["saved"]):
+                    put(n)
+
+
 def nearest_lists(dist: np.ndarray, n_probe: int, slack: np.ndarray):
     """The ``n_probe`` nearest lists of each row from its ``[n, L] float32`` coarse distances: ``([n, P] int32`` list
     ids, nearest first, ``[n] bool`` near-ties: the next list within ``slack [n]`` of the last one)."""
@@ -157,4 +216,4 @@ def search_lists(x, xnorm, probes, words, wnorm, starts, t: int):
 
 
 __all__ = ["CACHE_BYTES", "aggregate_binary", "available", "cache_dir", "cache_stats", "nearest_lists",
-           "score_segment", "search_lists"]
+           "one_blas_thread", "score_segment", "search_lists"]
