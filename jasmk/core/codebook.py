@@ -294,7 +294,7 @@ _cache_lock = threading.Lock()
 _device_cache: dict = {}  # (id(centroids), device) -> device copy; entries leave with their numpy array
 _hnsw_cache: dict = {}  # (id(centroids), M, efConstruction) -> faiss index
 _flat_cache: dict = {}  # (id(centroids), None) -> faiss IndexFlatL2 holding them
-_lists_cache: dict = {}  # (id(centroids), words per list) -> WordLists
+_lists_cache: dict = {}  # (id(centroids), (words per list, seed)) -> WordLists
 _host_cache: dict = {}  # (id(centroids), None) -> (host float32 centroids, float64 squared norms, their max)
 
 
