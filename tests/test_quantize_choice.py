@@ -156,6 +156,13 @@ def test_quantize_takes_a_codebook_or_centroids():
     for bad in (0, -1, 2.5, "3"):
         with pytest.raises(ValueError, match="n_probe"):
             jasmk.quantize(cb, x, method="ivf", n_probe=bad)
+    # a row whose probed lists hold fewer than MA words takes the MA nearest of every word: exact too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cb_mod, "IVF_WORDS_PER_LIST", 1)
+        cb_mod._lists_cache.clear()
+        np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=3, method="ivf", n_probe=2),
+                                      jasmk.quantize(cb, x, multiple_assignment=3, method="faiss"))
+    cb_mod._lists_cache.clear()
     # probing every list is the exact search
     np.testing.assert_array_equal(jasmk.quantize(cb, x, multiple_assignment=3, method="ivf", n_probe=10**6),
                                   jasmk.quantize(cb, x, multiple_assignment=3, method="faiss"))

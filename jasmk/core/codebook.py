@@ -473,12 +473,9 @@ def _list_words(lists: WordLists, probes: np.ndarray) -> np.ndarray:
 def _threads() -> int:
     """Threads a CPU search may use: faiss's OpenMP count (``OMP_NUM_THREADS``) where faiss is there, else the
     CPUs this process may run on."""
-    try:
-        import faiss
-
-        return max(1, int(faiss.omp_get_max_threads()))
-    except Exception:  # no faiss (or an old one)
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if have_faiss():
+        return max(1, int(_faiss("the list search's thread count").omp_get_max_threads()))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _ivf_search(x: np.ndarray, centroids, ma: int, n_probe: int) -> np.ndarray:
@@ -490,13 +487,14 @@ def _ivf_search(x: np.ndarray, centroids, ma: int, n_probe: int) -> np.ndarray:
     :data:`IVF_ROWS` rows (and of at least :data:`IVF_THREAD_ROWS` per thread) run on :func:`_threads` threads.
     """
     lists = word_lists(centroids)
+    n_probe = min(int(n_probe), lists.n_lists)
     n = x.shape[0]
     threads = max(1, min(_threads(), n // IVF_THREAD_ROWS))
     step = min(IVF_ROWS, -(-n // threads))
     out = np.empty((n, ma), np.int32)
 
     def run(s):
-        out[s:s + step] = _ivf_block(x[s:s + step], lists, centroids, ma, min(int(n_probe), lists.n_lists))
+        out[s:s + step] = _ivf_block(x[s:s + step], lists, centroids, ma, n_probe)
 
     with cpu_kernel.one_blas_thread():  # many small products: one BLAS thread each, jasmk's threads over blocks
         if threads == 1 or n <= step:
@@ -521,11 +519,7 @@ def _ivf_block(xs: np.ndarray, lists: WordLists, centroids, ma: int, n_probe: in
     top_d, top_i = cpu_kernel.search_lists(xs, xnorm, probes, lists.words, lists.norms, lists.starts,
                                            min(ma + RERANK_EXTRA, n_words))
     ids = np.where(top_i >= 0, lists.order[np.maximum(top_i, 0)], -1)
-    words = settle_words(xs, centroids, top_d, ids, ma, pool=lambda rows: _list_words(lists, probes[rows]))
-    short = np.flatnonzero(np.any(words < 0, axis=1))  # fewer than MA candidates: every word
-    if short.size:
-        words[short] = _rerank(xs[short], _host(centroids)[0], np.arange(n_words, dtype=np.int64)[None, :], ma)
-    return words
+    return settle_words(xs, centroids, top_d, ids, ma, pool=lambda rows: _list_words(lists, probes[rows]))
 
 
 def _chunk_rows(k: int, n: int) -> int:
@@ -633,7 +627,8 @@ def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, mu
             search uses it from :data:`WIDEN_MIN_ROWS` near-tie rows; fewer go to the host).
         pool: ``pool(row_indices)`` -> ``[r, c] int64`` (``-1``-padded): every candidate of those rows, for a
             search exact among candidates that depend on the row alone (``"ivf"``); a near-tie row whose band is
-            not within its ``k`` candidates is re-ranked among all of them instead of over every word.
+            not within its ``k`` candidates is re-ranked among all of them instead of over every word. A row left
+            with fewer than MA words (its pool holds fewer) is re-ranked over every word.
 
     Returns:
         ``[N, MA] int32`` word ids, nearest first.
@@ -652,12 +647,13 @@ def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, mu
     far = eps * (xnorm + cmax)  # ... and of any word
     # near-tie: two of the MA nearest, or the MA-th and any further word, closer than their rounding
     ok = np.all(valid[:, :min(ma + 1, n_words)], axis=1)
-    if ma > 1:
-        ok &= np.all(d[:, 1:ma] - d[:, :ma - 1] > delta[:, 1:ma] + delta[:, :ma - 1], axis=1)
-    if ma < n_words:
-        ok &= d[:, ma] - d[:, ma - 1] > delta[:, ma - 1] + far
+    with np.errstate(invalid="ignore"):  # inf - inf where a row has fewer candidates: not ok already
+        if ma > 1:
+            ok &= np.all(d[:, 1:ma] - d[:, :ma - 1] > delta[:, 1:ma] + delta[:, :ma - 1], axis=1)
+        if ma < n_words:
+            ok &= d[:, ma] - d[:, ma - 1] > delta[:, ma - 1] + far
     out = np.array(ids[:, :ma], dtype=np.int32)  # a writable copy (JAX's host arrays are read-only)
-    rows = np.flatnonzero(~ok)
+    rows = near = np.flatnonzero(~ok)
     if rows.size == 0:
         return out
     # The band: the MA nearest have exact distances <= the MA-th float32 one + far, so a word of float32 distance
@@ -680,9 +676,10 @@ def settle_words(x: np.ndarray, centroids, dist: np.ndarray, ids: np.ndarray, mu
         out[rows] = _rerank(x[rows], cent, pool(rows), ma)
     elif rows.size:  # exact: the band of a float32 search over every word on the host
         out[rows] = _rerank(x[rows], cent, _band_search(x[rows], centroids, edge), ma)
-        short = rows[np.any(out[rows] < 0, axis=1)]  # a band of fewer than MA words: cannot be, but then
-        if short.size:  # every word
-            out[short] = _rerank(x[short], cent, np.arange(n_words, dtype=np.int64)[None, :], ma)
+    # fewer than MA words found (a row whose lists hold fewer; a band of fewer than MA words cannot be): every word
+    short = near[np.any(out[near] < 0, axis=1)]
+    if short.size:
+        out[short] = _rerank(x[short], cent, np.arange(n_words, dtype=np.int64)[None, :], ma)
     return out
 
 
@@ -712,7 +709,10 @@ def _band_search(x: np.ndarray, centroids, edge: np.ndarray) -> np.ndarray:
 
 
 def _rerank(x: np.ndarray, cent: np.ndarray, cand: np.ndarray, ma: int) -> np.ndarray:
-    """The ``ma`` candidates ``cand`` ``[n, k]`` nearest to each row of ``x`` in float64, ties to the lower id."""
+    """The ``ma`` candidates ``cand`` ``[n, k]`` nearest to each row of ``x`` in float64, ties to the lower id
+    (``-1`` where a row has fewer than ``ma``)."""
+    if cand.shape[1] < ma:  # fewer candidates than words wanted: -1 for the missing ones
+        cand = np.pad(cand, ((0, 0), (0, ma - cand.shape[1])), constant_values=-1)
     exact_d = _exact_sq_dist(x, cent, np.broadcast_to(cand, (x.shape[0], cand.shape[1])))
     order = np.lexsort((np.broadcast_to(cand, exact_d.shape), exact_d), axis=-1)[:, :ma]
     return np.take_along_axis(np.broadcast_to(cand, exact_d.shape), order, axis=1).astype(np.int32)
@@ -789,8 +789,6 @@ def quantize(codebook, vecs, *, multiple_assignment: int = 1, method: str = "aut
             raise ValueError(f"n_probe must be a positive int, got {n_probe!r}")
         if not cpu_kernel.available():
             raise ValueError("the 'ivf' quantizer needs numba (pip install numba); use method='hnsw' or 'exact'")
-        if x.shape[0] == 0:
-            return np.zeros((0, ma), np.int32)
         return _ivf_search(x, codebook.centroids, ma, int(n_probe))
     if method in ("faiss", "hnsw"):
         def search(rows):
